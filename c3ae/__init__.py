@@ -1,0 +1,20 @@
+"""c3ae: compact face age and gender estimation (C3AE, SSR-Net, DLDL, Levi-Hassner) for Keras 3.
+
+Every model takes float32 BGR crops with raw pixel values in [0, 255] (see ``c3ae.conventions``).
+Heavy modules (Keras, TensorFlow) load on first use, so ``import c3ae`` and ``c3ae --version`` stay fast.
+"""
+
+import importlib
+
+from c3ae._version import __version__
+from c3ae.conventions import CHANNEL_ORDER, PIXEL_RANGE
+
+__all__ = ["__version__", "CHANNEL_ORDER", "PIXEL_RANGE", "layers", "losses", "metrics", "models", "legacy"]
+
+_LAZY_SUBMODULES = {"layers", "losses", "metrics", "models", "legacy", "export", "preprocessing"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"c3ae.{name}")
+    raise AttributeError(f"module 'c3ae' has no attribute {name!r}")

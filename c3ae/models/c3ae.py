@@ -1,0 +1,119 @@
+"""C3AE (Zhang et al., CVPR 2019): a compact CNN over three context crops ("triple box").
+
+Inputs: float32 BGR crops, raw pixels in [0, 255], 64x64x3 each, named ``outer``, ``middle``, ``inner``
+(or one crop named ``image`` with ``triple_box=False``).
+Outputs: ``age_bins`` (N, 12) the two-point distribution over ages 0, 10, ..., 110; ``age`` (N, 1) in years;
+``gender`` (N, 1) the probability of male, when ``gender=True``.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from c3ae.layers import ACTIVATIONS, SqueezeExcite, WhiteNorm, make_activation
+
+CROP_NAMES = ("outer", "middle", "inner")
+NUM_AGE_BINS = 12
+FILTERS = 32
+
+
+def c3ae_feature_size(input_size: int) -> int:
+    """Side of the backbone's last feature map for a square input: three (conv3x3 valid, pool 2) + conv3x3."""
+    side = input_size
+    for _ in range(3):
+        side = (side - 2) // 2
+    return side - 2
+
+
+def smallest_input(feature_size) -> int:
+    """The smallest square input side for which ``feature_size(side)`` is at least 1."""
+    return next(side for side in range(1, 4096) if feature_size(side) >= 1)
+
+
+def build_c3ae_backbone(
+    *,
+    input_size: int = 64,
+    se: bool = False,
+    se_pooling: str = "avg",
+    se_reduction: int = 2,
+    activation: str = "relu",
+    white_norm: bool = False,
+    conv1_bias: bool = False,
+    name: str = "backbone",
+) -> keras.Model:
+    """The per-crop backbone: (N, S, S, 3) BGR [0, 255] -> (N, F*F*32) features (512 for S = 64)."""
+    crop = keras.Input(shape=(input_size, input_size, 3), name="crop")
+    x = WhiteNorm(name="white_norm")(crop) if white_norm else crop
+    for block in range(1, 5):
+        use_bias = conv1_bias or block > 1
+        x = layers.Conv2D(FILTERS, 3, padding="valid", use_bias=use_bias, name=f"conv{block}")(x)
+        x = layers.BatchNormalization(name=f"bn{block}")(x)
+        x = make_activation(activation, f"act{block}")(x)
+        if block < 4:
+            x = layers.AveragePooling2D(2, name=f"pool{block}")(x)
+        if se:
+            x = SqueezeExcite(se_reduction, se_pooling, activation, name=f"se{block}")(x)
+    x = layers.Conv2D(FILTERS, 1, name="conv5")(x)
+    if se:
+        x = SqueezeExcite(se_reduction, se_pooling, activation, name="se5")(x)
+    features = layers.Flatten(name="flatten")(x)
+    return keras.Model(crop, features, name=name)
+
+
+def build_c3ae(
+    *,
+    triple_box: bool = True,
+    se: bool = False,
+    se_pooling: str = "avg",
+    se_reduction: int = 2,
+    activation: str = "relu",
+    white_norm: bool = False,
+    gender: bool = False,
+    conv1_bias: bool = False,
+    input_size: int = 64,
+    name: str = "c3ae",
+) -> keras.Model:
+    """Build C3AE.
+
+    Args:
+        triple_box: three crops (``outer``, ``middle``, ``inner``) through ONE shared backbone, concatenated
+            in that order (1536 features); ``False`` gives the paper's single-crop model with input ``image``.
+        se: squeeze-excitation after every block (after the pooling) and after conv5.
+        se_pooling: ``"avg"`` (the reference) or ``"gem"`` (generalised mean, trainable p).
+        activation: ``"relu"`` (the reference) or ``"mish6"``.
+        white_norm: normalise inputs inside the graph with (x - 127.5) / 128.
+        gender: add a ``gender`` head, Dense(1, sigmoid) on the concatenated features: P(male).
+        conv1_bias: the paper's Table 1 gives conv1 a bias; the reference Keras code does not.
+        input_size: side of each square crop in pixels (64 in the paper).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+    if se_pooling not in ("avg", "gem"):
+        raise ValueError(f"Unknown se_pooling {se_pooling!r}; expected 'avg' or 'gem'.")
+    if c3ae_feature_size(int(input_size)) < 1:
+        raise ValueError(
+            f"input_size={input_size} is too small for C3AE's valid convolutions; "
+            f"use at least {smallest_input(c3ae_feature_size)} (64 in the paper)."
+        )
+    backbone = build_c3ae_backbone(
+        input_size=input_size,
+        se=se,
+        se_pooling=se_pooling,
+        se_reduction=se_reduction,
+        activation=activation,
+        white_norm=white_norm,
+        conv1_bias=conv1_bias,
+    )
+    shape = (input_size, input_size, 3)
+    if triple_box:
+        inputs = {crop: keras.Input(shape=shape, name=crop) for crop in CROP_NAMES}
+        features = layers.Concatenate(name="triple_features")([backbone(inputs[crop]) for crop in CROP_NAMES])
+    else:
+        inputs = keras.Input(shape=shape, name="image")
+        features = backbone(inputs)
+    age_bins = layers.Dense(NUM_AGE_BINS, activation="softmax", name="age_bins")(features)
+    outputs = {"age": layers.Dense(1, name="age")(age_bins), "age_bins": age_bins}
+    if gender:
+        outputs["gender"] = layers.Dense(1, activation="sigmoid", name="gender")(features)
+    return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,116 @@
+"""SSR-Net (Yang et al., IJCAI 2018): soft stagewise regression in about 41K parameters.
+
+Input: ``image``, float32 BGR crop, raw pixels in [0, 255], 64x64x3 (no normalisation: the first
+BatchNormalization does it, as in the official code).
+Output: ``age`` (N, 1) in years (V = 101), or ``gender`` (N, 1), the probability of male (V = 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+from keras import layers
+
+from c3ae.layers import SoftStagewiseRegression
+from c3ae.models.c3ae import smallest_input
+
+P_ACTIVATIONS = ("relu", "softmax")
+
+
+def ssrnet_feature_sizes(input_size: int) -> tuple[int, int, int]:
+    """Sides of the feature maps the three stages tap: block 4, pooled block 2, pooled block 1."""
+    pooled1 = (input_size - 2) // 2
+    pooled2 = (pooled1 - 2) // 2
+    pooled3 = (pooled2 - 2) // 2
+    block4 = pooled3 - 2
+    return block4, pooled2 // 4, pooled1 // 8
+
+
+def _smallest_feature(input_size: int) -> int:
+    return min(ssrnet_feature_sizes(input_size))
+
+
+def _stream(inputs, prefix: str, filters: int, activation: str, pool_cls):
+    """Four 3x3 valid conv blocks; returns the outputs of block 4 and of pooled blocks 1 and 2."""
+    x = inputs
+    taps = []
+    for block in range(1, 5):
+        x = layers.Conv2D(filters, 3, padding="valid", name=f"{prefix}_conv{block}")(x)
+        x = layers.BatchNormalization(name=f"{prefix}_bn{block}")(x)
+        x = layers.Activation(activation, name=f"{prefix}_act{block}")(x)
+        if block < 4:
+            x = pool_cls(2, name=f"{prefix}_pool{block}")(x)
+            taps.append(x)
+    return x, taps[0], taps[1]
+
+
+def build_ssrnet(
+    stage_num: Sequence[int] = (3, 3, 3),
+    lambda_local: float = 1.0,
+    lambda_d: float = 1.0,
+    V: float = 101.0,
+    *,
+    input_size: int = 64,
+    p_activation: str = "relu",
+    clamp_output: bool = False,
+    dropout: float = 0.2,
+    output_name: str | None = None,
+    name: str = "ssrnet",
+) -> keras.Model:
+    """Build SSR-Net as in the official Keras code (40,915 parameters with the defaults).
+
+    Args:
+        stage_num: bins per stage, three stages (stage 1 on the deepest features).
+        lambda_local, lambda_d: weights of the index shift eta and of the dynamic range delta.
+        V: output range: 101 for age in years, 1 for gender.
+        p_activation: ``"relu"`` (official: unnormalised, prone to dead units) or ``"softmax"`` (stabler).
+        clamp_output: clip the output to [0, V] (the original can output negative or huge ages).
+        output_name: defaults to ``"gender"`` when V == 1, else ``"age"``.
+    """
+    stage_num = tuple(int(s) for s in stage_num)
+    if len(stage_num) != 3:
+        raise ValueError(f"SSR-Net has exactly three stages; stage_num={stage_num} has {len(stage_num)}.")
+    if any(s < 1 for s in stage_num):
+        raise ValueError(f"Every stage needs at least one bin; got stage_num={stage_num}.")
+    if p_activation not in P_ACTIVATIONS:
+        raise ValueError(f"Unknown p_activation {p_activation!r}; expected one of {P_ACTIVATIONS}.")
+    if V <= 0:
+        raise ValueError(f"V must be positive (101 for age, 1 for gender), got {V}.")
+    if _smallest_feature(int(input_size)) < 1:
+        raise ValueError(
+            f"input_size={input_size} is too small for SSR-Net's valid convolutions and 8x8 pooling; "
+            f"use at least {smallest_input(_smallest_feature)} (64 in the paper)."
+        )
+    output_name = output_name or ("gender" if V == 1 else "age")
+
+    image = keras.Input(shape=(input_size, input_size, 3), name="image")
+    x4, x1, x2 = _stream(image, "x", 32, "relu", layers.AveragePooling2D)
+    s4, s1, s2 = _stream(image, "s", 16, "tanh", layers.MaxPooling2D)
+
+    probs, etas, deltas = [], [], []
+    taps = ((x4, s4, None), (x2, s2, 4), (x1, s1, 8))
+    for stage, ((x_feat, s_feat, pool), size) in enumerate(zip(taps, stage_num, strict=True), start=1):
+        tag = f"stage{stage}"
+        s_vec = layers.Conv2D(10, 1, activation="relu", name=f"{tag}_s_conv")(s_feat)
+        x_vec = layers.Conv2D(10, 1, activation="relu", name=f"{tag}_x_conv")(x_feat)
+        if pool:
+            s_vec = layers.MaxPooling2D(pool, name=f"{tag}_s_pool")(s_vec)
+            x_vec = layers.AveragePooling2D(pool, name=f"{tag}_x_pool")(x_vec)
+        s_vec = layers.Flatten(name=f"{tag}_s_flat")(s_vec)
+        x_vec = layers.Flatten(name=f"{tag}_x_flat")(x_vec)
+        s_mix = layers.Dropout(dropout, name=f"{tag}_s_drop")(s_vec)
+        s_mix = layers.Dense(size, activation="relu", name=f"{tag}_s_mix")(s_mix)
+        x_mix = layers.Dropout(dropout, name=f"{tag}_x_drop")(x_vec)
+        x_mix = layers.Dense(size, activation="relu", name=f"{tag}_x_mix")(x_mix)
+        fused_pre = layers.Multiply(name=f"{tag}_fuse_pre")([s_vec, x_vec])
+        deltas.append(layers.Dense(1, activation="tanh", name=f"{tag}_delta")(fused_pre))
+        fused = layers.Multiply(name=f"{tag}_fuse")([s_mix, x_mix])
+        fused = layers.Dense(2 * size, activation="relu", name=f"{tag}_feat")(fused)
+        probs.append(layers.Dense(size, activation=p_activation, name=f"{tag}_p")(fused))
+        etas.append(layers.Dense(size, activation="tanh", name=f"{tag}_eta")(fused))
+
+    output = SoftStagewiseRegression(
+        stage_num, lambda_local, lambda_d, V, clamp=clamp_output, name=output_name
+    )(probs + etas + deltas)
+    return keras.Model(image, {output_name: output}, name=name)
