@@ -1,0 +1,134 @@
+"""Evaluation metrics for age (years) and gender (1 = male, 0 = female, -1 = unknown).
+
+Plain numpy, no Keras. Every function returns plain Python floats / ints / None (and dicts of them), so
+results go straight into ``json.dumps``. Inputs may be lists or arrays of shape (N,) or (N, 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from c3ae.conventions import AGE_BANDS, FEMALE, MALE, UNKNOWN_GENDER
+
+__all__ = ["mae", "cumulative_accuracy", "gender_accuracy", "mae_by_band", "summarize"]
+
+
+def _vector(x, what: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    elif arr.ndim > 1:
+        raise ValueError(f"{what} must have shape (N,) or (N, 1), got {arr.shape}")
+    return arr.reshape(-1)
+
+
+def _finite(arr: np.ndarray, what: str) -> None:
+    bad = int(np.count_nonzero(~np.isfinite(arr)))
+    if bad:
+        nans = int(np.count_nonzero(np.isnan(arr)))
+        raise ValueError(f"{bad} of {arr.size} {what} are not finite ({nans} NaN, {bad - nans} infinite)")
+
+
+def _pair(a, b, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate two per-sample arrays: same length, not empty, all finite."""
+    a_arr = _vector(a, name_a)
+    b_arr = _vector(b, name_b)
+    if a_arr.size != b_arr.size:
+        raise ValueError(f"{name_a} has {a_arr.size} values but {name_b} has {b_arr.size}")
+    if a_arr.size == 0:
+        raise ValueError(f"{name_a} and {name_b} are empty")
+    _finite(a_arr, name_a)
+    _finite(b_arr, name_b)
+    return a_arr, b_arr
+
+
+def _ages(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+    return _pair(y_true, y_pred, "y_true", "y_pred")
+
+
+def mae(y_true, y_pred) -> float:
+    """Mean absolute error in years: mean |y_pred - y_true|."""
+    t, p = _ages(y_true, y_pred)
+    return float(np.mean(np.abs(p - t)))
+
+
+def cumulative_accuracy(y_true, y_pred, n: float) -> float:
+    """CA(n): the share of samples with |y_pred - y_true| <= n years.
+
+    Uses ``<=`` as the MegaAge-Asian evaluation script does (the SSR-Net paper says "smaller than").
+    """
+    if not n >= 0:
+        raise ValueError(f"n must be >= 0 years, got {n!r}")
+    t, p = _ages(y_true, y_pred)
+    return float(np.mean(np.abs(p - t) <= n))
+
+
+def _gender_labels(y_true, what: str = "gender_true") -> np.ndarray:
+    labels = _vector(y_true, what)
+    valid = np.isin(labels, (MALE, FEMALE, UNKNOWN_GENDER))
+    if not valid.all():
+        raise ValueError(
+            f"{int((~valid).sum())} of {labels.size} {what} are not {MALE} (male), {FEMALE} (female) "
+            f"or {UNKNOWN_GENDER} (unknown)"
+        )
+    return labels
+
+
+def gender_accuracy(y_true, prob_male, threshold: float = 0.5) -> float | None:
+    """Share of known-gender samples with ``(prob_male >= threshold) == y_true``; labels -1 are ignored.
+
+    Returns None when no sample has a known label.
+    """
+    labels, probs = _pair(y_true, prob_male, "gender_true", "prob_male")
+    labels = _gender_labels(labels)
+    known = labels != UNKNOWN_GENDER
+    if not known.any():
+        return None
+    predicted = (probs[known] >= threshold).astype(np.float64)
+    return float(np.mean(predicted == labels[known]))
+
+
+def mae_by_band(
+    y_true, y_pred, bands: Sequence[tuple[str, float, float | None]] = AGE_BANDS
+) -> dict[str, dict]:
+    """MAE (years) per band of the TRUE age, bands [low, high) with high None = open-ended.
+
+    Returns ``{name: {"mae": float or None (empty band), "count": int}}`` in the order of ``bands``.
+    """
+    t, p = _ages(y_true, y_pred)
+    errors = np.abs(p - t)
+    result: dict[str, dict] = {}
+    for name, low, high in bands:
+        in_band = t >= low
+        if high is not None:
+            in_band &= t < high
+        count = int(np.count_nonzero(in_band))
+        result[name] = {"mae": float(errors[in_band].mean()) if count else None, "count": count}
+    return result
+
+
+def summarize(age_true, age_pred, gender_true=None, gender_prob=None) -> dict:
+    """All metrics at once: keys ``mae``, ``ca3``, ``ca5``, ``gender_accuracy``, ``mae_by_band``, ``count``.
+
+    ``gender_accuracy`` is None when no gender data is given (or no label is known). The gender arrays go
+    together and have one value per age.
+    """
+    t, p = _ages(age_true, age_pred)
+    if (gender_true is None) != (gender_prob is None):
+        raise ValueError("gender_true and gender_prob must be given together")
+    g_acc = None
+    if gender_true is not None:
+        labels, probs = _pair(gender_true, gender_prob, "gender_true", "gender_prob")
+        if labels.size != t.size:
+            raise ValueError(f"age_true has {t.size} values but gender_true has {labels.size}")
+        g_acc = gender_accuracy(labels, probs)
+    return {
+        "mae": mae(t, p),
+        "ca3": cumulative_accuracy(t, p, 3),
+        "ca5": cumulative_accuracy(t, p, 5),
+        "gender_accuracy": g_acc,
+        "mae_by_band": mae_by_band(t, p),
+        "count": int(t.size),
+    }

@@ -1,0 +1,65 @@
+import keras
+import numpy as np
+import pytest
+from model_checks import assert_keras_round_trip, assert_tflite_builtin_and_close, predict, random_inputs
+
+from c3ae.layers import SoftStagewiseRegression
+from c3ae.models import build_ssrnet
+
+
+def test_official_parameter_count():
+    model = build_ssrnet()
+    assert model.count_params() == 40_915
+    moving_statistics = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+    assert moving_statistics == 384  # BN moving mean and variance: 2 x (4 x 32 + 4 x 16)
+
+
+def test_stage_feature_sizes_follow_the_paper():
+    model = build_ssrnet()
+    assert [model.get_layer(f"stage{k}_x_flat").output.shape[-1] for k in (1, 2, 3)] == [160, 90, 90]
+    assert [model.get_layer(f"stage{k}_s_flat").output.shape[-1] for k in (1, 2, 3)] == [160, 90, 90]
+
+
+def test_age_and_gender_heads():
+    age = build_ssrnet()
+    gender = build_ssrnet(V=1)
+    assert age.output_names == ["age"] and gender.output_names == ["gender"]
+    assert gender.get_layer("gender").V == 1.0 and age.get_layer("age").V == 101.0
+    assert gender.count_params() == 40_915
+
+
+def test_softmax_and_clamp_options():
+    model = build_ssrnet(p_activation="softmax", clamp_output=True)
+    assert model.count_params() == 40_915
+    regression = model.get_layer("age")
+    assert isinstance(regression, SoftStagewiseRegression) and regression.clamp
+    out = predict(model, random_inputs(model, batch=8))["age"]
+    assert np.isfinite(out).all() and (out >= 0).all() and (out <= 101).all()
+    p = predict(keras.Model(model.input, model.get_layer("stage1_p").output), random_inputs(model))
+    np.testing.assert_allclose(next(iter(p.values())).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_keras_round_trip_safe_mode(tmp_path):
+    assert_keras_round_trip(build_ssrnet(clamp_output=True), tmp_path)
+
+
+@pytest.mark.parametrize("V", [101.0, 1.0])
+def test_tflite_builtin_ops_and_numerics(V):
+    # Randomly initialised SSR-Net outputs can be huge (the original's instability), hence rtol.
+    ops = assert_tflite_builtin_and_close(build_ssrnet(V=V, clamp_output=True), rtol=1e-3, atol=1e-3)
+    assert not {"RANGE", "GATHER"} & ops  # index vectors are constants, not arange
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"stage_num": (3, 0, 3)}, "at least one bin"),
+        ({"stage_num": (3, 3)}, "exactly three stages"),
+        ({"input_size": 30}, "too small"),
+        ({"p_activation": "sigmoid"}, "Unknown p_activation"),
+        ({"V": 0}, "V must be positive"),
+    ],
+)
+def test_rejects_impossible_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_ssrnet(**kwargs)
