@@ -1,0 +1,75 @@
+"""Install layout and the command line."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+import c3ae
+from c3ae.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "c3ae.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_subpackages_import_under_c3ae():
+    import c3ae.export.tflite
+    import c3ae.preprocessing
+
+    assert Path(c3ae.preprocessing.__file__).parent.name == "preprocessing"
+    assert Path(c3ae.export.tflite.__file__).parent.name == "export"
+
+
+def test_wheel_maps_folders_into_the_c3ae_namespace(tmp_path):
+    """preprocessing/ and export/ must land as c3ae/preprocessing and c3ae/export, never top level."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(REPO)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("c3ae-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "c3ae/preprocessing/__init__.py" in names and "c3ae/export/tflite.py" in names
+    assert "c3ae/models/c3ae.py" in names and "c3ae/layers.py" in names
+    top_level = {name.split("/")[0] for name in names}
+    assert top_level <= {"c3ae", f"c3ae-{c3ae.__version__}.dist-info"}, top_level
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"c3ae {c3ae.__version__}"
+
+
+def test_models_lists_pinned_parameter_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name, params in [("c3ae-paper", "36,377"), ("c3ae ", "48,633"), ("c3ae-se ", "53,993"),
+                         ("ssrnet ", "40,915")]:
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert params in line, line
+
+
+def test_models_summary(capsys):
+    assert main(["models", "ssrnet"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 40,915" in out and "BGR" in out
+
+
+def test_unknown_model_is_one_clear_line_without_traceback():
+    result = run_cli("models", "c3ae-huge")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "c3ae models: error: Unknown model 'c3ae-huge'; run 'c3ae models' to list the known models."
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_no_command_prints_help_and_fails():
+    result = run_cli()
+    assert result.returncode == 2 and "usage: c3ae" in result.stdout
