@@ -1,4 +1,4 @@
-"""Install c3ae: one distribution, with preprocessing/ and export/ mapped to c3ae.preprocessing and c3ae.export."""
+"""Install c3ae; preprocessing/ and export/ install as c3ae.preprocessing and c3ae.export."""
 
 from pathlib import Path
 

@@ -33,8 +33,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         model = build_variant(args.name)
         model.summary(line_length=100)
         inputs = ", ".join(f"{t.name} {tuple(t.shape)}" for t in model.inputs)
-        outputs = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(model.output_names, model.outputs,
-                                                                            strict=True))
+        outputs = ", ".join(
+            f"{name} {tuple(t.shape)}" for name, t in zip(model.output_names, model.outputs, strict=True)
+        )
         print(f"inputs:  {inputs}  (float32, BGR, raw pixels in [0, 255])")
         print(f"outputs: {outputs}")
         print(f"parameters: {model.count_params():,}")
@@ -45,8 +46,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         model = variant.build()
         inputs = ",".join(model.input) if isinstance(model.input, dict) else model.inputs[0].name
         size = model.inputs[0].shape[1]
-        rows.append((variant.name, variant.family, f"{inputs} {size}x{size}", ",".join(model.output_names),
-                     f"{model.count_params():,}", variant.description))
+        rows.append(
+            (
+                variant.name,
+                variant.family,
+                f"{inputs} {size}x{size}",
+                ",".join(model.output_names),
+                f"{model.count_params():,}",
+                variant.description,
+            )
+        )
     header = ("model", "family", "inputs", "outputs", "params", "description")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

@@ -24,9 +24,11 @@ import numpy as np
 from c3ae.models.c3ae import build_c3ae
 from c3ae.models.ssrnet import build_ssrnet
 
-SSRNET_CONVS = [f"x_conv{i}" for i in range(1, 5)] + [f"s_conv{i}" for i in range(1, 5)] + [
-    f"stage{k}_{stream}_conv" for k in (1, 2, 3) for stream in ("s", "x")
-]
+SSRNET_CONVS = (
+    [f"x_conv{i}" for i in range(1, 5)]
+    + [f"s_conv{i}" for i in range(1, 5)]
+    + [f"stage{k}_{stream}_conv" for k in (1, 2, 3) for stream in ("s", "x")]
+)
 SSRNET_BNS = [f"x_bn{i}" for i in range(1, 5)] + [f"s_bn{i}" for i in range(1, 5)]
 SSRNET_DENSES = [f"stage{k}_{part}" for k in (1, 2, 3) for part in ("s_mix", "x_mix", "feat")]
 
@@ -125,8 +127,9 @@ def load_ssrnet_h5(path: str | Path, *, V: float | None = None) -> keras.Model:
                 f"{path} is not an SSR-Net file: expected pred_age_stage1 (age) or pred_stage1 (gender)."
             )
         stage_num = tuple(int(_layer_weights(root[f"{pred_prefix}{k}"])["bias"].shape[0]) for k in (1, 2, 3))
-        model = build_ssrnet(stage_num, 1.0, 1.0, V if V is not None else file_V,
-                             name=f"ssrnet_legacy_{path.stem}")
+        model = build_ssrnet(
+            stage_num, 1.0, 1.0, V if V is not None else file_V, name=f"ssrnet_legacy_{path.stem}"
+        )
         mapping = list(zip(convs, SSRNET_CONVS, strict=True)) + list(zip(bns, SSRNET_BNS, strict=True))
         mapping += list(zip(denses, SSRNET_DENSES, strict=True))
         for k in (1, 2, 3):
@@ -166,7 +169,8 @@ def load_c3ae_h5(path: str | Path) -> keras.Model:
         _require(bns, 4, "batch_normalization", path, "C3AE")
         if se_denses and len(se_denses) != 10:
             raise LegacyLayoutError(
-                f"{path}: expected 10 SE dense layers (5 blocks x squeeze/excite) or none, found {len(se_denses)}."
+                f"{path}: expected 10 SE dense layers (5 blocks x squeeze/excite) or none, "
+                f"found {len(se_denses)}."
             )
         head = [n for n in names if n not in ("age",) and re.match(r"^(conv2d|dense)_\d+$", n)]
         _require(head, 1, "bin head (conv2d_N or dense_N)", path, "C3AE")

@@ -16,5 +16,7 @@ LEGACY_WEIGHTS = SHARED / "weights" / "legacy"
 @pytest.fixture(scope="session")
 def legacy_weights() -> Path:
     if not LEGACY_WEIGHTS.is_dir():
-        pytest.skip(f"needs the original weight files in {LEGACY_WEIGHTS} (../shared is not beside this checkout)")
+        pytest.skip(
+            f"needs the original weight files in {LEGACY_WEIGHTS} (../shared is not beside this checkout)"
+        )
     return LEGACY_WEIGHTS

@@ -19,7 +19,10 @@ from c3ae.models.c3ae import CROP_NAMES
         # + gender Dense(1536 -> 1) = 1,537.
         ({"se": True, "gender": True}, 55_530),
         # + one trainable GeM p per SE block.
-        ({"se": True, "se_pooling": "gem", "activation": "mish6", "white_norm": True, "gender": True}, 55_535),
+        (
+            {"se": True, "se_pooling": "gem", "activation": "mish6", "white_norm": True, "gender": True},
+            55_535,
+        ),
     ],
 )
 def test_parameter_counts(kwargs, params):
@@ -54,7 +57,9 @@ def test_crop_order_matters():
 
 
 def test_options_insert_their_layers():
-    backbone = build_c3ae(se=True, se_pooling="gem", activation="mish6", white_norm=True).get_layer("backbone")
+    backbone = build_c3ae(se=True, se_pooling="gem", activation="mish6", white_norm=True).get_layer(
+        "backbone"
+    )
     kinds = [type(layer) for layer in backbone.layers]
     assert kinds.count(SqueezeExcite) == 5 and kinds.count(Mish6) == 4 and kinds.count(WhiteNorm) == 1
     assert all(backbone.get_layer(f"se{i}").pooling == "gem" for i in range(1, 6))
@@ -69,15 +74,19 @@ def test_single_crop_model_takes_image():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"se": True, "se_pooling": "gem", "activation": "mish6", "white_norm": True, "gender": True}]
+    "kwargs",
+    [{}, {"se": True, "se_pooling": "gem", "activation": "mish6", "white_norm": True, "gender": True}],
 )
 def test_keras_round_trip_safe_mode(kwargs, tmp_path):
     assert_keras_round_trip(build_c3ae(**kwargs), tmp_path)
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"se": True, "gender": True}, {"se": True, "se_pooling": "gem", "activation": "mish6",
-                                             "white_norm": True, "gender": True}]
+    "kwargs",
+    [
+        {"se": True, "gender": True},
+        {"se": True, "se_pooling": "gem", "activation": "mish6", "white_norm": True, "gender": True},
+    ],
 )
 def test_tflite_builtin_ops_and_numerics(kwargs):
     ops = assert_tflite_builtin_and_close(build_c3ae(**kwargs))

@@ -10,7 +10,12 @@ from conftest import SHARED
 
 from c3ae.legacy import LegacyLayoutError, load_c3ae_h5, load_ssrnet_h5
 
-SSRNET_AGE = ["ssrnet_age_imdb.h5", "ssrnet_age_wiki.h5", "ssrnet_age_morph2.h5", "ssrnet_age_megaface_asian.h5"]
+SSRNET_AGE = [
+    "ssrnet_age_imdb.h5",
+    "ssrnet_age_wiki.h5",
+    "ssrnet_age_morph2.h5",
+    "ssrnet_age_megaface_asian.h5",
+]
 SSRNET_GENDER = ["ssrnet_gender_imdb.h5", "ssrnet_gender_wiki.h5", "ssrnet_gender_morph.h5"]
 BN_EPSILON = 1e-3  # Keras 2 default, used by both originals
 
@@ -49,8 +54,13 @@ def softmax(x):
 def read(group):
     """{'kernel': ..., 'bias': ...} from an h5 group holding 'name:0' datasets, however deeply nested."""
     found = {}
-    group.visititems(lambda name, obj: found.__setitem__(name.split("/")[-1].split(":")[0], obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
+    group.visititems(
+        lambda name, obj: (
+            found.__setitem__(name.split("/")[-1].split(":")[0], obj[()])
+            if isinstance(obj, h5py.Dataset)
+            else None
+        )
+    )
     return {k: v.astype("float64") for k, v in found.items()}
 
 
@@ -63,15 +73,21 @@ def ssrnet_numpy(path: Path, x: np.ndarray, V: float) -> np.ndarray:
     xs, ss = [], []
     h = x
     for i in range(1, 5):
-        h = relu(batch_norm(conv(h, w[f"conv2d_{i}"]["kernel"], w[f"conv2d_{i}"]["bias"]),
-                            w[f"batch_normalization_{i}"]))
+        h = relu(
+            batch_norm(
+                conv(h, w[f"conv2d_{i}"]["kernel"], w[f"conv2d_{i}"]["bias"]), w[f"batch_normalization_{i}"]
+            )
+        )
         if i < 4:
             h = pool(h, 2, np.mean)
         xs.append(h)
     h = x
     for i in range(5, 9):
-        h = np.tanh(batch_norm(conv(h, w[f"conv2d_{i}"]["kernel"], w[f"conv2d_{i}"]["bias"]),
-                               w[f"batch_normalization_{i}"]))
+        h = np.tanh(
+            batch_norm(
+                conv(h, w[f"conv2d_{i}"]["kernel"], w[f"conv2d_{i}"]["bias"]), w[f"batch_normalization_{i}"]
+            )
+        )
         if i < 8:
             h = pool(h, 2, np.max)
         ss.append(h)
@@ -93,10 +109,17 @@ def ssrnet_numpy(path: Path, x: np.ndarray, V: float) -> np.ndarray:
     # merge_age, literally
     s1, s2, s3 = (p.shape[1] for p in probs)
     a = sum((i + etas[0][:, i]) * probs[0][:, i] for i in range(s1)) / (s1 * (1 + deltas[0]))
-    b = sum((j + etas[1][:, j]) * probs[1][:, j] for j in range(s2)) / (s1 * (1 + deltas[0])) / (
-        s2 * (1 + deltas[1]))
-    c = sum((k + etas[2][:, k]) * probs[2][:, k] for k in range(s3)) / (s1 * (1 + deltas[0])) / (
-        s2 * (1 + deltas[1])) / (s3 * (1 + deltas[2]))
+    b = (
+        sum((j + etas[1][:, j]) * probs[1][:, j] for j in range(s2))
+        / (s1 * (1 + deltas[0]))
+        / (s2 * (1 + deltas[1]))
+    )
+    c = (
+        sum((k + etas[2][:, k]) * probs[2][:, k] for k in range(s3))
+        / (s1 * (1 + deltas[0]))
+        / (s2 * (1 + deltas[1]))
+        / (s3 * (1 + deltas[2]))
+    )
     return (a + b + c) * V
 
 
@@ -114,8 +137,11 @@ def c3ae_numpy(path: Path, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndar
 
     def features(h):
         for i in range(1, 5):
-            h = relu(batch_norm(conv(h, b[f"conv{i}"]["kernel"], b[f"conv{i}"].get("bias")),
-                                b[f"batch_normalization_{i}"]))
+            h = relu(
+                batch_norm(
+                    conv(h, b[f"conv{i}"]["kernel"], b[f"conv{i}"].get("bias")), b[f"batch_normalization_{i}"]
+                )
+            )
             if i < 4:
                 h = pool(h, 2, np.mean)
             if se:
@@ -137,7 +163,7 @@ def face_batch(n: int = 4, seed: int = 0) -> np.ndarray:
     """BGR float32 64x64 crops in [0, 255]: real UTKFace chips when ../shared has them, noise otherwise."""
     import cv2
 
-    files = sorted((SHARED / "data" / "utkface").glob("*.jpg"))[:: 997][:n]
+    files = sorted((SHARED / "data" / "utkface").glob("*.jpg"))[::997][:n]
     if len(files) == n:
         return np.stack([cv2.resize(cv2.imread(str(p)), (64, 64)) for p in files]).astype("float32")
     return np.random.default_rng(seed).uniform(0, 255, (n, 64, 64, 3)).astype("float32")
@@ -158,8 +184,11 @@ def test_ssrnet_loader_matches_numpy_forward_pass(legacy_weights, filename):
 def test_c3ae_loader_matches_numpy_forward_pass(legacy_weights, filename):
     model = load_c3ae_h5(legacy_weights / filename)
     faces = face_batch()
-    crops = [faces, faces[:, 8:56, 8:56].repeat(4, axis=1).repeat(4, axis=2)[:, ::3, ::3][:, :64, :64],
-             face_batch(seed=1)[::-1]]
+    crops = [
+        faces,
+        faces[:, 8:56, 8:56].repeat(4, axis=1).repeat(4, axis=2)[:, ::3, ::3][:, :64, :64],
+        face_batch(seed=1)[::-1],
+    ]
     out = model.predict(dict(zip(("outer", "middle", "inner"), crops, strict=True)), verbose=0)
     age, bins = c3ae_numpy(legacy_weights / filename, [c.astype("float64") for c in crops])
     np.testing.assert_allclose(out["age_bins"], bins, rtol=1e-4, atol=1e-6)

@@ -13,7 +13,9 @@ from c3ae.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "c3ae.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "c3ae.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_subpackages_import_under_c3ae():
@@ -27,9 +29,21 @@ def test_subpackages_import_under_c3ae():
 def test_wheel_maps_folders_into_the_c3ae_namespace(tmp_path):
     """preprocessing/ and export/ must land as c3ae/preprocessing and c3ae/export, never top level."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(REPO)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (wheel,) = tmp_path.glob("c3ae-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -49,8 +63,12 @@ def test_version(capsys):
 def test_models_lists_pinned_parameter_counts(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    for name, params in [("c3ae-paper", "36,377"), ("c3ae ", "48,633"), ("c3ae-se ", "53,993"),
-                         ("ssrnet ", "40,915")]:
+    for name, params in [
+        ("c3ae-paper", "36,377"),
+        ("c3ae ", "48,633"),
+        ("c3ae-se ", "53,993"),
+        ("ssrnet ", "40,915"),
+    ]:
         line = next(line for line in out.splitlines() if line.startswith(name))
         assert params in line, line
 
