@@ -15,6 +15,10 @@ MALE = 1
 FEMALE = 0
 UNKNOWN_GENDER = -1
 
+# C3AE's two-point age bins: ages 0, 10, ..., 110 years.
+NUM_AGE_BINS = 12
+AGE_BIN_WIDTH = 10.0
+
 # Age bands used to report MAE per band: [low, high) in years, upper bound None = open.
 AGE_BANDS: tuple[tuple[str, float, float | None], ...] = (
     ("0-12", 0.0, 13.0),

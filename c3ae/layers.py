@@ -304,3 +304,46 @@ class LocalResponseNormalization(layers.Layer):
             "beta": self.beta,
             "bias": self.bias,
         }
+
+
+@register
+class CropsToBatch(layers.Layer):
+    """Stack K same-shaped inputs along the batch axis: K x (N, ...) -> (K * N, ...), in list order.
+
+    With :class:`BatchToFeatures` this runs ONE shared backbone call over all crops, so a converted graph
+    holds the backbone's weights once instead of once per crop.
+    """
+
+    def call(self, inputs):
+        return ops.concatenate(list(inputs), axis=0)
+
+    def compute_output_shape(self, input_shape):
+        first = input_shape[0]
+        batch = None if first[0] is None else first[0] * len(input_shape)
+        return (batch, *first[1:])
+
+
+@register
+class BatchToFeatures(layers.Layer):
+    """Undo :class:`CropsToBatch` on features: (K * N, F) -> (N, K * F).
+
+    Crop k lands in columns [k * F, (k + 1) * F), i.e. the concatenation of the per-crop features in order.
+    """
+
+    def __init__(self, num_crops: int, **kwargs):
+        super().__init__(**kwargs)
+        if int(num_crops) < 1:
+            raise ValueError(f"num_crops must be >= 1, got {num_crops}.")
+        self.num_crops = int(num_crops)
+
+    def call(self, inputs):
+        features = inputs.shape[-1]
+        per_crop = ops.reshape(inputs, (self.num_crops, -1, features))
+        return ops.reshape(ops.transpose(per_crop, (1, 0, 2)), (-1, self.num_crops * features))
+
+    def compute_output_shape(self, input_shape):
+        batch = None if input_shape[0] is None else input_shape[0] // self.num_crops
+        return (batch, self.num_crops * input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "num_crops": self.num_crops}

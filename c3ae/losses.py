@@ -19,7 +19,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from c3ae.conventions import FEMALE, MALE, UNKNOWN_GENDER
+from c3ae.conventions import AGE_BIN_WIDTH, FEMALE, MALE, NUM_AGE_BINS, UNKNOWN_GENDER
+from c3ae.layers import register
 
 __all__ = [
     "NUM_AGE_BINS",
@@ -37,17 +38,8 @@ __all__ = [
     "DLDLLoss",
 ]
 
-PACKAGE = "c3ae"
-
-# C3AE's two-point bins: ages 0, 10, ..., 110 years.
-NUM_AGE_BINS = 12
-AGE_BIN_WIDTH = 10.0
 
 _DEFAULT_EPS = 1e-7
-
-
-def _register(cls):
-    return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
 
 
 def _as_float_vector(x) -> tuple[object, bool]:
@@ -202,7 +194,7 @@ def age_bin_weights(
     return weights.astype(np.float32)
 
 
-@_register
+@register
 class C3AEFocalLoss(keras.losses.Loss):
     """C3AE's focal loss on the two-point age bins, mixed with cross-entropy against a uniform distribution.
 
@@ -257,7 +249,7 @@ class C3AEFocalLoss(keras.losses.Loss):
         }
 
 
-@_register
+@register
 class KLDivergenceLoss(keras.losses.Loss):
     """KL(y_true || y_pred) per sample in nats (``kl_divergence``), as a named, serializable loss."""
 
@@ -320,7 +312,7 @@ def masked_binary_crossentropy(y_true, y_pred, label_smoothing: float = 0.02, ep
     return values * known, known
 
 
-@_register
+@register
 class MaskedBinaryCrossentropy(keras.losses.Loss):
     """Gender BCE on the probability of male that ignores unknown (-1) labels.
 
@@ -398,7 +390,7 @@ def gaussian_label_distribution(ages, num_bins: int = 101, sigma=2.0, start: flo
     return ops.softmax(logits, axis=-1)
 
 
-@_register
+@register
 class DLDLLoss(keras.losses.Loss):
     """DLDL: KL(Gaussian(age, sigma) || y_pred) per sample, in nats.
 

@@ -6,6 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from c3ae.layers import (
+    BatchToFeatures,
+    CropsToBatch,
     ExpectedValue,
     GeMPooling,
     LocalResponseNormalization,
@@ -33,6 +35,8 @@ def call(layer, x):
         ExpectedValue(12, start=0.0, step=10.0),
         SoftStagewiseRegression((3, 2, 4), 0.5, 0.75, 50.0, clamp=True),
         LocalResponseNormalization(size=3, alpha=2e-4, beta=0.5, bias=2.0),
+        CropsToBatch(),
+        BatchToFeatures(3),
     ],
     ids=lambda layer: type(layer).__name__,
 )
@@ -163,3 +167,15 @@ def test_lrn_matches_tensorflow_caffe_semantics():
 def test_lrn_rejects_even_size():
     with pytest.raises(ValueError, match="positive odd number"):
         LocalResponseNormalization(size=4)
+
+
+def test_crops_to_batch_and_back_equals_per_crop_concatenation():
+    crops = [RNG.uniform(0, 1, (4, 5)).astype("float32") for _ in range(3)]
+    stacked = call(CropsToBatch(), crops)
+    assert stacked.shape == (12, 5)
+    np.testing.assert_array_equal(call(BatchToFeatures(3), stacked), np.concatenate(crops, axis=1))
+
+
+def test_batch_to_features_rejects_zero_crops():
+    with pytest.raises(ValueError, match="num_crops must be >= 1"):
+        BatchToFeatures(0)

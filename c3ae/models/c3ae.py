@@ -11,10 +11,17 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from c3ae.layers import ACTIVATIONS, SqueezeExcite, WhiteNorm, make_activation
+from c3ae.conventions import NUM_AGE_BINS
+from c3ae.layers import (
+    ACTIVATIONS,
+    BatchToFeatures,
+    CropsToBatch,
+    SqueezeExcite,
+    WhiteNorm,
+    make_activation,
+)
 
 CROP_NAMES = ("outer", "middle", "inner")
-NUM_AGE_BINS = 12
 FILTERS = 32
 
 
@@ -108,7 +115,10 @@ def build_c3ae(
     shape = (input_size, input_size, 3)
     if triple_box:
         inputs = {crop: keras.Input(shape=shape, name=crop) for crop in CROP_NAMES}
-        features = layers.Concatenate(name="triple_features")([backbone(inputs[crop]) for crop in CROP_NAMES])
+        # One backbone call over the three crops stacked on the batch axis: the weights are shared in the
+        # converted graphs too (three separate calls get inlined three times by the TFLite converter).
+        stacked = CropsToBatch(name="stack_crops")([inputs[crop] for crop in CROP_NAMES])
+        features = BatchToFeatures(len(CROP_NAMES), name="triple_features")(backbone(stacked))
     else:
         inputs = keras.Input(shape=shape, name="image")
         features = backbone(inputs)
