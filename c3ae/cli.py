@@ -32,7 +32,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             raise UserError(f"Unknown model {args.name!r}; run 'c3ae models' to list the known models.")
         model = build_variant(args.name)
         model.summary(line_length=100)
-        inputs = ", ".join(f"{t.name} {tuple(t.shape)}" for t in model.inputs)
+        named_inputs = (
+            model.input if isinstance(model.input, dict) else {model.inputs[0].name: model.inputs[0]}
+        )
+        inputs = ", ".join(f"{name} {tuple(t.shape)}" for name, t in named_inputs.items())
         outputs = ", ".join(
             f"{name} {tuple(t.shape)}" for name, t in zip(model.output_names, model.outputs, strict=True)
         )
