@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 from keras import layers
+from model_checks import assert_tflite_builtin_and_close
 
-from c3ae.export.tflite import run_tflite, tflite_op_names, to_tflite
 from c3ae.models.dldl import build_dldl, compact_feature_size
 
 TINY = {"input_size": 16, "width": 4, "gender": True}
@@ -113,15 +113,7 @@ def test_config_round_trip(tiny_model):
 
 
 def test_tflite_builtin_ops_and_outputs(tiny_model):
-    flatbuffer = to_tflite(tiny_model)
-    ops = tflite_op_names(flatbuffer)
-    assert not any("FLEX" in op or "CUSTOM" in op for op in ops), ops
-    x = bgr_batch(3, 16, seed=11)
-    got = run_tflite(flatbuffer, {"image": x})
-    expected = predict(tiny_model, x)
-    assert set(got) == set(expected)
-    for key in expected:
-        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-4)
+    assert_tflite_builtin_and_close(tiny_model)
 
 
 def test_application_backbone_predicts_and_converts():
@@ -133,12 +125,7 @@ def test_application_backbone_predicts_and_converts():
     np.testing.assert_allclose(
         out["age"], (out["age_bins"] * np.arange(101)).sum(1, keepdims=True), atol=1e-3
     )
-    flatbuffer = to_tflite(model)
-    ops = tflite_op_names(flatbuffer)
-    assert not any("FLEX" in op or "CUSTOM" in op for op in ops), ops
-    got = run_tflite(flatbuffer, {"image": x})
-    for key in out:
-        np.testing.assert_allclose(got[key], out[key], rtol=1e-4, atol=1e-4)
+    assert_tflite_builtin_and_close(model)
 
 
 def test_mobilenetv3_own_preprocessing_is_off():
