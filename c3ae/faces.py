@@ -1,0 +1,415 @@
+"""The one face pipeline: read -> detect -> align -> boxes -> crops.
+
+Preprocessing (``c3ae preprocess``), the training data pipeline (``c3ae.data``) and inference all go through
+these functions, so training crops and inference crops cannot drift apart:
+
+1. :func:`read_image` decodes any photo (EXIF orientation, grayscale, 16-bit, RGBA, CMYK) to BGR uint8.
+2. A detector (:class:`MTCNNDetector`, or :class:`HaarDetector` without landmarks) finds faces.
+3. :func:`align_face` warps each face with a 5-point similarity transform onto a canonical template in a
+   square "chip" (160x160 by default, the face box spanning 40% of its width), passes the chip through the
+   JPEG round trip that training shards store (so inference sees the very pixels training saw), and maps the
+   face box and landmarks into chip coordinates.
+4. :func:`triple_boxes` (C3AE's outer/middle/inner, as the reference ``gen_boundbox``) and :func:`single_box`
+   (face box grown by a margin) are computed on the chip.
+5. :func:`crop` cuts a box out of the chip and resizes it to the model's input size, zero-padding where the
+   box leaves the chip.
+
+All boxes are (x1, y1, x2, y2) in pixels; all images are BGR uint8; crops fed to models are float32 BGR in
+[0, 255] (see ``c3ae.conventions``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+NOSE = LANDMARK_NAMES.index("nose")
+CROP_NAMES = ("outer", "middle", "inner")
+
+# Median MTCNN landmark positions in units of the MTCNN face box (0..1 across x1..x2 and y1..y2), measured on
+# UTKFace and made left-right symmetric; MTCNN boxes are about 1.3 times taller than wide.
+TEMPLATE_IN_BOX = np.array(
+    [[0.27, 0.366], [0.73, 0.366], [0.50, 0.577], [0.28, 0.73], [0.72, 0.73]], dtype=np.float64
+)
+BOX_ASPECT = 1.3
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be decoded as an image; ``reason`` is a short machine-friendly tag."""
+
+    def __init__(self, path: str | Path, reason: str, detail: str = ""):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}")
+
+
+def read_image(source: str | Path | bytes | np.ndarray) -> np.ndarray:
+    """Decode a photo to an (H, W, 3) uint8 BGR array.
+
+    Accepts a path, encoded bytes, or an array (H x W, H x W x 1/3/4; arrays are taken as BGR[A], as
+    OpenCV returns them). Applies the EXIF orientation; converts grayscale, palette, RGBA, CMYK and 16-bit
+    images. Raises :class:`ImageReadError` for missing, empty, corrupt or truncated files.
+    """
+    if isinstance(source, np.ndarray):
+        return _array_to_bgr(source, "array")
+    import io
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    name = "bytes" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageReadError(path, "missing_file")
+        if path.stat().st_size == 0:
+            raise ImageReadError(path, "empty_file")
+        data = path.read_bytes()
+    else:
+        data = source
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _pil_to_bgr(image)
+    except UnidentifiedImageError as error:
+        raise ImageReadError(name, "not_an_image") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        reason = "truncated_image" if "truncated" in str(error).lower() else "corrupt_image"
+        raise ImageReadError(name, reason, str(error)) from error
+
+
+def _pil_to_bgr(image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        gray = np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8)
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        rgba = np.asarray(image, dtype=np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        rgb = rgba[..., :3] * alpha  # composite on black, like the zero padding of crops
+        return np.ascontiguousarray(rgb[..., ::-1].round().astype(np.uint8))
+    rgb = np.asarray(image.convert("RGB"))
+    return np.ascontiguousarray(rgb[..., ::-1])
+
+
+def _array_to_bgr(array: np.ndarray, name: str) -> np.ndarray:
+    if array.size == 0:
+        raise ImageReadError(name, "empty_image")
+    if array.dtype == np.uint16:
+        array = (array.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
+        return cv2.cvtColor(array.reshape(array.shape[:2]), cv2.COLOR_GRAY2BGR)
+    if array.ndim == 3 and array.shape[2] == 4:
+        return cv2.cvtColor(array, cv2.COLOR_BGRA2BGR)
+    if array.ndim == 3 and array.shape[2] == 3:
+        return np.ascontiguousarray(array)
+    raise ImageReadError(name, "bad_shape", f"expected H x W [x 1|3|4], got {array.shape}")
+
+
+# ------------------------------------------------------------------------------------------------ detection
+@dataclass
+class Detection:
+    """One detected face in photo coordinates: plain Python numbers, JSON-serialisable."""
+
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+    score: float  # detector confidence in [0, 1] (Haar: 1.0, it has none)
+    landmarks: tuple[tuple[float, float], ...] | None = None  # 5 (x, y) points in LANDMARK_NAMES order
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MTCNNDetector:
+    """MTCNN (the ``mtcnn`` package; its weights ship inside the wheel, so it works offline)."""
+
+    name = "mtcnn"
+
+    def __init__(self, min_face: int = 20, min_score: float = 0.9):
+        from mtcnn import MTCNN
+
+        self.min_face = int(min_face)
+        self.min_score = float(min_score)
+        self._mtcnn = MTCNN()
+
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        """Faces in a BGR uint8 image, most confident first."""
+        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+        raw = self._mtcnn.detect_faces(
+            rgb, fit_to_image=False, box_format="xyxy", min_face_size=self.min_face
+        )
+        detections = []
+        for face in raw or []:
+            x1, y1, x2, y2 = (float(v) for v in face["box"])
+            score = float(face["confidence"])
+            if score < self.min_score or min(x2 - x1, y2 - y1) < self.min_face:
+                continue
+            points = tuple(
+                (float(face["keypoints"][n][0]), float(face["keypoints"][n][1])) for n in LANDMARK_NAMES
+            )
+            detections.append(Detection((x1, y1, x2, y2), score, points))
+        return sorted(detections, key=lambda d: -d.score)
+
+
+class HaarDetector:
+    """OpenCV's frontal-face Haar cascade: faster, frontal faces only, no landmarks (score 1.0)."""
+
+    name = "haar"
+
+    def __init__(self, min_face: int = 20, min_neighbors: int = 5):
+        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
+        self._cascade = cv2.CascadeClassifier(str(path))
+        if self._cascade.empty():
+            raise RuntimeError(f"OpenCV's Haar cascade could not be loaded from {path}.")
+        self.min_face = int(min_face)
+        self.min_neighbors = int(min_neighbors)
+
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        gray = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
+        faces = self._cascade.detectMultiScale(
+            gray, scaleFactor=1.1, minNeighbors=self.min_neighbors, minSize=(self.min_face, self.min_face)
+        )
+        detections = [
+            Detection(_haar_to_mtcnn_box(float(x), float(y), float(w), float(h)), 1.0, None)
+            for x, y, w, h in faces
+        ]
+        return sorted(detections, key=lambda d: -(d.width * d.height))
+
+
+def _haar_to_mtcnn_box(x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:
+    # Haar boxes are square and sit a little higher and tighter than MTCNN's; stretch them to MTCNN's aspect
+    # so the same template and triple boxes apply.
+    cx, cy = x + w / 2, y + h * 0.55
+    height = w * BOX_ASPECT
+    return (cx - w / 2, cy - height / 2, cx + w / 2, cy + height / 2)
+
+
+DETECTORS = {"mtcnn": MTCNNDetector, "haar": HaarDetector}
+
+
+def make_detector(name: str = "mtcnn", **options):
+    """A detector by name: ``"mtcnn"`` (5 landmarks) or ``"haar"`` (faster, frontal only, no landmarks)."""
+    if name not in DETECTORS:
+        raise ValueError(f"Unknown detector {name!r}; expected one of {', '.join(DETECTORS)}.")
+    return DETECTORS[name](**options)
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+@dataclass(frozen=True)
+class ChipSpec:
+    """Geometry of the aligned chip and of the crops cut from it; recorded in every manifest."""
+
+    size: int = 160  # chip side in pixels
+    face_width: float = 0.4  # width of the aligned face box as a fraction of the chip side
+    jpeg_quality: int = 95  # quality of the stored chips, and of the round trip at inference
+    crop_size: int = 64  # C3AE / SSR-Net input side
+    single_margin: float = 0.4  # single-crop margin, fraction of the face box's width and height per side
+
+    def __post_init__(self):
+        if self.size < 16 or not 0.05 <= self.face_width <= 1.0 or not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"Impossible chip geometry: {self}.")
+
+    def template(self) -> np.ndarray:
+        """The 5 canonical landmark positions in chip pixels."""
+        width = self.size * self.face_width
+        height = width * BOX_ASPECT
+        x1, y1 = (self.size - width) / 2, (self.size - height) / 2
+        return np.column_stack([x1 + TEMPLATE_IN_BOX[:, 0] * width, y1 + TEMPLATE_IN_BOX[:, 1] * height])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AlignedFace:
+    """A face warped onto the canonical chip, with its boxes in chip coordinates (x1, y1, x2, y2)."""
+
+    chip: np.ndarray  # (S, S, 3) uint8 BGR, after the JPEG round trip
+    chip_jpeg: bytes  # the stored form of ``chip``
+    box: np.ndarray  # (4,) float32, the face box in the chip
+    landmarks: np.ndarray  # (5, 2) float32, in the chip (estimated from the template for Haar)
+    boxes: np.ndarray  # (3, 4) float32, C3AE's outer, middle, inner
+    single_box: np.ndarray  # (4,) float32
+    detection: Detection  # in photo coordinates
+    transform: np.ndarray = field(repr=False)  # (2, 3) photo -> chip
+
+
+def similarity_transform(detection: Detection, spec: ChipSpec) -> np.ndarray:
+    """2x3 matrix mapping photo pixels to chip pixels: 5-point similarity fit, or from the box alone."""
+    template = spec.template()
+    if detection.landmarks is not None:
+        source = np.asarray(detection.landmarks, dtype=np.float64)
+        matrix, _ = cv2.estimateAffinePartial2D(source, template, method=cv2.LMEDS)
+        if matrix is not None and np.all(np.isfinite(matrix)) and abs(np.linalg.det(matrix[:, :2])) > 1e-9:
+            return matrix
+    x1, y1, x2, y2 = detection.box
+    scale = spec.size * spec.face_width / max(x2 - x1, 1e-6)
+    centre = np.array([(x1 + x2) / 2, (y1 + y2) / 2])
+    shift = np.array([spec.size / 2, spec.size / 2]) - scale * centre
+    return np.array([[scale, 0.0, shift[0]], [0.0, scale, shift[1]]])
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def jpeg_round_trip(image: np.ndarray, quality: int) -> tuple[np.ndarray, bytes]:
+    """Encode to JPEG and decode again, exactly as the shards store chips and the data pipeline reads them
+    (``tf.io.decode_jpeg(..., dct_method="INTEGER_ACCURATE")`` decodes to the same bytes as OpenCV)."""
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed.")
+    data = encoded.tobytes()
+    return cv2.imdecode(encoded, cv2.IMREAD_COLOR), data
+
+
+def align_face(image: np.ndarray, detection: Detection, spec: ChipSpec = ChipSpec()) -> AlignedFace:
+    """Warp one detected face of a BGR photo onto the canonical chip and compute its boxes there."""
+    matrix = similarity_transform(detection, spec)
+    chip = cv2.warpAffine(
+        image,
+        matrix,
+        (spec.size, spec.size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(0, 0, 0),
+    )
+    chip, chip_jpeg = jpeg_round_trip(chip, spec.jpeg_quality)
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    x1, y1, x2, y2 = detection.box
+    centre = _apply(matrix, [((x1 + x2) / 2, (y1 + y2) / 2)])[0]
+    half = np.array([(x2 - x1), (y2 - y1)]) * scale / 2
+    box = np.concatenate([centre - half, centre + half])
+    if detection.landmarks is not None:
+        landmarks = _apply(matrix, detection.landmarks)
+    else:
+        width, height = box[2] - box[0], box[3] - box[1]
+        landmarks = box[:2] + TEMPLATE_IN_BOX * np.array([width, height])
+    return AlignedFace(
+        chip=chip,
+        chip_jpeg=chip_jpeg,
+        box=box.astype(np.float32),
+        landmarks=landmarks.astype(np.float32),
+        boxes=triple_boxes(box, landmarks[NOSE]),
+        single_box=single_box(box, spec.single_margin),
+        detection=detection,
+        transform=matrix,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- boxes, crops
+MIN_BOX_SIDE = 1.0
+
+
+def _valid_box(box: np.ndarray) -> np.ndarray:
+    """Finite, at least MIN_BOX_SIDE wide and high, float32."""
+    box = np.nan_to_num(np.asarray(box, dtype=np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
+    x1, y1, x2, y2 = np.clip(box, -1e6, 1e6)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    half_w, half_h = max(abs(x2 - x1), MIN_BOX_SIDE) / 2, max(abs(y2 - y1), MIN_BOX_SIDE) / 2
+    return np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dtype=np.float32)
+
+
+def triple_boxes(box, nose) -> np.ndarray:
+    """C3AE's three context boxes (reference ``gen_boundbox``) as a (3, 4) float32 array.
+
+    For the face box (x1, y1, x2, y2) of width w and height h, m = |w - h| and the nose (nx, ny):
+    outer = the box grown by m on every side; middle = a square centred on the nose with half-size ny - y1;
+    inner = a square centred on the nose with half-size w / 2.
+    """
+    x1, y1, x2, y2 = (float(v) for v in _valid_box(box))
+    nx, ny = (float(v) for v in np.nan_to_num(np.asarray(nose, dtype=np.float64)))
+    width, height = x2 - x1, y2 - y1
+    margin = abs(width - height)
+    half_middle = max(ny - y1, MIN_BOX_SIDE / 2)
+    half_inner = max(width / 2, MIN_BOX_SIDE / 2)
+    boxes = [
+        (x1 - margin, y1 - margin, x2 + margin, y2 + margin),
+        (nx - half_middle, ny - half_middle, nx + half_middle, ny + half_middle),
+        (nx - half_inner, ny - half_inner, nx + half_inner, ny + half_inner),
+    ]
+    return np.stack([_valid_box(b) for b in boxes])
+
+
+def single_box(box, margin: float = 0.4) -> np.ndarray:
+    """The face box grown by ``margin`` of its width and height on each side, (4,) float32."""
+    x1, y1, x2, y2 = (float(v) for v in _valid_box(box))
+    dx, dy = (x2 - x1) * margin, (y2 - y1) * margin
+    return _valid_box((x1 - dx, y1 - dy, x2 + dx, y2 + dy))
+
+
+def crop(image: np.ndarray, box, size: int = 64) -> np.ndarray:
+    """Cut ``box`` (x1, y1, x2, y2) out of a BGR uint8 image and resize it to (size, size, 3) uint8.
+
+    Bilinear sampling; parts of the box outside the image are zero (black), as the reference's padding.
+    """
+    x1, y1, x2, y2 = (float(v) for v in _valid_box(box))
+    sx, sy = size / (x2 - x1), size / (y2 - y1)
+    matrix = np.array([[sx, 0.0, -x1 * sx], [0.0, sy, -y1 * sy]])
+    return cv2.warpAffine(
+        image,
+        matrix,
+        (size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(0, 0, 0),
+    )
+
+
+def model_crops(
+    chip: np.ndarray, boxes: np.ndarray, single: np.ndarray, kind: str = "c3ae", size: int = 64
+) -> dict[str, np.ndarray]:
+    """The named uint8 crops a model family takes: C3AE ``outer``/``middle``/``inner``, others ``image``."""
+    if kind == "c3ae":
+        return {name: crop(chip, b, size) for name, b in zip(CROP_NAMES, boxes, strict=True)}
+    return {"image": crop(chip, single, size)}
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+class FacePipeline:
+    """detect -> align -> boxes, with one set of parameters shared by preprocessing and inference."""
+
+    def __init__(self, detector: str = "mtcnn", spec: ChipSpec = ChipSpec(), min_face: int = 20):
+        self.detector_name = detector
+        self.spec = spec
+        self.min_face = int(min_face)
+        self._detector = None
+
+    @property
+    def detector(self):
+        if self._detector is None:  # built lazily: MTCNN loads TensorFlow
+            self._detector = make_detector(self.detector_name, min_face=self.min_face)
+        return self._detector
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        return self.detector.detect(image)
+
+    def process(self, image: np.ndarray, max_faces: int | None = None) -> list[AlignedFace]:
+        """All faces of a BGR photo, most confident first, aligned with their boxes."""
+        detections = self.detect(image)[: max_faces or None]
+        return [align_face(image, d, self.spec) for d in detections]
+
+    def to_dict(self) -> dict:
+        return {
+            "detector": self.detector_name,
+            "min_face": self.min_face,
+            "chip": self.spec.to_dict(),
+            "template_in_box": TEMPLATE_IN_BOX.tolist(),
+            "box_aspect": BOX_ASPECT,
+        }
