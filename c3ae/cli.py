@@ -66,6 +66,70 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    import logging
+    from pathlib import Path
+
+    from c3ae.preprocessing.pipeline import PreprocessError, preprocess
+    from c3ae.preprocessing.readers import READERS
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.dataset not in READERS:
+        raise UserError(f"Unknown dataset {args.dataset!r}; choose one of: {', '.join(sorted(READERS))}.")
+    if not Path(args.root).is_dir():
+        raise UserError(f"--root {args.root} is not a folder; point it at the dataset's images.")
+    fractions = _parse_fractions(args.split)
+    try:
+        manifest = preprocess(
+            args.dataset,
+            args.root,
+            args.out,
+            workers=args.workers,
+            limit=args.limit,
+            seed=args.seed,
+            fractions=fractions,
+            detector=args.detector,
+            min_face=args.min_face,
+        )
+    except (PreprocessError, ValueError) as error:
+        raise UserError(str(error)) from error
+    counts, timing = manifest["counts"], manifest["timing"]
+    rejects = ", ".join(f"{reason} {n}" for reason, n in manifest["rejects"].items()) or "none"
+    print(
+        f"kept {counts['kept']} of {counts['files_scanned']} files ({100 * counts['kept_fraction']:.1f}%): "
+        + ", ".join(f"{split} {n}" for split, n in counts["by_split"].items())
+    )
+    print(f"rejected: {rejects}")
+    if timing["faces_per_s"]:
+        print(
+            f"processed {timing['processed_samples']} photos in {timing['processing_s']} s "
+            f"({timing['faces_per_s']} photos/s, {timing['workers']} workers)"
+        )
+    print(f"manifest: {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def _parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        fractions = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise UserError(f"--split {text!r} must be three fractions summing to 1, e.g. 0.8,0.1,0.1.")
+    return fractions
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="c3ae",
@@ -78,6 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the model families with their parameter counts")
     models.add_argument("name", nargs="?", help="show the layer-by-layer summary of one model")
     models.set_defaults(func=cmd_models)
+
+    prep = commands.add_parser(
+        "preprocess",
+        help="detect, align and crop a dataset into Feather shards with a manifest",
+        description="Detect -> align -> boxes for every photo of a dataset; write Feather shards of aligned "
+        "chips and a manifest.json with counts, reject reasons and a seeded train/val/test split. "
+        "Rerunning the same command resumes.",
+    )
+    prep.add_argument(
+        "--dataset", required=True, help="reader name, e.g. utkface, asia, afad, imdb_wiki, csv"
+    )
+    prep.add_argument("--root", required=True, help="the dataset's folder")
+    prep.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    prep.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
+    prep.add_argument(
+        "--limit", type=_positive_int, help="process a seeded random subset of this many photos"
+    )
+    prep.add_argument("--seed", type=int, default=0, help="seed of the split and of --limit (default 0)")
+    prep.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (default 0.8,0.1,0.1)")
+    prep.add_argument("--detector", choices=("mtcnn", "haar"), default="mtcnn")
+    prep.add_argument("--min-face", type=_positive_int, default=20, help="smallest face side in pixels")
+    prep.set_defaults(func=cmd_preprocess)
     return parser
 
 

@@ -235,6 +235,9 @@ class ChipSpec:
         return asdict(self)
 
 
+DEFAULT_CHIP = ChipSpec()
+
+
 @dataclass
 class AlignedFace:
     """A face warped onto the canonical chip, with its boxes in chip coordinates (x1, y1, x2, y2)."""
@@ -279,7 +282,7 @@ def jpeg_round_trip(image: np.ndarray, quality: int) -> tuple[np.ndarray, bytes]
     return cv2.imdecode(encoded, cv2.IMREAD_COLOR), data
 
 
-def align_face(image: np.ndarray, detection: Detection, spec: ChipSpec = ChipSpec()) -> AlignedFace:
+def align_face(image: np.ndarray, detection: Detection, spec: ChipSpec = DEFAULT_CHIP) -> AlignedFace:
     """Warp one detected face of a BGR photo onto the canonical chip and compute its boxes there."""
     matrix = similarity_transform(detection, spec)
     chip = cv2.warpAffine(
@@ -361,7 +364,8 @@ def crop(image: np.ndarray, box, size: int = 64) -> np.ndarray:
     """
     x1, y1, x2, y2 = (float(v) for v in _valid_box(box))
     sx, sy = size / (x2 - x1), size / (y2 - y1)
-    matrix = np.array([[sx, 0.0, -x1 * sx], [0.0, sy, -y1 * sy]])
+    # Pixel centres: output pixel u samples x = x1 + (u + 0.5) / sx - 0.5, as cv2.resize does.
+    matrix = np.array([[sx, 0.0, (0.5 - x1) * sx - 0.5], [0.0, sy, (0.5 - y1) * sy - 0.5]])
     return cv2.warpAffine(
         image,
         matrix,
@@ -385,7 +389,7 @@ def model_crops(
 class FacePipeline:
     """detect -> align -> boxes, with one set of parameters shared by preprocessing and inference."""
 
-    def __init__(self, detector: str = "mtcnn", spec: ChipSpec = ChipSpec(), min_face: int = 20):
+    def __init__(self, detector: str = "mtcnn", spec: ChipSpec = DEFAULT_CHIP, min_face: int = 20):
         self.detector_name = detector
         self.spec = spec
         self.min_face = int(min_face)

@@ -1,0 +1,398 @@
+"""``c3ae preprocess``: dataset photos -> detect -> align -> boxes -> Feather shards + manifest.json.
+
+- Deterministic split (train/val/test, 80/10/10 by default, seeded) by identity where the dataset has one,
+  otherwise by image; decided from the file list before any photo is decoded, so a rerun plans the same
+  shards.
+- Shards hold at most 5,000 rows of one split; each is written to a temporary name and renamed, then a small
+  summary (``.<shard>.json``) records its counts and rejects. A rerun skips every shard whose summary exists,
+  so a killed run resumes and Ctrl-C never leaves a half-written shard.
+- Bad items (unreadable files, no face, labels out of range) are skipped, counted by reason in the manifest
+  and listed in ``rejects.csv``; the run fails only when nothing usable was produced.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from c3ae._version import __version__
+from c3ae.faces import DEFAULT_CHIP, ChipSpec, FacePipeline, ImageReadError, read_image
+from c3ae.preprocessing.readers import Reject, Sample, scan_dataset
+from c3ae.preprocessing.shards import COLUMNS, MAX_ROWS_PER_SHARD, write_shard
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "c3ae-manifest"
+
+
+class PreprocessError(RuntimeError):
+    """Nothing usable could be produced, or the output folder cannot be used."""
+
+
+@dataclass
+class ShardPlan:
+    split: str
+    index: int
+    samples: list[Sample]
+
+    @property
+    def file(self) -> str:
+        return f"{self.split}-{self.index:05d}.feather"
+
+
+@dataclass
+class ShardSummary:
+    file: str
+    split: str
+    samples: int
+    rows: int = 0
+    multi_face: int = 0
+    rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (path, reason, detail)
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "rejects": [list(r) for r in self.rejects]}
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def _group_key(sample: Sample) -> str:
+    return f"id:{sample.identity}" if sample.identity not in (None, "") else f"path:{sample.path}"
+
+
+def _stable_hash(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def assign_splits(
+    samples: Sequence[Sample], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> list[str]:
+    """A split name per sample. Groups (identities, else single images) are ordered by a seeded hash and
+    cut at the cumulative fractions, so every identity lands in exactly one split."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"Split fractions must be three non-negative numbers summing to 1, got {fractions}.")
+    groups: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(_group_key(sample), []).append(i)
+    ordered = sorted(groups, key=lambda key: _stable_hash(seed, key))
+    total = len(samples)
+    bounds = (fractions[0] * total, (fractions[0] + fractions[1]) * total)
+    splits = [""] * total
+    assigned = 0
+    for key in ordered:
+        members = groups[key]
+        split = "train" if assigned < bounds[0] else "val" if assigned < bounds[1] else "test"
+        for i in members:
+            splits[i] = split
+        assigned += len(members)
+    return splits
+
+
+def plan_shards(samples: Sequence[Sample], splits: Sequence[str], rows_per_shard: int = MAX_ROWS_PER_SHARD):
+    """Shards of at most ``rows_per_shard`` samples per split, in path order."""
+    plans = []
+    for split in SPLITS:
+        members = sorted(
+            (s for s, sp in zip(samples, splits, strict=True) if sp == split), key=lambda s: s.path
+        )
+        for index, start in enumerate(range(0, len(members), rows_per_shard)):
+            plans.append(ShardPlan(split, index, members[start : start + rows_per_shard]))
+    return plans
+
+
+# ------------------------------------------------------------------------------------------------ one photo
+_WORKER_PIPELINE: FacePipeline | None = None
+
+
+def _init_worker(detector: str, spec: ChipSpec, min_face: int, single_thread: bool) -> None:
+    global _WORKER_PIPELINE
+    if single_thread:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
+        os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import cv2
+
+        cv2.setNumThreads(1)
+    _WORKER_PIPELINE = FacePipeline(detector, spec, min_face)
+
+
+def process_sample(sample: Sample, pipeline: FacePipeline | None = None) -> tuple[dict | None, tuple | None]:
+    """(row, None) for a kept face, (None, (path, reason, detail)) for a reject. Never raises on bad data."""
+    pipeline = pipeline or _WORKER_PIPELINE
+    try:
+        image = read_image(sample.path)
+    except ImageReadError as error:
+        return None, (sample.path, error.reason, str(error))
+    try:
+        faces = pipeline.process(image)
+    except Exception as error:  # a detector failure on one odd photo must not stop a 500K-image run
+        return None, (sample.path, "detector_error", f"{type(error).__name__}: {error}")
+    if not faces:
+        return None, (sample.path, "no_face", "")
+    face = faces[0]
+    row = {
+        "image": face.chip_jpeg,
+        "age": sample.age,
+        "gender": sample.gender,
+        "boxes": face.boxes,
+        "single_box": face.single_box,
+        "landmarks": face.landmarks,
+        "detector_score": face.detection.score,
+        "faces_found": len(faces),
+        "source": sample.source,
+        "path": sample.path,
+        "identity": sample.identity,
+        "label": sample.label,
+    }
+    return row, None
+
+
+def _process_in_worker(sample: Sample):
+    return process_sample(sample)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _write_json_atomically(path: Path, payload: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(temporary, path)
+
+
+def _summary_path(out: Path, plan: ShardPlan) -> Path:
+    return out / f".{plan.file}.json"
+
+
+def _load_summary(out: Path, plan: ShardPlan) -> ShardSummary | None:
+    path = _summary_path(out, plan)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("samples") != len(plan.samples) or (data.get("rows") and not (out / plan.file).is_file()):
+        return None  # the plan changed (different --limit or data), or the shard vanished: redo it
+    data["rejects"] = [tuple(r) for r in data.get("rejects", [])]
+    return ShardSummary(**data)
+
+
+def _finish_shard(out: Path, plan: ShardPlan, rows: list[dict], summary: ShardSummary) -> None:
+    summary.rows = len(rows)
+    if rows:
+        write_shard(out / plan.file, rows)
+    _write_json_atomically(_summary_path(out, plan), summary.to_dict())
+
+
+def preprocess(
+    dataset: str,
+    root: str | Path,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    limit: int | None = None,
+    seed: int = 0,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    detector: str = "mtcnn",
+    spec: ChipSpec = DEFAULT_CHIP,
+    min_face: int = 20,
+    rows_per_shard: int = MAX_ROWS_PER_SHARD,
+    progress: bool = True,
+    reader_options: dict | None = None,
+) -> dict:
+    """Run the whole preprocessing; returns the manifest (also written to ``out/manifest.json``)."""
+    started = time.monotonic()
+    root, out = Path(root), Path(out)
+    if out.exists() and not out.is_dir():
+        raise PreprocessError(f"--out {out} is a file; give a folder (it is created if missing).")
+    out.mkdir(parents=True, exist_ok=True)
+
+    samples, scan_rejects = scan_dataset(dataset, root, **(reader_options or {}))
+    if limit is not None:
+        samples = _limited(samples, limit, seed)
+    if not samples:
+        raise PreprocessError(
+            f"No usable {dataset} samples under {root} ({len(scan_rejects)} files rejected while scanning)."
+        )
+    splits = assign_splits(samples, fractions, seed)
+    plans = plan_shards(samples, splits, rows_per_shard)
+    pipeline = FacePipeline(detector, spec, min_face)
+
+    summaries: dict[str, ShardSummary] = {}
+    pending = []
+    for plan in plans:
+        summary = _load_summary(out, plan)
+        if summary is None:
+            pending.append(plan)
+        else:
+            summaries[plan.file] = summary
+    if summaries:
+        log.info("resuming: %d of %d shards already done", len(summaries), len(plans))
+
+    processed_seconds = 0.0
+    processed_samples = 0
+    if pending:
+        run_started = time.monotonic()
+        results = _results(pending, pipeline, workers)
+        bar = _progress_bar(sum(len(p.samples) for p in pending), progress)
+        try:
+            for plan in pending:
+                shard_started = time.monotonic()
+                summary = ShardSummary(plan.file, plan.split, len(plan.samples))
+                rows = []
+                for _ in plan.samples:
+                    row, reject = next(results)
+                    if row is not None:
+                        rows.append(row)
+                        summary.multi_face += row["faces_found"] > 1
+                    else:
+                        summary.rejects.append(reject)
+                    bar.update(1)
+                    bar.set_postfix(kept=len(rows), rejected=len(summary.rejects), refresh=False)
+                summary.elapsed_s = round(time.monotonic() - shard_started, 3)
+                _finish_shard(out, plan, rows, summary)
+                summaries[plan.file] = summary
+        finally:
+            bar.close()
+            results.close()
+        processed_seconds = time.monotonic() - run_started
+        processed_samples = sum(len(p.samples) for p in pending)
+
+    manifest = _manifest(
+        dataset, root, out, plans, summaries, scan_rejects, pipeline, seed, fractions, len(samples), limit
+    )
+    manifest["timing"] = {
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "processed_samples": processed_samples,
+        "processing_s": round(processed_seconds, 1),
+        "faces_per_s": round(processed_samples / processed_seconds, 2) if processed_seconds else None,
+        "workers": workers,
+    }
+    _write_rejects_csv(out, scan_rejects, summaries.values())
+    _write_json_atomically(out / MANIFEST_NAME, manifest)
+    if manifest["counts"]["kept"] == 0:
+        raise PreprocessError(
+            f"No face was kept from {len(samples)} {dataset} samples; "
+            f"see {out / 'rejects.csv'} for the reasons."
+        )
+    return manifest
+
+
+def _limited(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    import random
+
+    if limit < 1:
+        raise PreprocessError(f"--limit must be at least 1, got {limit}.")
+    chosen = random.Random(seed).sample(samples, min(limit, len(samples)))
+    return sorted(chosen, key=lambda s: s.path)
+
+
+def _results(plans: Sequence[ShardPlan], pipeline: FacePipeline, workers: int):
+    """A generator of (row, reject) in plan order, from this process or a pool of ``workers`` processes."""
+    samples = [s for plan in plans for s in plan.samples]
+    if workers <= 1:
+        return (process_sample(s, pipeline) for s in samples)
+    return _pool_results(samples, pipeline, workers)
+
+
+def _pool_results(samples: Sequence[Sample], pipeline: FacePipeline, workers: int):
+    import multiprocessing
+
+    # spawn, not fork: the workers load TensorFlow (MTCNN) and must not inherit a half-initialised runtime.
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(
+        workers,
+        initializer=_init_worker,
+        initargs=(pipeline.detector_name, pipeline.spec, pipeline.min_face, True),
+    )
+    try:
+        yield from pool.imap(_process_in_worker, samples, chunksize=8)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+class _NoBar:
+    def update(self, *_):
+        pass
+
+    def set_postfix(self, *_, **__):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="preprocess", smoothing=0.05, dynamic_ncols=True)
+
+
+def _manifest(
+    dataset, root, out, plans, summaries, scan_rejects, pipeline, seed, fractions, total, limit
+) -> dict:
+    rejects = Counter(r.reason for r in scan_rejects)
+    by_split: Counter = Counter()
+    shards = []
+    multi_face = 0
+    for plan in plans:
+        summary = summaries[plan.file]
+        rejects.update(reason for _, reason, _ in summary.rejects)
+        by_split[plan.split] += summary.rows
+        multi_face += summary.multi_face
+        if summary.rows:
+            shards.append({"file": plan.file, "split": plan.split, "rows": summary.rows})
+    kept = sum(by_split.values())
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "c3ae_version": __version__,
+        "dataset": dataset,
+        "root": str(Path(root).resolve()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "face_pipeline": pipeline.to_dict(),
+        "split": {
+            "seed": seed,
+            "fractions": dict(zip(SPLITS, fractions, strict=True)),
+            "by": "identity where known, else image",
+            "limit": limit,
+        },
+        "counts": {
+            "files_scanned": total + len(scan_rejects),
+            "samples": total,
+            "kept": kept,
+            "rejected": sum(rejects.values()),
+            "kept_fraction": round(kept / max(total + len(scan_rejects), 1), 4),
+            "multi_face_photos": multi_face,
+            "by_split": {split: by_split.get(split, 0) for split in SPLITS},
+        },
+        "rejects": dict(sorted(rejects.items(), key=lambda kv: -kv[1])),
+        "columns": list(COLUMNS),
+        "shards": shards,
+    }
+
+
+def _write_rejects_csv(out: Path, scan_rejects: Iterable[Reject], summaries: Iterable[ShardSummary]) -> None:
+    path = out / "rejects.csv"
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "reason", "detail"])
+        for reject in scan_rejects:
+            writer.writerow([reject.path, reject.reason, getattr(reject, "detail", "")])
+        for summary in summaries:
+            writer.writerows(summary.rejects)
+    os.replace(temporary, path)
