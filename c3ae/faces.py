@@ -202,6 +202,15 @@ def _haar_to_mtcnn_box(x: float, y: float, w: float, h: float) -> tuple[float, f
 DETECTORS = {"mtcnn": MTCNNDetector, "haar": HaarDetector}
 
 
+def _shift(detection: Detection, offset: float) -> Detection:
+    """The same detection moved by ``offset`` pixels along both axes."""
+    x1, y1, x2, y2 = detection.box
+    points = detection.landmarks
+    if points is not None:
+        points = tuple((x + offset, y + offset) for x, y in points)
+    return Detection((x1 + offset, y1 + offset, x2 + offset, y2 + offset), detection.score, points)
+
+
 def make_detector(name: str = "mtcnn", **options):
     """A detector by name: ``"mtcnn"`` (5 landmarks) or ``"haar"`` (faster, frontal only, no landmarks)."""
     if name not in DETECTORS:
@@ -389,10 +398,17 @@ def model_crops(
 class FacePipeline:
     """detect -> align -> boxes, with one set of parameters shared by preprocessing and inference."""
 
-    def __init__(self, detector: str = "mtcnn", spec: ChipSpec = DEFAULT_CHIP, min_face: int = 20):
+    def __init__(
+        self,
+        detector: str = "mtcnn",
+        spec: ChipSpec = DEFAULT_CHIP,
+        min_face: int = 20,
+        pad_retry: float = 0.25,
+    ):
         self.detector_name = detector
         self.spec = spec
         self.min_face = int(min_face)
+        self.pad_retry = float(pad_retry)
         self._detector = None
 
     @property
@@ -402,7 +418,15 @@ class FacePipeline:
         return self._detector
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        return self.detector.detect(image)
+        """Faces in a BGR photo, most confident first. When none is found and ``pad_retry`` > 0, detect again
+        on the photo padded with black by that fraction of its longer side: faces cropped tightly or cut by
+        the border (UTKFace's chips, say) are found that way."""
+        detections = self.detector.detect(image)
+        if detections or self.pad_retry <= 0:
+            return detections
+        pad = int(round(self.pad_retry * max(image.shape[:2])))
+        padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        return [_shift(d, -pad) for d in self.detector.detect(padded)]
 
     def process(self, image: np.ndarray, max_faces: int | None = None) -> list[AlignedFace]:
         """All faces of a BGR photo, most confident first, aligned with their boxes."""
@@ -413,6 +437,7 @@ class FacePipeline:
         return {
             "detector": self.detector_name,
             "min_face": self.min_face,
+            "pad_retry": self.pad_retry,
             "chip": self.spec.to_dict(),
             "template_in_box": TEMPLATE_IN_BOX.tolist(),
             "box_aspect": BOX_ASPECT,

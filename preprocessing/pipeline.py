@@ -113,7 +113,7 @@ def plan_shards(samples: Sequence[Sample], splits: Sequence[str], rows_per_shard
 _WORKER_PIPELINE: FacePipeline | None = None
 
 
-def _init_worker(detector: str, spec: ChipSpec, min_face: int, single_thread: bool) -> None:
+def _init_worker(detector: str, spec: ChipSpec, min_face: int, pad_retry: float, single_thread: bool) -> None:
     global _WORKER_PIPELINE
     if single_thread:
         os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
@@ -123,7 +123,7 @@ def _init_worker(detector: str, spec: ChipSpec, min_face: int, single_thread: bo
         import cv2
 
         cv2.setNumThreads(1)
-    _WORKER_PIPELINE = FacePipeline(detector, spec, min_face)
+    _WORKER_PIPELINE = FacePipeline(detector, spec, min_face, pad_retry)
 
 
 def process_sample(sample: Sample, pipeline: FacePipeline | None = None) -> tuple[dict | None, tuple | None]:
@@ -244,6 +244,7 @@ def preprocess(
         run_started = time.monotonic()
         results = _results(pending, pipeline, workers)
         bar = _progress_bar(sum(len(p.samples) for p in pending), progress)
+        kept_total = rejected_total = 0
         try:
             for plan in pending:
                 shard_started = time.monotonic()
@@ -254,10 +255,12 @@ def preprocess(
                     if row is not None:
                         rows.append(row)
                         summary.multi_face += row["faces_found"] > 1
+                        kept_total += 1
                     else:
                         summary.rejects.append(reject)
+                        rejected_total += 1
                     bar.update(1)
-                    bar.set_postfix(kept=len(rows), rejected=len(summary.rejects), refresh=False)
+                    bar.set_postfix(kept=kept_total, rejected=rejected_total, refresh=False)
                 summary.elapsed_s = round(time.monotonic() - shard_started, 3)
                 _finish_shard(out, plan, rows, summary)
                 summaries[plan.file] = summary
@@ -312,7 +315,7 @@ def _pool_results(samples: Sequence[Sample], pipeline: FacePipeline, workers: in
     pool = context.Pool(
         workers,
         initializer=_init_worker,
-        initargs=(pipeline.detector_name, pipeline.spec, pipeline.min_face, True),
+        initargs=(pipeline.detector_name, pipeline.spec, pipeline.min_face, pipeline.pad_retry, True),
     )
     try:
         yield from pool.imap(_process_in_worker, samples, chunksize=8)
