@@ -1,0 +1,201 @@
+"""c3ae preprocess: shards, manifest, rejects, split, resume, interruption, train/inference crop identity."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from conftest import REPO
+
+import c3ae.preprocessing.pipeline as pipeline_module
+from c3ae.faces import FacePipeline, crop, model_crops, read_image
+from c3ae.preprocessing.pipeline import PreprocessError, assign_splits, preprocess
+from c3ae.preprocessing.readers import Sample
+from c3ae.preprocessing.shards import fixed_list_to_numpy, read_shard
+
+FACES = [REPO / "assets" / "obama.jpg", REPO / "assets" / "astronaut.jpg"]
+
+
+def small_face(path, side=240) -> np.ndarray:
+    image = read_image(path)
+    scale = side / max(image.shape[:2])
+    return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def utk_layout(tmp_path_factory):
+    """A tiny UTKFace-style folder: 6 real faces (flips and crops of the two assets), one corrupt file,
+    one photo without a face, one malformed name."""
+    root = tmp_path_factory.mktemp("utk")
+    faces = [small_face(p) for p in FACES]
+    variants = [
+        faces[0],
+        faces[1],
+        cv2.flip(faces[0], 1),
+        cv2.flip(faces[1], 1),
+        faces[0][10:],
+        faces[1][:, 5:],
+    ]
+    for i, image in enumerate(variants):
+        age, gender = [51, 50, 52, 49, 53, 48][i], i % 2
+        cv2.imwrite(str(root / f"{age}_{gender}_0_2017011{i}000000000.jpg.chip.jpg"), image)
+    (root / "30_1_0_20170110000000001.jpg.chip.jpg").write_bytes(
+        b"\xff\xd8\xff\xe0 a JPEG header and nothing else"
+    )
+    cv2.imwrite(str(root / "40_0_0_20170110000000002.jpg.chip.jpg"), np.full((200, 200, 3), 127, np.uint8))
+    cv2.imwrite(str(root / "abc_def.jpg.chip.jpg"), faces[0])
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(utk_layout, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep")
+    manifest = preprocess("utkface", utk_layout, out, rows_per_shard=2, progress=False)
+    return out, manifest
+
+
+def test_manifest_counts_and_reasons(prepared):
+    out, manifest = prepared
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    counts = manifest["counts"]
+    assert counts["files_scanned"] == 9 and counts["samples"] == 8 and counts["kept"] == 6
+    assert manifest["rejects"] == {"unparsable_name": 1, "truncated_image": 1, "no_face": 1}
+    assert sum(counts["by_split"].values()) == 6
+    assert manifest["face_pipeline"]["chip"]["size"] == 160
+    rejects = (out / "rejects.csv").read_text()
+    assert "abc_def.jpg.chip.jpg,unparsable_name" in rejects and "no_face" in rejects
+
+
+def test_shards_hold_at_most_the_limit_and_round_trip(prepared):
+    out, manifest = prepared
+    total = 0
+    for shard in manifest["shards"]:
+        table = read_shard(out / shard["file"])
+        assert table.num_rows == shard["rows"] <= 2
+        assert set(table.column("source").to_pylist()) == {"utkface"}
+        assert set(table.column("split").to_pylist() if "split" in table.column_names else []) <= {
+            shard["split"]
+        }
+        boxes = fixed_list_to_numpy(table.column("boxes"), 12)
+        assert np.isfinite(boxes).all()
+        ages = table.column("age").to_numpy()
+        assert ((ages >= 48) & (ages <= 53)).all()
+        chip = cv2.imdecode(np.frombuffer(table.column("image")[0].as_py(), np.uint8), cv2.IMREAD_COLOR)
+        assert chip.shape == (160, 160, 3)
+        total += table.num_rows
+    assert total == manifest["counts"]["kept"]
+    assert not list(out.glob(".*.tmp-*")) and not list(out.glob("*.tmp-*"))
+
+
+def test_split_is_deterministic_and_by_identity():
+    samples = [Sample(f"/x/{i}.jpg", 30.0, 1, f"person{i // 4}", "t") for i in range(400)]
+    first = assign_splits(samples, seed=1)
+    assert first == assign_splits(samples, seed=1)
+    assert first != assign_splits(samples, seed=2)
+    for person in range(100):
+        assert len({first[i] for i in range(person * 4, person * 4 + 4)}) == 1  # no identity leaks
+    counts = {split: first.count(split) for split in ("train", "val", "test")}
+    assert counts == {"train": 320, "val": 40, "test": 40}
+
+
+def test_rerun_resumes_and_redoes_only_missing_shards(prepared, utk_layout, tmp_path, monkeypatch):
+    out = tmp_path / "prep"
+    shutil.copytree(prepared[0], out)
+    victim = prepared[1]["shards"][0]["file"]
+    (out / victim).unlink()
+    (out / f".{victim}.json").unlink()
+    calls = []
+    original = pipeline_module.process_sample
+    monkeypatch.setattr(
+        pipeline_module, "process_sample", lambda s, p=None: calls.append(s) or original(s, p)
+    )
+    manifest = preprocess("utkface", utk_layout, out, rows_per_shard=2, progress=False)
+    assert 1 <= len(calls) <= 2  # only the missing shard's samples
+    assert manifest["counts"] == prepared[1]["counts"] and (out / victim).is_file()
+
+
+def test_interrupted_run_leaves_no_half_shard_and_resumes(utk_layout, tmp_path, monkeypatch):
+    out = tmp_path / "prep"
+    original = pipeline_module.process_sample
+    calls = []
+
+    def interrupt_on_third(sample, pipeline=None):
+        calls.append(sample)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(sample, pipeline)
+
+    monkeypatch.setattr(pipeline_module, "process_sample", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess("utkface", utk_layout, out, rows_per_shard=2, progress=False)
+    summaries = [json.loads(p.read_text()) for p in out.glob(".*.feather.json")]
+    assert len(summaries) == 1 and summaries[0]["samples"] == 2  # the first shard only, complete
+    assert sorted(p.name for p in out.glob("*.feather")) == (
+        [summaries[0]["file"]] if summaries[0]["rows"] else []
+    )
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*tmp*"))
+    monkeypatch.setattr(pipeline_module, "process_sample", original)
+    manifest = preprocess("utkface", utk_layout, out, rows_per_shard=2, progress=False)
+    assert manifest["counts"]["kept"] == 6
+
+
+def test_nothing_usable_fails(tmp_path):
+    root = tmp_path / "utk"
+    root.mkdir()
+    cv2.imwrite(str(root / "40_0_0_20170110000000002.jpg.chip.jpg"), np.full((100, 100, 3), 127, np.uint8))
+    with pytest.raises(PreprocessError, match="No face was kept"):
+        preprocess("utkface", root, tmp_path / "out", progress=False, detector="haar")
+
+
+def test_training_and_inference_crops_are_identical(prepared, utk_layout):
+    """The crops a model trains on (shard -> in-graph JPEG decode -> crop) are the inference crops."""
+    import tensorflow as tf
+
+    out, manifest = prepared
+    inference = FacePipeline("mtcnn")
+    for shard in manifest["shards"]:
+        table = read_shard(out / shard["file"])
+        for row in range(table.num_rows):
+            jpeg = table.column("image")[row].as_py()
+            boxes = fixed_list_to_numpy(table.column("boxes"), 12)[row].reshape(3, 4)
+            single = fixed_list_to_numpy(table.column("single_box"), 4)[row]
+            chip = tf.io.decode_jpeg(jpeg, channels=3, dct_method="INTEGER_ACCURATE").numpy()[..., ::-1]
+            training = {
+                name: crop(chip, box) for name, box in zip(("outer", "middle", "inner"), boxes, strict=True)
+            }
+            training["image"] = crop(chip, single)
+
+            face = inference.process(read_image(table.column("path")[row].as_py()))[0]
+            live = {
+                **model_crops(face.chip, face.boxes, face.single_box),
+                **model_crops(face.chip, face.boxes, face.single_box, "ssrnet"),
+            }
+            np.testing.assert_array_equal(face.boxes, boxes)
+            for name in training:
+                np.testing.assert_array_equal(training[name], live[name], err_msg=name)
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "c3ae.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "nope", "--root", ".", "--out", "x"], "Unknown dataset 'nope'; choose one of"),
+        (
+            ["--dataset", "utkface", "--root", "/no/such/dir", "--out", "x"],
+            "--root /no/such/dir is not a folder",
+        ),
+        (["--dataset", "utkface", "--root", ".", "--out", "x", "--split", "0.5,0.5"], "three fractions"),
+    ],
+)
+def test_cli_user_errors(args, message):
+    result = run_cli("preprocess", *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
