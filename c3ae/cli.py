@@ -91,6 +91,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             fractions=fractions,
             detector=args.detector,
             min_face=args.min_face,
+            fallback=args.fallback,
         )
     except (PreprocessError, ValueError) as error:
         raise UserError(str(error)) from error
@@ -163,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (default 0.8,0.1,0.1)")
     prep.add_argument("--detector", choices=("mtcnn", "haar"), default="mtcnn")
     prep.add_argument("--min-face", type=_positive_int, default=20, help="smallest face side in pixels")
+    prep.add_argument(
+        "--fallback",
+        choices=("auto", "none"),
+        default="auto",
+        help="when no face is detected: 'auto' uses the dataset's own box, or the whole image for datasets "
+        "of face crops (UTKFace, AFAD, All-Age-Faces, MegaAge); 'none' rejects the photo",
+    )
     prep.set_defaults(func=cmd_preprocess)
     return parser
 

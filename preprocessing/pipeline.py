@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -20,12 +21,12 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from c3ae._version import __version__
 from c3ae.faces import DEFAULT_CHIP, ChipSpec, FacePipeline, ImageReadError, read_image
-from c3ae.preprocessing.readers import Reject, Sample, scan_dataset
+from c3ae.preprocessing.readers import Reject, Sample, get_reader, scan_dataset
 from c3ae.preprocessing.shards import COLUMNS, MAX_ROWS_PER_SHARD, write_shard
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class ShardSummary:
     samples: int
     rows: int = 0
     multi_face: int = 0
+    fallback: int = 0  # faces taken from the dataset's box or the whole image: the detector found none
+    pipeline: dict = field(default_factory=dict)  # the face pipeline that made the shard
     rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (path, reason, detail)
     elapsed_s: float = 0.0
 
@@ -126,15 +129,22 @@ def _init_worker(detector: str, spec: ChipSpec, min_face: int, pad_retry: float,
     _WORKER_PIPELINE = FacePipeline(detector, spec, min_face, pad_retry)
 
 
-def process_sample(sample: Sample, pipeline: FacePipeline | None = None) -> tuple[dict | None, tuple | None]:
-    """(row, None) for a kept face, (None, (path, reason, detail)) for a reject. Never raises on bad data."""
+def process_sample(
+    sample: Sample, pipeline: FacePipeline | None = None, fallback_full_image: bool = False
+) -> tuple[dict | None, tuple | None]:
+    """(row, None) for a kept face, (None, (path, reason, detail)) for a reject. Never raises on bad data.
+
+    When the detector finds no face, the sample's own box (datasets that give one) or, with
+    ``fallback_full_image`` (datasets of face crops), the whole image is used; such rows have
+    ``faces_found`` 0 and ``detector_score`` 0.
+    """
     pipeline = pipeline or _WORKER_PIPELINE
     try:
         image = read_image(sample.path)
     except ImageReadError as error:
         return None, (sample.path, error.reason, str(error))
     try:
-        faces = pipeline.process(image)
+        faces = pipeline.process(image, fallback_box=sample.box, fallback_full_image=fallback_full_image)
     except Exception as error:  # a detector failure on one odd photo must not stop a 500K-image run
         return None, (sample.path, "detector_error", f"{type(error).__name__}: {error}")
     if not faces:
@@ -148,7 +158,7 @@ def process_sample(sample: Sample, pipeline: FacePipeline | None = None) -> tupl
         "single_box": face.single_box,
         "landmarks": face.landmarks,
         "detector_score": face.detection.score,
-        "faces_found": len(faces),
+        "faces_found": len(faces) if face.detection.score > 0 else 0,
         "source": sample.source,
         "path": sample.path,
         "identity": sample.identity,
@@ -157,8 +167,8 @@ def process_sample(sample: Sample, pipeline: FacePipeline | None = None) -> tupl
     return row, None
 
 
-def _process_in_worker(sample: Sample):
-    return process_sample(sample)
+def _process_in_worker(sample: Sample, fallback_full_image: bool):
+    return process_sample(sample, None, fallback_full_image)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -172,7 +182,7 @@ def _summary_path(out: Path, plan: ShardPlan) -> Path:
     return out / f".{plan.file}.json"
 
 
-def _load_summary(out: Path, plan: ShardPlan) -> ShardSummary | None:
+def _load_summary(out: Path, plan: ShardPlan, expected_pipeline: dict) -> ShardSummary | None:
     path = _summary_path(out, plan)
     if not path.is_file():
         return None
@@ -180,8 +190,12 @@ def _load_summary(out: Path, plan: ShardPlan) -> ShardSummary | None:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if data.get("samples") != len(plan.samples) or (data.get("rows") and not (out / plan.file).is_file()):
-        return None  # the plan changed (different --limit or data), or the shard vanished: redo it
+    if (
+        data.get("samples") != len(plan.samples)
+        or data.get("pipeline") != expected_pipeline
+        or (data.get("rows") and not (out / plan.file).is_file())
+    ):
+        return None  # the plan or the face pipeline changed, or the shard vanished: redo it
     data["rejects"] = [tuple(r) for r in data.get("rejects", [])]
     return ShardSummary(**data)
 
@@ -208,8 +222,16 @@ def preprocess(
     rows_per_shard: int = MAX_ROWS_PER_SHARD,
     progress: bool = True,
     reader_options: dict | None = None,
+    fallback: str = "auto",
 ) -> dict:
-    """Run the whole preprocessing; returns the manifest (also written to ``out/manifest.json``)."""
+    """Run the whole preprocessing; returns the manifest (also written to ``out/manifest.json``).
+
+    ``fallback``: what to do when the detector finds no face. ``"auto"``: use the sample's own box where
+    the dataset gives one, and the whole image for datasets of face crops (UTKFace, AFAD, All-Age-Faces,
+    MegaAge); ``"none"``: reject the photo as ``no_face``.
+    """
+    if fallback not in ("auto", "none"):
+        raise PreprocessError(f"--fallback must be 'auto' or 'none', got {fallback!r}.")
     started = time.monotonic()
     root, out = Path(root), Path(out)
     if out.exists() and not out.is_dir():
@@ -226,11 +248,15 @@ def preprocess(
     splits = assign_splits(samples, fractions, seed)
     plans = plan_shards(samples, splits, rows_per_shard)
     pipeline = FacePipeline(detector, spec, min_face)
+    fallback_full_image = fallback == "auto" and get_reader(dataset).face_crops
+    if fallback == "none":
+        samples = [replace(s, box=None) for s in samples]
+    pipeline_record = {**pipeline.to_dict(), "fallback": fallback, "fallback_full_image": fallback_full_image}
 
     summaries: dict[str, ShardSummary] = {}
     pending = []
     for plan in plans:
-        summary = _load_summary(out, plan)
+        summary = _load_summary(out, plan, pipeline_record)
         if summary is None:
             pending.append(plan)
         else:
@@ -242,19 +268,20 @@ def preprocess(
     processed_samples = 0
     if pending:
         run_started = time.monotonic()
-        results = _results(pending, pipeline, workers)
+        results = _results(pending, pipeline, workers, fallback_full_image)
         bar = _progress_bar(sum(len(p.samples) for p in pending), progress)
         kept_total = rejected_total = 0
         try:
             for plan in pending:
                 shard_started = time.monotonic()
-                summary = ShardSummary(plan.file, plan.split, len(plan.samples))
+                summary = ShardSummary(plan.file, plan.split, len(plan.samples), pipeline=pipeline_record)
                 rows = []
                 for _ in plan.samples:
                     row, reject = next(results)
                     if row is not None:
                         rows.append(row)
                         summary.multi_face += row["faces_found"] > 1
+                        summary.fallback += row["faces_found"] == 0
                         kept_total += 1
                     else:
                         summary.rejects.append(reject)
@@ -271,7 +298,17 @@ def preprocess(
         processed_samples = sum(len(p.samples) for p in pending)
 
     manifest = _manifest(
-        dataset, root, out, plans, summaries, scan_rejects, pipeline, seed, fractions, len(samples), limit
+        dataset,
+        root,
+        out,
+        plans,
+        summaries,
+        scan_rejects,
+        pipeline_record,
+        seed,
+        fractions,
+        len(samples),
+        limit,
     )
     manifest["timing"] = {
         "wall_time_s": round(time.monotonic() - started, 1),
@@ -299,15 +336,15 @@ def _limited(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
     return sorted(chosen, key=lambda s: s.path)
 
 
-def _results(plans: Sequence[ShardPlan], pipeline: FacePipeline, workers: int):
+def _results(plans: Sequence[ShardPlan], pipeline: FacePipeline, workers: int, fallback_full_image: bool):
     """A generator of (row, reject) in plan order, from this process or a pool of ``workers`` processes."""
     samples = [s for plan in plans for s in plan.samples]
     if workers <= 1:
-        return (process_sample(s, pipeline) for s in samples)
-    return _pool_results(samples, pipeline, workers)
+        return (process_sample(s, pipeline, fallback_full_image) for s in samples)
+    return _pool_results(samples, pipeline, workers, fallback_full_image)
 
 
-def _pool_results(samples: Sequence[Sample], pipeline: FacePipeline, workers: int):
+def _pool_results(samples: Sequence[Sample], pipeline: FacePipeline, workers: int, fallback_full_image: bool):
     import multiprocessing
 
     # spawn, not fork: the workers load TensorFlow (MTCNN) and must not inherit a half-initialised runtime.
@@ -318,7 +355,8 @@ def _pool_results(samples: Sequence[Sample], pipeline: FacePipeline, workers: in
         initargs=(pipeline.detector_name, pipeline.spec, pipeline.min_face, pipeline.pad_retry, True),
     )
     try:
-        yield from pool.imap(_process_in_worker, samples, chunksize=8)
+        work = functools.partial(_process_in_worker, fallback_full_image=fallback_full_image)
+        yield from pool.imap(work, samples, chunksize=8)
         pool.close()
     finally:
         pool.terminate()
@@ -350,12 +388,13 @@ def _manifest(
     rejects = Counter(r.reason for r in scan_rejects)
     by_split: Counter = Counter()
     shards = []
-    multi_face = 0
+    multi_face = fallback = 0
     for plan in plans:
         summary = summaries[plan.file]
         rejects.update(reason for _, reason, _ in summary.rejects)
         by_split[plan.split] += summary.rows
         multi_face += summary.multi_face
+        fallback += summary.fallback
         if summary.rows:
             shards.append({"file": plan.file, "split": plan.split, "rows": summary.rows})
     kept = sum(by_split.values())
@@ -366,7 +405,7 @@ def _manifest(
         "dataset": dataset,
         "root": str(Path(root).resolve()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "face_pipeline": pipeline.to_dict(),
+        "face_pipeline": pipeline,
         "split": {
             "seed": seed,
             "fractions": dict(zip(SPLITS, fractions, strict=True)),
@@ -380,6 +419,7 @@ def _manifest(
             "rejected": sum(rejects.values()),
             "kept_fraction": round(kept / max(total + len(scan_rejects), 1), 4),
             "multi_face_photos": multi_face,
+            "fallback_faces": fallback,
             "by_split": {split: by_split.get(split, 0) for split in SPLITS},
         },
         "rejects": dict(sorted(rejects.items(), key=lambda kv: -kv[1])),

@@ -186,6 +186,9 @@ class DatasetReader:
     """Base class: ``scan(root)`` lists ``(samples, rejects)``, both sorted by path; no image is decoded."""
 
     name: ClassVar[str] = ""
+    # True when every image is already a crop of one face (the face pipeline may then fall back to the whole
+    # image when no detector finds the face, rather than dropping babies and profiles the detector misses).
+    face_crops: ClassVar[bool] = False
 
     def __init__(self) -> None:
         pass
@@ -250,6 +253,7 @@ class UTKFaceReader(_FileNameReader):
     """UTKFace: ``age_gender_race_date.jpg[.chip.jpg]``, gender 0 = male in the names; no identities."""
 
     name = "utkface"
+    face_crops = True
 
     def _label(self, path: Path, root: Path) -> Sample:
         age, gender, race = parse_utkface_name(path.name)
@@ -261,6 +265,7 @@ class AsiaReader(_FileNameReader):
     """All-Age-Faces: ``NNNNNANN.jpg`` (id, ``A``, age); ids up to 7380 are female, later ones male."""
 
     name = "asia"
+    face_crops = True
     LAST_FEMALE_ID = 7380
     PATTERN = re.compile(r"([0-9]+)A([0-9]+)", re.IGNORECASE)
 
@@ -277,6 +282,7 @@ class AFADReader(_FileNameReader):
     """AFAD: ``<root>/<age>/<111|112>/<name>.jpg``, 111 = male, 112 = female; no identities."""
 
     name = "afad"
+    face_crops = True
     GENDER_CODES = {"111": MALE, "112": FEMALE}
 
     def _label(self, path: Path, root: Path) -> Sample:
@@ -309,6 +315,7 @@ class MegaAgeReader(DatasetReader):
     """
 
     name = "megaage"
+    face_crops = True
     SPLITS = ("train", "test")
 
     def _scan(self, root: Path) -> tuple[list[Sample], list[Reject]]:

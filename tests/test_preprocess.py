@@ -61,12 +61,27 @@ def test_manifest_counts_and_reasons(prepared):
     out, manifest = prepared
     assert json.loads((out / "manifest.json").read_text()) == manifest
     counts = manifest["counts"]
-    assert counts["files_scanned"] == 9 and counts["samples"] == 8 and counts["kept"] == 6
-    assert manifest["rejects"] == {"unparsable_name": 1, "truncated_image": 1, "no_face": 1}
-    assert sum(counts["by_split"].values()) == 6
+    # The faceless grey photo is kept through the whole-image fallback: UTKFace is a set of face crops.
+    assert counts["files_scanned"] == 9 and counts["samples"] == 8 and counts["kept"] == 7
+    assert counts["fallback_faces"] == 1
+    assert manifest["rejects"] == {"unparsable_name": 1, "truncated_image": 1}
+    assert sum(counts["by_split"].values()) == 7
     assert manifest["face_pipeline"]["chip"]["size"] == 160
     rejects = (out / "rejects.csv").read_text()
-    assert "abc_def.jpg.chip.jpg,unparsable_name" in rejects and "no_face" in rejects
+    assert "abc_def.jpg.chip.jpg,unparsable_name" in rejects and "truncated_image" in rejects
+
+
+def test_without_fallback_faceless_photos_are_rejected(utk_layout, tmp_path):
+    manifest = preprocess("utkface", utk_layout, tmp_path, progress=False, fallback="none")
+    assert manifest["counts"]["kept"] == 6 and manifest["rejects"]["no_face"] == 1
+    assert manifest["counts"]["fallback_faces"] == 0
+
+
+def test_changed_pipeline_invalidates_finished_shards(prepared, utk_layout, tmp_path):
+    out = tmp_path / "prep"
+    shutil.copytree(prepared[0], out)
+    manifest = preprocess("utkface", utk_layout, out, rows_per_shard=2, progress=False, fallback="none")
+    assert manifest["counts"]["kept"] == 6  # redone with the new setting, not reused
 
 
 def test_shards_hold_at_most_the_limit_and_round_trip(prepared):
@@ -82,7 +97,7 @@ def test_shards_hold_at_most_the_limit_and_round_trip(prepared):
         boxes = fixed_list_to_numpy(table.column("boxes"), 12)
         assert np.isfinite(boxes).all()
         ages = table.column("age").to_numpy()
-        assert ((ages >= 48) & (ages <= 53)).all()
+        assert np.isin(ages, [48, 49, 50, 51, 52, 53, 40]).all()
         chip = cv2.imdecode(np.frombuffer(table.column("image")[0].as_py(), np.uint8), cv2.IMREAD_COLOR)
         assert chip.shape == (160, 160, 3)
         total += table.num_rows
@@ -110,7 +125,7 @@ def test_rerun_resumes_and_redoes_only_missing_shards(prepared, utk_layout, tmp_
     calls = []
     original = pipeline_module.process_sample
     monkeypatch.setattr(
-        pipeline_module, "process_sample", lambda s, p=None: calls.append(s) or original(s, p)
+        pipeline_module, "process_sample", lambda s, p=None, f=False: calls.append(s) or original(s, p, f)
     )
     manifest = preprocess("utkface", utk_layout, out, rows_per_shard=2, progress=False)
     assert 1 <= len(calls) <= 2  # only the missing shard's samples
@@ -122,11 +137,11 @@ def test_interrupted_run_leaves_no_half_shard_and_resumes(utk_layout, tmp_path, 
     original = pipeline_module.process_sample
     calls = []
 
-    def interrupt_on_third(sample, pipeline=None):
+    def interrupt_on_third(sample, pipeline=None, fallback_full_image=False):
         calls.append(sample)
-        if len(calls) == 3:
+        if len(calls) == 3:  # the first shard (2 samples) is done, the second is half-way
             raise KeyboardInterrupt
-        return original(sample, pipeline)
+        return original(sample, pipeline, fallback_full_image)
 
     monkeypatch.setattr(pipeline_module, "process_sample", interrupt_on_third)
     with pytest.raises(KeyboardInterrupt):
@@ -139,7 +154,7 @@ def test_interrupted_run_leaves_no_half_shard_and_resumes(utk_layout, tmp_path, 
     assert not (out / "manifest.json").exists() and not list(out.glob(".*tmp*"))
     monkeypatch.setattr(pipeline_module, "process_sample", original)
     manifest = preprocess("utkface", utk_layout, out, rows_per_shard=2, progress=False)
-    assert manifest["counts"]["kept"] == 6
+    assert manifest["counts"]["kept"] == 7
 
 
 def test_nothing_usable_fails(tmp_path):
@@ -147,7 +162,7 @@ def test_nothing_usable_fails(tmp_path):
     root.mkdir()
     cv2.imwrite(str(root / "40_0_0_20170110000000002.jpg.chip.jpg"), np.full((100, 100, 3), 127, np.uint8))
     with pytest.raises(PreprocessError, match="No face was kept"):
-        preprocess("utkface", root, tmp_path / "out", progress=False, detector="haar")
+        preprocess("utkface", root, tmp_path / "out", progress=False, detector="haar", fallback="none")
 
 
 def test_training_and_inference_crops_are_identical(prepared, utk_layout):
@@ -168,7 +183,8 @@ def test_training_and_inference_crops_are_identical(prepared, utk_layout):
             }
             training["image"] = crop(chip, single)
 
-            face = inference.process(read_image(table.column("path")[row].as_py()))[0]
+            photo = read_image(table.column("path")[row].as_py())
+            face = inference.process(photo, fallback_full_image=True)[0]
             live = {
                 **model_crops(face.chip, face.boxes, face.single_box),
                 **model_crops(face.chip, face.boxes, face.single_box, "ssrnet"),

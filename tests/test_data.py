@@ -1,0 +1,336 @@
+"""The tf.data input pipeline (c3ae.data) on a tiny hand-made manifest: no detector involved."""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from c3ae.data import (
+    Augmentation,
+    age_to_group,
+    augment_crops,
+    label_to_group,
+    make_dataset,
+    mirror_boxes,
+    read_manifest,
+    split_size,
+)
+from c3ae.faces import TEMPLATE_IN_BOX, ChipSpec, Detection, align_face, crop, read_image
+from c3ae.losses import two_point_encode
+from c3ae.models.levi_hassner import ADIENCE_AGE_GROUPS
+from c3ae.preprocessing.shards import write_shard
+
+MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+SPEC = ChipSpec()
+TRAIN_AGES = [1.0, 5.0, 23.5, 35.0, 47.0, float("nan"), 62.0, 80.0, 14.0, 30.0]
+TRAIN_GENDERS = [1, 0, -1, 1, 0, 1, -1, 0, 1, 0]
+VAL_AGES = [3.0, 18.0, 27.0, 41.0, 55.0, 70.0]
+VAL_GENDERS = [0, 1, -1, 0, 1, 1]
+VAL_LABELS = [None, "15-20", None, "(38, 43)", None, None]
+
+
+def _face_image() -> tuple[np.ndarray, np.ndarray]:
+    """A BGR photo and a plausible MTCNN-style face box in it."""
+    path = MEDIA / "obama.jpg"
+    if path.is_file():
+        image = cv2.resize(read_image(path), None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA)
+        return image, np.array([342.0, 65.0, 642.0, 455.0]) * 0.25
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (240, 200, 3), dtype=np.uint8)
+    cv2.ellipse(image, (100, 120), (45, 60), 0, 0, 360, (120, 150, 200), -1)
+    for x in (82, 118):
+        cv2.circle(image, (x, 105), 5, (40, 40, 40), -1)
+    cv2.ellipse(image, (100, 155), (16, 6), 0, 0, 360, (60, 60, 160), -1)
+    return image, np.array([62.0, 70.0, 138.0, 169.0])
+
+
+def _detection(box: np.ndarray, scale: float, shift: tuple[float, float], angle: float) -> Detection:
+    x1, y1, x2, y2 = box
+    centre = np.array([(x1 + x2) / 2 + shift[0], (y1 + y2) / 2 + shift[1]])
+    half = np.array([x2 - x1, y2 - y1]) * scale / 2
+    new_box = np.concatenate([centre - half, centre + half])
+    points = new_box[:2] + TEMPLATE_IN_BOX * (2 * half)
+    theta = math.radians(angle)
+    rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    points = (points - centre) @ rotation.T + centre
+    return Detection(tuple(float(v) for v in new_box), 0.99, tuple((float(x), float(y)) for x, y in points))
+
+
+def _row(face, age, gender, identity, label=None) -> dict:
+    return {
+        "image": face.chip_jpeg,
+        "age": age,
+        "gender": gender,
+        "boxes": face.boxes,
+        "single_box": face.single_box,
+        "landmarks": face.landmarks,
+        "detector_score": 0.99,
+        "faces_found": 1,
+        "source": "test",
+        "path": f"{identity}.jpg",
+        "identity": identity,
+        "label": label,
+    }
+
+
+def _write_manifest(folder: Path, shards: list[dict]) -> Path:
+    manifest = {
+        "format": "c3ae-manifest",
+        "version": 1,
+        "dataset": "test",
+        "face_pipeline": {"detector": "mtcnn", "min_face": 20, "chip": SPEC.to_dict()},
+        "shards": shards,
+        "counts": {},
+        "rejects": {},
+    }
+    path = folder / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """train-00000 (6 rows, one without an age), train-00001 (4 rows), val-00000 (6 rows, 2 labelled)."""
+    folder = tmp_path_factory.mktemp("shards")
+    image, box = _face_image()
+    variants = [(1.0, (0, 0), 0), (0.9, (3, -2), 8), (1.1, (-4, 3), -10), (1.0, (2, 4), 4)]
+    faces = [align_face(image, _detection(box, *v), SPEC) for v in variants]
+    train = [
+        _row(faces[i % len(faces)], age, gender, f"t{i}")
+        for i, (age, gender) in enumerate(zip(TRAIN_AGES, TRAIN_GENDERS, strict=True))
+    ]
+    val = [
+        _row(faces[(i + 1) % len(faces)], age, gender, f"v{i}", label)
+        for i, (age, gender, label) in enumerate(zip(VAL_AGES, VAL_GENDERS, VAL_LABELS, strict=True))
+    ]
+    parts = {"train-00000.feather": train[:6], "train-00001.feather": train[6:], "val-00000.feather": val}
+    shards = []
+    for name, rows in parts.items():
+        write_shard(folder / name, rows)
+        shards.append({"file": name, "split": name.split("-")[0], "rows": len(rows)})
+    return {"manifest": _write_manifest(folder, shards), "folder": folder, "train": train, "val": val}
+
+
+def _collect(dataset) -> tuple[dict, dict]:
+    inputs, targets = {}, {}
+    for batch_inputs, batch_targets in dataset:
+        for store, batch in ((inputs, batch_inputs), (targets, batch_targets)):
+            for name, value in batch.items():
+                store.setdefault(name, []).append(value.numpy())
+    return (
+        {k: np.concatenate(v) for k, v in inputs.items()},
+        {k: np.concatenate(v) for k, v in targets.items()},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def test_read_manifest_resolves_shards(data):
+    info = read_manifest(data["folder"])
+    assert [Path(s["path"]) for s in info["shards"]] == [
+        data["folder"] / name for name in ("train-00000.feather", "train-00001.feather", "val-00000.feather")
+    ]
+    assert split_size(data["manifest"], "train") == 10
+    assert split_size(data["manifest"], "val") == 6
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        make_dataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        make_dataset(tmp_path / "nope.json")
+
+
+def test_split_and_model_errors(data):
+    with pytest.raises(ValueError, match="has no rows in split 'test'"):
+        make_dataset(data["manifest"], split="test")
+    with pytest.raises(ValueError, match="Unknown split 'holdout'"):
+        make_dataset(data["manifest"], split="holdout")
+    with pytest.raises(ValueError, match="Unknown model family 'resnet'"):
+        make_dataset(data["manifest"], model="resnet")
+    with pytest.raises(ValueError, match="no outputs"):
+        make_dataset(data["manifest"], outputs=["age_group"])
+
+
+# ------------------------------------------------------------------------------------------------- specs
+@pytest.mark.parametrize(
+    ("model", "inputs", "size", "targets"),
+    [
+        ("c3ae", ("outer", "middle", "inner"), 64, {"age": 1, "age_bins": 12, "gender": 1}),
+        ("ssrnet", ("image",), 64, {"age": 1, "gender": 1}),
+        ("dldl", ("image",), 64, {"age": 1, "age_bins": 1, "gender": 1}),
+        ("levi_hassner", ("image",), 227, {"age_group": len(ADIENCE_AGE_GROUPS), "gender": 1}),
+    ],
+)
+def test_element_spec(data, model, inputs, size, targets):
+    dataset = make_dataset(data["manifest"], split="val", model=model, batch_size=4)
+    input_spec, target_spec = dataset.element_spec
+    assert tuple(input_spec) == inputs
+    assert set(target_spec) == set(targets)
+    for spec in input_spec.values():
+        assert spec.shape.as_list() == [None, size, size, 3] and spec.dtype.name == "float32"
+    for name, width in targets.items():
+        assert (
+            target_spec[name].shape.as_list() == [None, width] and target_spec[name].dtype.name == "float32"
+        )
+    batch_inputs, batch_targets = next(iter(dataset))
+    assert batch_inputs[inputs[0]].shape == (4, size, size, 3)
+    assert all(batch_targets[name].shape == (4, width) for name, width in targets.items())
+
+
+def test_crops_match_face_pipeline_without_augmentation(data):
+    inputs, targets = _collect(make_dataset(data["manifest"], split="val", batch_size=4))
+    rows = data["val"]
+    assert len(targets["age"]) == len(rows)
+    for index, row in enumerate(rows):  # unshuffled: manifest order
+        chip = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_COLOR)
+        for name, box in zip(("outer", "middle", "inner"), row["boxes"], strict=True):
+            np.testing.assert_array_equal(inputs[name][index], crop(chip, box, 64).astype(np.float32))
+    np.testing.assert_array_equal(targets["age"][:, 0], np.float32(VAL_AGES))
+    np.testing.assert_array_equal(targets["gender"][:, 0], np.float32(VAL_GENDERS))
+    np.testing.assert_allclose(targets["age_bins"], two_point_encode(np.float32(VAL_AGES)), atol=1e-6)
+
+    single, _ = _collect(make_dataset(data["manifest"], split="val", model="ssrnet", batch_size=8))
+    for index, row in enumerate(rows):
+        chip = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_COLOR)
+        np.testing.assert_array_equal(single["image"][index], crop(chip, row["single_box"], 64))
+
+
+def test_nan_ages_dropped_only_for_age_targets(data):
+    _, targets = _collect(make_dataset(data["manifest"], batch_size=4, seed=0, augment=False))
+    assert len(targets["age"]) == 9 and np.isfinite(targets["age"]).all()
+    expected = sorted(a for a in TRAIN_AGES if not math.isnan(a))
+    assert sorted(targets["age"][:, 0].tolist()) == expected
+    np.testing.assert_allclose(targets["age_bins"], two_point_encode(targets["age"]), atol=1e-6)
+    _, gender_only = _collect(make_dataset(data["manifest"], batch_size=4, seed=0, outputs=["gender"]))
+    assert set(gender_only) == {"gender"}
+    assert len(gender_only["gender"]) == 10  # the row without an age is kept
+    assert sorted(gender_only["gender"][:, 0].tolist()) == sorted(float(g) for g in TRAIN_GENDERS)
+
+
+def test_outputs_restricts_targets_and_dldl_bins_are_ages(data):
+    dataset = make_dataset(data["manifest"], split="val", model="dldl", outputs=["age_bins", "age"])
+    _, targets = _collect(dataset)
+    assert set(targets) == {"age", "age_bins"}
+    np.testing.assert_array_equal(targets["age_bins"], targets["age"])
+
+
+# ----------------------------------------------------------------------------------------- augmentation
+def _epoch(iterator_source) -> dict:
+    inputs, targets = _collect(iterator_source)
+    return {**inputs, **{f"t_{k}": v for k, v in targets.items()}}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_augmentation_is_deterministic_per_seed_and_varies_per_epoch(data):
+    first = make_dataset(data["manifest"], batch_size=4, seed=3)
+    second = make_dataset(data["manifest"], batch_size=4, seed=3)
+    other = make_dataset(data["manifest"], batch_size=4, seed=4)
+    epoch_1, epoch_1_again = _epoch(first), _epoch(second)
+    assert _same(epoch_1, epoch_1_again)
+    assert not _same(epoch_1, _epoch(other))
+    epoch_2 = _epoch(first)
+    assert not np.array_equal(epoch_1["outer"], epoch_2["outer"])
+    assert _same(epoch_2, _epoch(second))  # fresh runs with a seed reproduce each other, epoch by epoch
+    for crops in (epoch_1["outer"], epoch_1["inner"]):
+        assert crops.dtype == np.float32 and crops.min() >= 0 and crops.max() <= 255
+        np.testing.assert_array_equal(crops, np.round(crops))
+
+
+def test_mirror_boxes():
+    boxes = np.array([[10.0, 20.0, 50.0, 70.0], [0.0, 5.0, 160.0, 6.0]])
+    mirrored = mirror_boxes(boxes, 160)
+    np.testing.assert_array_equal(mirrored, [[110.0, 20.0, 150.0, 70.0], [0.0, 5.0, 160.0, 6.0]])
+    np.testing.assert_array_equal(mirror_boxes(mirrored, 160), boxes)
+
+
+def test_flip_mirrors_chip_and_boxes(data):
+    row = data["train"][1]
+    chip = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_COLOR)
+    flip_only = Augmentation(
+        flip=1.0, max_rotation=0.0, shift=0.0, scale=0.0, contrast=(1, 1), brightness=(0, 0), erase=0.0
+    )
+    flipped = augment_crops(chip, row["boxes"], 64, np.random.default_rng(0), params=flip_only)
+    for index, box in enumerate(row["boxes"]):
+        expected = crop(np.ascontiguousarray(chip[:, ::-1]), mirror_boxes(box, chip.shape[1]), 64)
+        np.testing.assert_array_equal(flipped[index], expected)
+        # and it is the mirror image of the unflipped crop (up to cv2's fixed-point interpolation weights)
+        plain = crop(chip, box, 64)
+        assert np.abs(flipped[index][:, ::-1].astype(int) - plain).max() <= 2
+    no_change = Augmentation(**{**flip_only.__dict__, "flip": 0.0})
+    same = augment_crops(chip, row["boxes"], 64, np.random.default_rng(0), params=no_change)
+    np.testing.assert_array_equal(same, np.stack([crop(chip, b, 64) for b in row["boxes"]]))
+
+
+# --------------------------------------------------------------------------------------- corrupt shards
+def test_corrupt_shard_is_skipped_then_raises(data, tmp_path, caplog):
+    info = json.loads(data["manifest"].read_text())
+    for shard in info["shards"]:
+        shard["file"] = str(data["folder"] / shard["file"])
+    (tmp_path / "broken.feather").write_bytes(b"not a feather file at all")
+    info["shards"][0]["file"] = "broken.feather"
+    (tmp_path / "manifest.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING, logger="c3ae.data"):
+        dataset = make_dataset(tmp_path, batch_size=8, seed=1, outputs=["gender"])
+    assert "Skipping 1 of 2 shards" in caplog.text and "broken.feather" in caplog.text
+    _, targets = _collect(dataset)
+    assert len(targets["gender"]) == 4  # train-00001 only
+
+    info["shards"][1]["file"] = "missing.feather"
+    (tmp_path / "manifest.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="no readable shard in split 'train'"):
+        make_dataset(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ age groups
+def test_age_to_adience_group():
+    groups = {age: ADIENCE_AGE_GROUPS[age_to_group(age)] for age in (0, 2, 2.5, 3.5, 5, 7.5, 14.5, 22, 24)}
+    assert groups == {
+        0: "0-2",
+        2: "0-2",
+        2.5: "0-2",
+        3.5: "4-6",
+        5: "4-6",
+        7.5: "8-13",
+        14.5: "15-20",
+        22: "15-20",
+        24: "25-32",
+    }
+    assert [ADIENCE_AGE_GROUPS[age_to_group(a)] for a in (35, 36, 45, 58, 60, 95)] == [
+        "25-32",
+        "38-43",
+        "38-43",
+        "60+",
+        "60+",
+        "60+",
+    ]
+    assert age_to_group(float("nan")) == -1
+    assert (
+        label_to_group("25-32") == 4 and label_to_group("(38, 43)") == 5 and label_to_group("(60, 100)") == 7
+    )
+    assert label_to_group("(27, 32)") == 4 and label_to_group("(8, 23)") == 3 and label_to_group("45") == 5
+    assert label_to_group("cat") == -1 and label_to_group(None) == -1 and label_to_group("") == -1
+
+
+def test_levi_hassner_groups_prefer_labels(data):
+    _, targets = _collect(make_dataset(data["manifest"], split="val", model="levi_hassner", batch_size=3))
+    groups = [ADIENCE_AGE_GROUPS[i] for i in targets["age_group"].argmax(axis=1)]
+    # ages 3, 18, 27, 41, 55, 70 with labels "15-20" on the 2nd and "(38, 43)" on the 4th row
+    assert groups == ["0-2", "15-20", "25-32", "38-43", "48-53", "60+"]
+    assert (targets["age_group"].sum(axis=1) == 1).all()
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def test_bench_data_smoke(data):
+    from c3ae.bench import bench_data, format_bench_table
+
+    result = bench_data(data["manifest"], batch_size=4, batches=3, warmup=1)
+    assert result["images_per_s_median"] > 0 and result["images_per_s_overall"] > 0
+    table = format_bench_table([result])
+    assert table.startswith("|") and "images_per_s_median" in table
