@@ -20,7 +20,6 @@ class UserError(Exception):
 
 def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -111,6 +110,40 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    import json
+    from pathlib import Path
+
+    from c3ae.bench import bench_data, bench_train_step, format_bench_table
+
+    manifest = Path(args.data)
+    if not (manifest.is_file() or (manifest / "manifest.json").is_file()):
+        raise UserError(
+            f"--data {manifest} is not a manifest.json (or a folder holding one) from 'c3ae preprocess'."
+        )
+    try:
+        rows = [
+            bench_data(
+                manifest, model=args.model, batch_size=args.batch_size, batches=args.batches, augment=True
+            ),
+            bench_data(
+                manifest, model=args.model, batch_size=args.batch_size, batches=args.batches, augment=False
+            ),
+        ]
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(str(error)) from error
+    rows.append(bench_train_step(args.train_model, batch_size=args.batch_size, steps=args.steps))
+    print(format_bench_table(rows))
+    ratio = rows[0]["images_per_s_median"] / rows[2]["images_per_s_median"]
+    print(f"\ninput pipeline with augmentation / {args.train_model} training step: {ratio:.1f}x")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"rows": rows, "pipeline_over_training": ratio}, indent=2) + "\n"
+        )
+    return 0
+
+
 def _parse_fractions(text: str) -> tuple[float, float, float]:
     try:
         fractions = tuple(float(part) for part in text.split(","))
@@ -172,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
         "of face crops (UTKFace, AFAD, All-Age-Faces, MegaAge); 'none' rejects the photo",
     )
     prep.set_defaults(func=cmd_preprocess)
+
+    bench = commands.add_parser("bench", help="measure speed on this machine (medians)")
+    bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    data = bench_commands.add_parser(
+        "data", help="images/s of the tf.data pipeline (with and without augmentation) vs a training step"
+    )
+    data.add_argument("--data", required=True, help="manifest.json written by 'c3ae preprocess'")
+    data.add_argument("--model", default="c3ae", help="family whose inputs the pipeline makes (default c3ae)")
+    data.add_argument("--train-model", default="c3ae-se-gender", help="variant whose training step is timed")
+    data.add_argument("--batch-size", type=_positive_int, default=64)
+    data.add_argument("--batches", type=_positive_int, default=30, help="timed pipeline batches")
+    data.add_argument("--steps", type=_positive_int, default=20, help="timed training steps")
+    data.add_argument("--json", help="also write the results to this JSON file")
+    data.set_defaults(func=cmd_bench_data)
     return parser
 
 
