@@ -20,3 +20,11 @@ def legacy_weights() -> Path:
             f"needs the original weight files in {LEGACY_WEIGHTS} (../shared is not beside this checkout)"
         )
     return LEGACY_WEIGHTS
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, so randomly initialised models are reproducible."""
+    import keras
+
+    keras.utils.set_random_seed(0)
