@@ -33,7 +33,7 @@ setup(
         "c3ae.preprocessing": "preprocessing",
         "c3ae.export": "export",
     },
-    package_data={"c3ae": ["weights/*"]},
+    package_data={"c3ae": ["weights/*", "configs/*.yaml"]},
     install_requires=read_requirements(),
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "ruff"],

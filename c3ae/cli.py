@@ -144,6 +144,28 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from pathlib import Path
+
+    from c3ae.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        raise UserError(str(error)) from error
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    from c3ae.train import TrainingError, train
+
+    try:
+        summary = train(config, out)
+    except (ConfigError, TrainingError, FileNotFoundError) as error:
+        raise UserError(str(error)) from error
+    best = summary["best"]
+    print(f"best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}; model: {out / 'best.keras'}")
+    return 0
+
+
 def _parse_fractions(text: str) -> tuple[float, float, float]:
     try:
         fractions = tuple(float(part) for part in text.split(","))
@@ -205,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
         "of face crops (UTKFace, AFAD, All-Age-Faces, MegaAge); 'none' rejects the photo",
     )
     prep.set_defaults(func=cmd_preprocess)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model family on a preprocessed dataset (rerun on the same --out to resume)",
+        description="Train from a YAML config; every field can be overridden as key=value "
+        "(model.name=ssrnet train.lr=0.001 model.options.se=true).",
+    )
+    train.add_argument(
+        "config", help="YAML config, or a bundled one: c3ae, ssrnet, ssrnet-gender, dldl, levi_hassner"
+    )
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    train.add_argument("--out", help="run folder (default runs/<config name>); rerun on it to resume")
+    train.set_defaults(func=cmd_train)
 
     bench = commands.add_parser("bench", help="measure speed on this machine (medians)")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)

@@ -438,3 +438,27 @@ class DLDLLoss(keras.losses.Loss):
             "step": self.step,
             "eps": self.eps,
         }
+
+
+@register
+class MaskedMeanAbsoluteError(keras.losses.Loss):
+    """Mean absolute error over samples whose label is known (not -1): SSR-Net's gender loss (V = 1).
+
+    The mean is over known labels only; a batch with none gives 0.
+    """
+
+    def __init__(
+        self,
+        name: str = "masked_mean_absolute_error",
+        reduction: str | None = "sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def call(self, y_true, y_pred):
+        y_pred = ops.reshape(_as_float_tensor(y_pred), (-1,))
+        y_true = ops.reshape(ops.cast(ops.convert_to_tensor(y_true), y_pred.dtype), (-1,))
+        known = ops.cast(ops.not_equal(y_true, float(UNKNOWN_GENDER)), y_pred.dtype)
+        values = ops.abs(y_true - y_pred) * known
+        count = ops.cast(ops.shape(values)[0], values.dtype)
+        return values * count / ops.maximum(ops.sum(known), 1.0)

@@ -1,0 +1,39 @@
+"""Keras training metrics (the NumPy evaluation metrics live in ``c3ae.metrics``)."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from c3ae.conventions import UNKNOWN_GENDER
+from c3ae.layers import register
+
+
+@register
+class MaskedBinaryAccuracy(keras.metrics.Metric):
+    """Gender accuracy (``p >= threshold`` is male) over samples whose label is known (not -1)."""
+
+    def __init__(self, threshold: float = 0.5, name: str = "masked_binary_accuracy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.threshold = float(threshold)
+        self.correct = self.add_variable(shape=(), initializer="zeros", name="correct")
+        self.known = self.add_variable(shape=(), initializer="zeros", name="known")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = ops.reshape(ops.cast(y_true, "float32"), (-1,))
+        y_pred = ops.reshape(ops.cast(y_pred, "float32"), (-1,))
+        known = ops.cast(ops.not_equal(y_true, float(UNKNOWN_GENDER)), "float32")
+        predicted = ops.cast(y_pred >= self.threshold, "float32")
+        hits = ops.cast(ops.equal(predicted, y_true), "float32") * known
+        self.correct.assign_add(ops.sum(hits))
+        self.known.assign_add(ops.sum(known))
+
+    def result(self):
+        return self.correct / ops.maximum(self.known, 1.0)
+
+    def reset_state(self):
+        self.correct.assign(0.0)
+        self.known.assign(0.0)
+
+    def get_config(self):
+        return {**super().get_config(), "threshold": self.threshold}

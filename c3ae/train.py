@@ -1,0 +1,317 @@
+"""``c3ae train``: fit a model family on a preprocessed dataset, resumably.
+
+Outputs in the run folder: ``config.yaml`` (the resolved config), ``best.keras`` (best validation age MAE,
+or loss for models without an age output; written atomically), ``last.keras``, ``log.csv``, ``tensorboard/``,
+``backup/`` (BackupAndRestore: rerunning on the same folder resumes a killed run at its last finished epoch),
+``curves.png`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from c3ae.config import Config, ConfigError, dump_config
+
+AGE_OUTPUTS = ("age",)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start (no data, unusable labels) or produced nothing usable."""
+
+
+# ---------------------------------------------------------------------------------------------- model, losses
+def build_model(config: Config) -> keras.Model:
+    from c3ae import models
+
+    builders = {
+        "c3ae": models.build_c3ae,
+        "ssrnet": models.build_ssrnet,
+        "dldl": models.build_dldl,
+        "levi_hassner": models.build_levi_hassner,
+    }
+    options = dict(config.model.options)
+    if config.data.input_size and "input_size" not in options:
+        options["input_size"] = config.data.input_size
+    try:
+        return builders[config.model.name](**options)
+    except TypeError as error:
+        raise ConfigError(f"model.options: {error}.") from error
+
+
+def losses_for(model: keras.Model, config: Config, train_ages: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Per-output losses and weights for a family (see ``c3ae.losses``)."""
+    from c3ae import losses
+
+    family, weights_config = config.model.name, config.loss
+    loss, weights = {}, {}
+    for name in model.output_names:
+        if name == "age":
+            loss[name], weights[name] = "mean_absolute_error", weights_config.age
+        elif name == "age_bins" and family == "c3ae":
+            if weights_config.bins_loss == "focal":
+                bin_weights = losses.age_bin_weights(train_ages) if train_ages is not None else None
+                loss[name] = losses.C3AEFocalLoss(bin_weights=bin_weights)
+            else:
+                loss[name] = losses.KLDivergenceLoss()
+            weights[name] = weights_config.age_bins
+        elif name == "age_bins":  # DLDL: the target is the age, the loss builds the Gaussian
+            num_bins = int(model.get_layer("age_bins").units)
+            loss[name] = losses.DLDLLoss(num_bins=num_bins, sigma=weights_config.dldl_sigma)
+            weights[name] = weights_config.age_bins
+        elif name == "gender" and family == "ssrnet":
+            loss[name] = losses.MaskedMeanAbsoluteError()  # the original trains its V = 1 output with MAE
+            weights[name] = weights_config.gender
+        elif name == "gender":
+            loss[name] = losses.MaskedBinaryCrossentropy(label_smoothing=weights_config.label_smoothing)
+            weights[name] = weights_config.gender
+        elif name == "age_group":
+            loss[name], weights[name] = "categorical_crossentropy", weights_config.age_group
+        else:
+            raise ConfigError(f"No loss is defined for output {name!r} of family {family!r}.")
+    return loss, weights
+
+
+def metrics_for(model: keras.Model) -> dict:
+    from c3ae.keras_metrics import MaskedBinaryAccuracy
+
+    metrics = {}
+    for name in model.output_names:
+        if name == "age":
+            metrics[name] = [keras.metrics.MeanAbsoluteError(name="mae")]
+        elif name == "gender":
+            metrics[name] = [MaskedBinaryAccuracy(name="acc")]
+        elif name == "age_group":
+            metrics[name] = [keras.metrics.CategoricalAccuracy(name="acc")]
+    return metrics
+
+
+def monitored_metric(model: keras.Model) -> tuple[str, str]:
+    """(metric, mode) that picks the best checkpoint: validation age MAE, else gender accuracy, else loss."""
+    names = model.output_names
+    single = len(names) == 1
+    if "age" in names:
+        return ("val_mae" if single else "val_age_mae"), "min"
+    if "gender" in names:
+        return ("val_acc" if single else "val_gender_acc"), "max"
+    if "age_group" in names:
+        return ("val_acc" if single else "val_age_group_acc"), "max"
+    return "val_loss", "min"
+
+
+def learning_rate_schedule(config: Config):
+    """Epoch -> learning rate: cosine from lr to lr * min_lr_ratio, or steps, after an optional warm-up."""
+    train = config.train
+
+    def schedule(epoch: int, _lr: float | None = None) -> float:
+        if epoch < train.warmup_epochs:
+            return train.lr * (epoch + 1) / train.warmup_epochs
+        if train.schedule == "constant":
+            return train.lr
+        if train.schedule == "step":
+            return train.lr * train.step_factor ** sum(epoch >= e for e in train.step_epochs)
+        span = max(train.epochs - train.warmup_epochs - 1, 1)
+        progress = min((epoch - train.warmup_epochs) / span, 1.0)
+        low = train.lr * train.min_lr_ratio
+        return low + 0.5 * (train.lr - low) * (1 + math.cos(math.pi * progress))
+
+    return schedule
+
+
+# ------------------------------------------------------------------------------------------------ callbacks
+class AtomicBestCheckpoint(keras.callbacks.Callback):
+    """Save the model when the monitored metric improves: to a temporary name, then rename, so a full disk
+    or a kill mid-save leaves the previous best file valid. Also keeps ``last.keras`` the same way."""
+
+    def __init__(self, folder: Path, monitor: str, mode: str):
+        super().__init__()
+        self.folder, self.monitor, self.mode = Path(folder), monitor, mode
+        self.best = math.inf if mode == "min" else -math.inf
+        state = self.folder / "best.json"
+        if state.is_file():  # resumed run: keep comparing against the earlier best
+            self.best = json.loads(state.read_text()).get("value", self.best)
+
+    def _save(self, name: str) -> None:
+        target = self.folder / name
+        temporary = self.folder / f".{name}.tmp-{os.getpid()}.keras"
+        try:
+            self.model.save(temporary)
+            os.replace(temporary, target)
+        finally:
+            if temporary.exists():
+                temporary.unlink()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        value = logs.get(self.monitor)
+        self._save("last.keras")
+        if value is None or not math.isfinite(value):
+            return
+        better = value < self.best if self.mode == "min" else value > self.best
+        if better:
+            self.best = float(value)
+            self._save("best.keras")
+            record = {"epoch": epoch + 1, "metric": self.monitor, "value": self.best}
+            (self.folder / "best.json").write_text(json.dumps(record) + "\n")
+
+
+def _callbacks(config: Config, out: Path, monitor: str, mode: str) -> list:
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(out / "backup"), save_freq="epoch", delete_checkpoint=False),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.LearningRateScheduler(learning_rate_schedule(config)),
+        AtomicBestCheckpoint(out, monitor, mode),
+        keras.callbacks.CSVLogger(str(out / "log.csv"), append=True),
+        keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False, profile_batch=0),
+    ]
+    if config.train.early_stopping > 0:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=config.train.early_stopping)
+        )
+    return callbacks
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def _training_ages(manifest: dict) -> np.ndarray:
+    from c3ae.preprocessing.shards import read_shard
+
+    ages = [
+        read_shard(s["path"], ["age"]).column("age").to_numpy()
+        for s in manifest["shards"]
+        if s["split"] == "train"
+    ]
+    return np.concatenate(ages) if ages else np.zeros(0)
+
+
+def _strategy(config: Config):
+    import tensorflow as tf
+
+    if config.train.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def train(config: Config, out: str | Path) -> dict:
+    """Train ``config`` into the folder ``out`` (resuming if it holds a killed run); returns the summary."""
+    from c3ae.data import make_dataset, read_manifest, split_size
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not config.data.manifest:
+        raise ConfigError("data.manifest is empty; set it to a manifest.json from 'c3ae preprocess'.")
+    manifest = read_manifest(config.data.manifest)
+    if split_size(manifest, "train") == 0:
+        raise TrainingError(f"Manifest {config.data.manifest} has no training rows.")
+    has_val = split_size(manifest, "val") > 0
+    dump_config(config, out / "config.yaml")
+    keras.utils.set_random_seed(config.train.seed)
+
+    ages = _training_ages(manifest)
+    known = ages[np.isfinite(ages)]
+    out_of_range = int(((known < 0) | (known > 120)).sum())
+    if out_of_range:
+        raise TrainingError(f"{out_of_range} training ages lie outside [0, 120] years; fix the labels.")
+
+    with _strategy(config).scope():
+        model = build_model(config)
+        loss, weights = losses_for(model, config, known)
+        model.compile(
+            optimizer=keras.optimizers.Adam(config.train.lr),
+            loss=loss,
+            loss_weights=weights,
+            metrics=metrics_for(model),
+        )
+    monitor, mode = monitored_metric(model)
+    if not has_val:
+        monitor = monitor.removeprefix("val_")
+    family_inputs = config.model.name
+    common = {
+        "model": family_inputs,
+        "batch_size": config.data.batch_size,
+        "outputs": list(model.output_names),
+        "input_size": config.data.input_size,
+        "seed": config.train.seed,
+        "cache": config.data.cache,
+    }
+    train_data = make_dataset(manifest, split="train", augment=config.data.augment, **common)
+    val_data = make_dataset(manifest, split="val", augment=False, **common) if has_val else None
+    if config.train.steps_per_epoch:
+        train_data = train_data.repeat()
+
+    started = time.monotonic()
+    history = model.fit(
+        _unwrap_single_input(train_data, model),
+        validation_data=_unwrap_single_input(val_data, model) if val_data is not None else None,
+        epochs=config.train.epochs,
+        steps_per_epoch=config.train.steps_per_epoch,
+        callbacks=_callbacks(config, out, monitor, mode),
+        verbose=config.train.verbose,
+    )
+    elapsed = time.monotonic() - started
+    if not (out / "best.keras").is_file():
+        raise TrainingError(f"No finite {monitor} was reached; nothing was saved (see {out / 'log.csv'}).")
+    plot_curves(out / "log.csv", out / "curves.png")
+    best = json.loads((out / "best.json").read_text())
+    summary = {
+        "family": config.model.name,
+        "parameters": int(model.count_params()),
+        "epochs_run": len(history.history.get("loss", [])),
+        "best": best,
+        "train_seconds_this_run": round(elapsed, 1),
+        "final": {k: float(v[-1]) for k, v in history.history.items() if v},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _unwrap_single_input(dataset, model: keras.Model):
+    """Single-input models take the bare tensor; C3AE's triple-box model takes the dict."""
+    if dataset is None or isinstance(model.input, dict):
+        return dataset
+    name = model.inputs[0].name
+    return dataset.map(lambda inputs, targets: (inputs[name], targets))
+
+
+def plot_curves(log_csv: Path, png: Path) -> None:
+    """Loss, age MAE and gender accuracy per epoch (train and validation) from the CSV log."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    panels = [
+        ("loss", ["loss"]),
+        ("age MAE (years)", ["age_mae", "mae"]),
+        ("gender accuracy", ["gender_acc"]),
+    ]
+    panels = [(title, [k for k in keys if k in rows[0]]) for title, keys in panels]
+    panels = [(title, keys) for title, keys in panels if keys]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for axis, (title, keys) in zip(axes[0], panels, strict=True):
+        key = keys[0]
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if prefix + key in rows[0]:
+                values = [float(r[prefix + key]) if r[prefix + key] else math.nan for r in rows]
+                axis.plot(epochs, values, style, label="validation" if prefix else "train")
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    temporary = png.with_name(f".{png.name}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, png)

@@ -1,0 +1,145 @@
+"""c3ae train: every family trains 2 epochs on a tiny real-face set and lowers its loss; runs resume."""
+
+import csv
+import json
+
+import cv2
+import keras
+import numpy as np
+import pytest
+from conftest import REPO
+
+import c3ae.train as train_module
+from c3ae.config import load_config
+from c3ae.faces import read_image
+from c3ae.preprocessing.pipeline import preprocess
+from c3ae.train import TrainingError, learning_rate_schedule, train
+
+FAMILIES = {
+    "c3ae": ["model.name=c3ae", "model.options={se: true, gender: true}"],
+    # SSR-Net as the bundled configs train it: the paper's lr 0.001 and the stable variant (softmax stage
+    # distributions, clamped output); the original's ReLU version diverges on a set this small.
+    "ssrnet": [
+        "model.name=ssrnet",
+        "model.options={p_activation: softmax, clamp_output: true}",
+        "train.lr=0.001",
+    ],
+    "ssrnet-gender": [
+        "model.name=ssrnet",
+        "model.options={V: 1.0, p_activation: softmax, clamp_output: true}",
+        "train.lr=0.001",
+    ],
+    "dldl": ["model.name=dldl", "model.options={gender: true, width: 8}"],
+    "levi_hassner": [
+        "model.name=levi_hassner",
+        "model.options={task: gender, fc_units: [16]}",
+        "data.input_size=64",
+        "train.lr=1e-4",  # no BatchNormalization: Adam above 1e-4 diverges
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory):
+    """24 real-face photos (variants of the two public-domain assets) through the real preprocess command."""
+    root = tmp_path_factory.mktemp("photos")
+    rows = ["photo,age,gender"]
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        image = read_image(REPO / "assets" / ("obama.jpg" if i % 2 else "astronaut.jpg"))
+        image = cv2.resize(image, None, fx=240 / max(image.shape[:2]), fy=240 / max(image.shape[:2]))
+        if i % 4 >= 2:
+            image = cv2.flip(image, 1)
+        image = cv2.convertScaleAbs(
+            image, alpha=float(rng.uniform(0.8, 1.2)), beta=float(rng.uniform(-20, 20))
+        )
+        cv2.imwrite(str(root / f"{i:02d}.jpg"), image)
+        rows.append(f"{i:02d}.jpg,{51 + i % 7 if i % 2 else 40 + i % 5},{'m' if i % 2 else 'f'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path_factory.mktemp("prep")
+    preprocess("csv", root, out, progress=False, fractions=(0.75, 0.25, 0.0), reader_options={})
+    return out / "manifest.json"
+
+
+def run(manifest, out, overrides):
+    config = load_config(
+        None,
+        [
+            f"data.manifest={manifest}",
+            "data.batch_size=8",
+            "data.augment=false",
+            "train.epochs=2",
+            "train.lr=0.002",
+            "train.schedule=constant",
+            "train.verbose=0",
+            "train.steps_per_epoch=8",
+            *overrides,
+        ],
+    )
+    return train(config, out)
+
+
+def epoch_losses(out):
+    with open(out / "log.csv") as handle:
+        return [(int(r["epoch"]), float(r["loss"])) for r in csv.DictReader(handle)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_epochs_lower_the_loss_and_save_a_loadable_model(family, tiny_manifest, tmp_path):
+    out = tmp_path / family
+    summary = run(tiny_manifest, out, FAMILIES[family])
+    losses = epoch_losses(out)
+    assert [e for e, _ in losses] == [0, 1]
+    assert losses[1][1] < losses[0][1], losses
+    model = keras.saving.load_model(out / "best.keras", safe_mode=True)
+    assert model.count_params() == summary["parameters"]
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "config.yaml").is_file()
+    resolved = load_config(out / "config.yaml")
+    assert resolved.train.epochs == 2 and resolved.data.batch_size == 8
+
+
+def test_killed_run_resumes_from_its_saved_epoch(tiny_manifest, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    class Kill(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt  # after BackupAndRestore saved epoch 2 of 4
+
+    original = train_module._callbacks
+    monkeypatch.setattr(train_module, "_callbacks", lambda *a: original(*a) + [Kill()])
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_manifest, out, [*FAMILIES["ssrnet"], "train.epochs=4"])
+    assert [e for e, _ in epoch_losses(out)] == [0, 1]
+    monkeypatch.setattr(train_module, "_callbacks", original)
+    summary = run(tiny_manifest, out, [*FAMILIES["ssrnet"], "train.epochs=4"])
+    assert summary["epochs_run"] == 2  # epochs 3 and 4 only
+    assert [e for e, _ in epoch_losses(out)] == [0, 1, 2, 3]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_manifest, tmp_path):
+    out = tmp_path / "nan"
+    run(tiny_manifest, out, [*FAMILIES["ssrnet"], "train.epochs=1"])
+    best = (out / "best.keras").read_bytes()
+    with pytest.raises(TrainingError):  # lr 1e12 blows the weights up: TerminateOnNaN, nothing better saved
+        run(tiny_manifest, tmp_path / "nan2", [*FAMILIES["ssrnet"], "train.lr=1e12", "train.epochs=3"])
+    assert (out / "best.keras").read_bytes() == best
+
+
+def test_manifest_without_training_rows(tmp_path, tiny_manifest):
+    manifest = json.loads(tiny_manifest.read_text())
+    manifest["shards"] = [s for s in manifest["shards"] if s["split"] != "train"]
+    for shard in manifest["shards"]:
+        shard["file"] = str(tiny_manifest.parent / shard["file"])
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(TrainingError, match="no training rows"):
+        run(path, tmp_path / "out", [])
+
+
+def test_learning_rate_schedules():
+    cosine = learning_rate_schedule(load_config(None, ["train.lr=0.002", "train.epochs=11"]))
+    assert cosine(0) == pytest.approx(0.002) and cosine(10) == pytest.approx(0.00002)
+    assert cosine(5) == pytest.approx(0.001 + 0.00001)
+    step = learning_rate_schedule(load_config("ssrnet"))
+    assert [step(e) for e in (0, 29, 30, 60)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
