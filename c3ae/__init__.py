@@ -9,12 +9,34 @@ import importlib
 from c3ae._version import __version__
 from c3ae.conventions import CHANNEL_ORDER, PIXEL_RANGE
 
-__all__ = ["__version__", "CHANNEL_ORDER", "PIXEL_RANGE", "layers", "losses", "metrics", "models", "legacy"]
+__all__ = [
+    "__version__",
+    "CHANNEL_ORDER",
+    "PIXEL_RANGE",
+    "load_model",
+    *sorted(["layers", "losses", "metrics", "models", "legacy"]),
+]
 
-_LAZY_SUBMODULES = {"layers", "losses", "metrics", "models", "legacy", "export", "preprocessing"}
+_LAZY_SUBMODULES = {
+    "bundled",
+    "config",
+    "data",
+    "evaluate",
+    "export",
+    "faces",
+    "layers",
+    "legacy",
+    "losses",
+    "metrics",
+    "models",
+    "preprocessing",
+    "train",
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"c3ae.{name}")
+    if name == "load_model":
+        return importlib.import_module("c3ae.bundled").load_model
     raise AttributeError(f"module 'c3ae' has no attribute {name!r}")

@@ -166,6 +166,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    import json
+    from pathlib import Path
+
+    from c3ae.bundled import ModelNotFoundError, load_model
+    from c3ae.evaluate import evaluate, write_report
+
+    try:
+        model = load_model(args.model)
+    except ModelNotFoundError as error:
+        raise UserError(str(error)) from error
+    try:
+        metrics, predictions = evaluate(model, args.data, args.split, args.batch_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(str(error)) from error
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    if args.report:
+        write_report(metrics, predictions, args.report, title=f"{args.model} on {args.split}")
+    return 0
+
+
 def _parse_fractions(text: str) -> tuple[float, float, float]:
     try:
         fractions = tuple(float(part) for part in text.split(","))
@@ -240,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     train.add_argument("--out", help="run folder (default runs/<config name>); rerun on it to resume")
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="MAE, CA(3), CA(5), gender accuracy and MAE per age band on a split"
+    )
+    evaluate.add_argument("model", help="a .keras file or a bundled model's name")
+    evaluate.add_argument("--data", required=True, help="manifest.json written by 'c3ae preprocess'")
+    evaluate.add_argument("--split", default="test", help="split to evaluate (default test)")
+    evaluate.add_argument("--json", help="write the metrics to this JSON file")
+    evaluate.add_argument("--report", help="write a one-page PNG report here")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=256)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     bench = commands.add_parser("bench", help="measure speed on this machine (medians)")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)

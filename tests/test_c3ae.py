@@ -110,3 +110,16 @@ def test_tflite_builtin_ops_and_numerics(kwargs):
 def test_rejects_impossible_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_c3ae(**kwargs)
+
+
+def test_age_head_starts_as_the_two_point_decoding():
+    from c3ae.losses import two_point_decode, two_point_encode
+
+    model = build_c3ae()
+    ages = np.array([0.0, 7.5, 32.0, 64.0, 110.0], "float32")
+    head = model.get_layer("age")
+    decoded = keras.ops.convert_to_numpy(head(two_point_encode(ages)))[:, 0]
+    np.testing.assert_allclose(decoded, ages, atol=1e-4)
+    np.testing.assert_allclose(
+        decoded, keras.ops.convert_to_numpy(two_point_decode(two_point_encode(ages))), atol=1e-4
+    )

@@ -9,9 +9,10 @@ Outputs: ``age_bins`` (N, 12) the two-point distribution over ages 0, 10, ..., 1
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers
 
-from c3ae.conventions import NUM_AGE_BINS
+from c3ae.conventions import AGE_BIN_WIDTH, NUM_AGE_BINS
 from c3ae.layers import (
     ACTIVATIONS,
     BatchToFeatures,
@@ -123,7 +124,12 @@ def build_c3ae(
         inputs = keras.Input(shape=shape, name="image")
         features = backbone(inputs)
     age_bins = layers.Dense(NUM_AGE_BINS, activation="softmax", name="age_bins")(features)
-    outputs = {"age": layers.Dense(1, name="age")(age_bins), "age_bins": age_bins}
+    # The age layer is a free Dense, as in the reference, but it starts as the exact two-point decoding
+    # (kernel = the bin centres 0, 10, ..., 110): from zeros, Adam at lr 0.002 needs tens of thousands of
+    # steps just to reach weights of that size, and the age output stays near 0 for many epochs.
+    centres = (AGE_BIN_WIDTH * np.arange(NUM_AGE_BINS, dtype="float32")).reshape(NUM_AGE_BINS, 1)
+    age = layers.Dense(1, kernel_initializer=keras.initializers.Constant(centres), name="age")(age_bins)
+    outputs = {"age": age, "age_bins": age_bins}
     if gender:
         outputs["gender"] = layers.Dense(1, activation="sigmoid", name="gender")(features)
     return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,145 @@
+"""``c3ae evaluate``: a model on one split of a preprocessed dataset: MAE, CA(3), CA(5), gender accuracy,
+MAE per age band, and a one-page PNG report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from c3ae.conventions import AGE_BANDS
+from c3ae.metrics import cumulative_accuracy, gender_accuracy, mae, mae_by_band
+
+
+def model_family(model: keras.Model) -> tuple[str, int]:
+    """(data family, crop side) a model's inputs need: ``"c3ae"`` for triple boxes, else the single crop."""
+    names = [t.name for t in model.inputs]
+    side = int(model.inputs[0].shape[1])
+    return ("c3ae" if "outer" in names else "ssrnet"), side
+
+
+def predict_split(model: keras.Model, manifest, split: str = "test", batch_size: int = 256) -> dict:
+    """Predictions and labels over a split: ``age_true``, ``age_pred``, ``gender_true``, ``gender_prob``."""
+    from c3ae.data import make_dataset
+
+    family, side = model_family(model)
+    targets = [name for name in ("age", "gender") if name in model.output_names] or ["age"]
+    if "age" in model.output_names and "gender" not in targets:
+        targets.append("gender")
+    dataset = make_dataset(
+        manifest,
+        split=split,
+        model=family,
+        batch_size=batch_size,
+        augment=False,
+        shuffle=False,
+        outputs=targets,
+        input_size=side,
+    )
+    single = not isinstance(model.input, dict)
+    collected: dict[str, list] = {"age_true": [], "age_pred": [], "gender_true": [], "gender_prob": []}
+    for inputs, labels in dataset:
+        feed = inputs[model.inputs[0].name] if single else inputs
+        outputs = model(feed, training=False)
+        outputs = outputs if isinstance(outputs, dict) else {model.output_names[0]: outputs}
+        if "age" in labels:
+            collected["age_true"].append(np.asarray(labels["age"]).reshape(-1))
+        if "gender" in labels:
+            collected["gender_true"].append(np.asarray(labels["gender"]).reshape(-1))
+        if "age" in outputs:
+            collected["age_pred"].append(keras.ops.convert_to_numpy(outputs["age"]).reshape(-1))
+        if "gender" in outputs:
+            collected["gender_prob"].append(keras.ops.convert_to_numpy(outputs["gender"]).reshape(-1))
+    return {k: np.concatenate(v).astype(np.float64) if v else None for k, v in collected.items()}
+
+
+def metrics_from_predictions(predictions: dict) -> dict:
+    """The evaluation JSON: ``mae``, ``ca3``, ``ca5``, ``gender_accuracy``, ``mae_by_band``, ``count``."""
+    age_true, age_pred = predictions.get("age_true"), predictions.get("age_pred")
+    gender_true, gender_prob = predictions.get("gender_true"), predictions.get("gender_prob")
+    has_age = age_true is not None and age_pred is not None
+    count = len(age_true) if age_true is not None else len(gender_true)
+    return {
+        "mae": mae(age_true, age_pred) if has_age else None,
+        "ca3": cumulative_accuracy(age_true, age_pred, 3) if has_age else None,
+        "ca5": cumulative_accuracy(age_true, age_pred, 5) if has_age else None,
+        "gender_accuracy": gender_accuracy(gender_true, gender_prob) if gender_prob is not None else None,
+        "mae_by_band": mae_by_band(age_true, age_pred) if has_age else None,
+        "count": int(count),
+    }
+
+
+def evaluate(model: keras.Model, manifest, split: str = "test", batch_size: int = 256) -> tuple[dict, dict]:
+    """(metrics, predictions) of ``model`` on ``split``."""
+    predictions = predict_split(model, manifest, split, batch_size)
+    return metrics_from_predictions(predictions), predictions
+
+
+def write_report(metrics: dict, predictions: dict, png: str | Path, title: str = "") -> None:
+    """One page: predicted vs true age, MAE per band, the CA(n) curve, the gender confusion matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(11, 9))
+    age_true, age_pred = predictions.get("age_true"), predictions.get("age_pred")
+    if age_true is not None and age_pred is not None:
+        axis = axes[0, 0]
+        axis.scatter(age_true, age_pred, s=4, alpha=0.35)
+        top = float(max(age_true.max(), age_pred.max(), 1.0))
+        axis.plot([0, top], [0, top], "k--", linewidth=1)
+        axis.set(
+            xlabel="true age (years)", ylabel="predicted age (years)", title=f"MAE {metrics['mae']:.2f} years"
+        )
+        bands = metrics["mae_by_band"]
+        labels = [label for label, *_ in AGE_BANDS]
+        values = [bands[label]["mae"] or 0.0 for label in labels]
+        axes[0, 1].bar(labels, values, color="tab:orange")
+        for i, label in enumerate(labels):
+            axes[0, 1].text(i, values[i], f"n={bands[label]['count']}", ha="center", va="bottom", fontsize=8)
+        axes[0, 1].set(xlabel="true age band (years)", ylabel="MAE (years)", title="MAE per age band")
+        errors = np.abs(age_pred - age_true)
+        ns = np.arange(0, 21)
+        axes[1, 0].plot(ns, [(errors <= n).mean() for n in ns], marker="o", markersize=3)
+        axes[1, 0].set(
+            xlabel="n (years)",
+            ylabel="CA(n) = share with |error| <= n",
+            ylim=(0, 1),
+            title=f"CA(3) {metrics['ca3']:.3f}, CA(5) {metrics['ca5']:.3f}",
+        )
+        axes[1, 0].grid(alpha=0.3)
+    else:
+        for axis in (axes[0, 0], axes[0, 1], axes[1, 0]):
+            axis.text(0.5, 0.5, "no age output", ha="center", va="center")
+    gender_true, gender_prob = predictions.get("gender_true"), predictions.get("gender_prob")
+    axis = axes[1, 1]
+    if gender_true is not None and gender_prob is not None:
+        known = gender_true >= 0
+        predicted = (gender_prob[known] >= 0.5).astype(int)
+        truth = gender_true[known].astype(int)
+        matrix = np.array([[np.sum((truth == t) & (predicted == p)) for p in (0, 1)] for t in (0, 1)])
+        axis.imshow(matrix, cmap="Blues")
+        for t in (0, 1):
+            for p in (0, 1):
+                axis.text(p, t, str(matrix[t, p]), ha="center", va="center")
+        axis.set(
+            xticks=[0, 1],
+            xticklabels=["female", "male"],
+            yticks=[0, 1],
+            yticklabels=["female", "male"],
+            xlabel="predicted",
+            ylabel="true",
+            title=f"gender accuracy {metrics['gender_accuracy']:.3f}",
+        )
+    else:
+        axis.text(0.5, 0.5, "no gender output", ha="center", va="center")
+    figure.suptitle(f"{title}  (n = {metrics['count']})")
+    figure.tight_layout()
+    png = Path(png)
+    temporary = png.with_name(f".{png.name}.tmp.png")
+    figure.savefig(temporary, dpi=90)
+    plt.close(figure)
+    os.replace(temporary, png)
