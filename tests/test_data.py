@@ -94,8 +94,11 @@ def _write_manifest(folder: Path, shards: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
+    return build_tiny_manifest(tmp_path_factory.mktemp("shards"))
+
+
+def build_tiny_manifest(folder: Path) -> dict:
     """train-00000 (6 rows, one without an age), train-00001 (4 rows), val-00000 (6 rows, 2 labelled)."""
-    folder = tmp_path_factory.mktemp("shards")
     image, box = _face_image()
     variants = [(1.0, (0, 0), 0), (0.9, (3, -2), 8), (1.1, (-4, 3), -10), (1.0, (2, 4), 4)]
     faces = [align_face(image, _detection(box, *v), SPEC) for v in variants]

@@ -1,0 +1,97 @@
+"""c3ae evaluate: metrics from hand-made predictions, the CLI on a small trained-from-scratch model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from c3ae.bundled import ModelNotFoundError, available_models, load_model
+from c3ae.evaluate import metrics_from_predictions, write_report
+
+
+def test_metrics_on_hand_made_predictions():
+    predictions = {
+        "age_true": np.array([5.0, 15.0, 30.0, 45.0, 70.0, 80.0]),
+        "age_pred": np.array([7.0, 15.0, 36.0, 41.0, 70.5, 60.0]),  # errors 2, 0, 6, 4, 0.5, 20
+        "gender_true": np.array([1, 0, -1, 1, 0, 1]),
+        "gender_prob": np.array(
+            [0.9, 0.2, 0.7, 0.4, 0.6, 0.5]
+        ),  # right, right, (unknown), wrong, wrong, right
+    }
+    metrics = metrics_from_predictions(predictions)
+    assert metrics["mae"] == pytest.approx((2 + 0 + 6 + 4 + 0.5 + 20) / 6)
+    assert metrics["ca3"] == pytest.approx(3 / 6) and metrics["ca5"] == pytest.approx(4 / 6)
+    assert metrics["gender_accuracy"] == pytest.approx(3 / 5)
+    assert metrics["count"] == 6
+    bands = metrics["mae_by_band"]
+    assert bands["0-12"] == {"mae": 2.0, "count": 1} and bands["13-19"] == {"mae": 0.0, "count": 1}
+    assert bands["20-39"] == {"mae": 6.0, "count": 1} and bands["40-59"] == {"mae": 4.0, "count": 1}
+    assert bands["60+"]["mae"] == pytest.approx(10.25) and bands["60+"]["count"] == 2
+    assert set(metrics) == {"mae", "ca3", "ca5", "gender_accuracy", "mae_by_band", "count"}
+    json.dumps(metrics)
+
+
+def test_report_png(tmp_path):
+    rng = np.random.default_rng(0)
+    true = rng.uniform(1, 90, 200)
+    predictions = {
+        "age_true": true,
+        "age_pred": true + rng.normal(0, 5, 200),
+        "gender_true": rng.integers(0, 2, 200).astype(float),
+        "gender_prob": rng.uniform(0, 1, 200),
+    }
+    path = tmp_path / "report.png"
+    write_report(metrics_from_predictions(predictions), predictions, path, title="test")
+    assert path.stat().st_size > 20_000
+
+
+def test_unknown_bundled_model_is_a_clear_error():
+    with pytest.raises(ModelNotFoundError, match="neither a .keras file nor a bundled model"):
+        load_model("no-such-model")
+    assert isinstance(available_models(), list)
+
+
+def test_not_a_keras_file(tmp_path):
+    path = tmp_path / "broken.keras"
+    path.write_bytes(b"zip? no")
+    with pytest.raises(ModelNotFoundError, match="not a loadable Keras model"):
+        load_model(path)
+
+
+def test_cli_evaluates_a_saved_model(tmp_path):
+    from test_data import build_tiny_manifest
+
+    from c3ae.models import build_c3ae
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    manifest = build_tiny_manifest(folder)["manifest"]
+
+    model_path = tmp_path / "model.keras"
+    build_c3ae(gender=True).save(model_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "c3ae.cli",
+            "evaluate",
+            str(model_path),
+            "--data",
+            str(manifest),
+            "--split",
+            "val",
+            "--json",
+            str(tmp_path / "m.json"),
+            "--report",
+            str(tmp_path / "r.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["count"] == 6 and metrics["gender_accuracy"] is not None
+    assert (tmp_path / "r.png").is_file()
