@@ -305,7 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"c3ae {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"c3ae {args.command}: interrupted.", file=sys.stderr)
+        resumable = (
+            " Finished work is kept; rerun the same command to resume."
+            if args.command in ("preprocess", "train")
+            else ""
+        )
+        print(f"c3ae {args.command}: interrupted.{resumable}", file=sys.stderr)
         return 130
 
 
