@@ -58,7 +58,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     early_stopping: int = 20  # patience in epochs on the monitored metric; 0 disables
     seed: int = 0
-    strategy: str = "default"  # "default" or "mirrored"
+    strategy: str = "default"  # "default", "mirrored" or "multiworker" (one process per worker, TF_CONFIG)
     steps_per_epoch: int | None = None  # None: one pass over the training split
     verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
 
@@ -84,7 +84,10 @@ class Config:
                 self.train.schedule in ("cosine", "step", "constant"),
                 "train.schedule: cosine, step or constant",
             ),
-            (self.train.strategy in ("default", "mirrored"), "train.strategy: default or mirrored"),
+            (
+                self.train.strategy in ("default", "mirrored", "multiworker"),
+                "train.strategy: default, mirrored or multiworker",
+            ),
             (self.loss.bins_loss in ("kl", "focal"), "loss.bins_loss: kl or focal"),
             (0 <= self.loss.label_smoothing < 1, "loss.label_smoothing must be in [0, 1)"),
             (self.loss.dldl_sigma > 0, "loss.dldl_sigma must be > 0"),

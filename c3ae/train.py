@@ -199,6 +199,10 @@ def _strategy(config: Config):
 
 def train(config: Config, out: str | Path) -> dict:
     """Train ``config`` into the folder ``out`` (resuming if it holds a killed run); returns the summary."""
+    if config.train.strategy == "multiworker":  # the strategy must start before any TensorFlow op
+        from c3ae.distributed import train_multiworker
+
+        return train_multiworker(config, out)
     from c3ae.data import make_dataset, read_manifest, split_size
 
     out = Path(out)
