@@ -150,8 +150,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from c3ae.config import ConfigError, load_config
 
+    overrides = list(args.overrides)
+    if args.strategy:
+        overrides.append(f"train.strategy={args.strategy}")
+    if args.precision:
+        overrides.append(f"train.precision={args.precision}")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides)
     except ConfigError as error:
         raise UserError(str(error)) from error
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
@@ -264,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     train.add_argument("--out", help="run folder (default runs/<config name>); rerun on it to resume")
+    train.add_argument(
+        "--strategy",
+        choices=("default", "mirrored", "multiworker"),
+        help="mirrored: all GPUs of this machine; multiworker: one process per machine, cluster in TF_CONFIG",
+    )
+    train.add_argument("--precision", choices=("float32", "mixed_float16"), help="mixed_float16 on GPUs")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(

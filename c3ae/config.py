@@ -59,6 +59,7 @@ class TrainConfig:
     early_stopping: int = 20  # patience in epochs on the monitored metric; 0 disables
     seed: int = 0
     strategy: str = "default"  # "default", "mirrored" or "multiworker" (one process per worker, TF_CONFIG)
+    precision: str = "float32"  # "float32" or "mixed_float16" (for GPUs; output heads stay float32)
     steps_per_epoch: int | None = None  # None: one pass over the training split
     verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
 
@@ -89,6 +90,10 @@ class Config:
                 "train.strategy: default, mirrored or multiworker",
             ),
             (self.loss.bins_loss in ("kl", "focal"), "loss.bins_loss: kl or focal"),
+            (
+                self.train.precision in ("float32", "mixed_float16"),
+                "train.precision: float32 or mixed_float16",
+            ),
             (0 <= self.loss.label_smoothing < 1, "loss.label_smoothing must be in [0, 1)"),
             (self.loss.dldl_sigma > 0, "loss.dldl_sigma must be > 0"),
             (0 < self.train.min_lr_ratio <= 1, "train.min_lr_ratio must be in (0, 1]"),

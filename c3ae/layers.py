@@ -17,6 +17,10 @@ PACKAGE = "c3ae"
 
 ACTIVATIONS = ("relu", "mish6")
 
+# Output heads compute in float32 even under a mixed_float16 policy (softmax and the age regression are
+# the numerically touchy parts); with the default float32 policy this changes nothing.
+OUTPUT_DTYPE = "float32"
+
 
 def register(cls):
     return keras.saving.register_keras_serializable(package=PACKAGE)(cls)

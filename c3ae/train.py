@@ -203,7 +203,7 @@ def train(config: Config, out: str | Path) -> dict:
         from c3ae.distributed import train_multiworker
 
         return train_multiworker(config, out)
-    from c3ae.data import make_dataset, read_manifest, split_size
+    from c3ae.data import read_manifest, split_size
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,6 +221,17 @@ def train(config: Config, out: str | Path) -> dict:
     out_of_range = int(((known < 0) | (known > 120)).sum())
     if out_of_range:
         raise TrainingError(f"{out_of_range} training ages lie outside [0, 120] years; fix the labels.")
+
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.train.precision)
+    try:
+        return _fit(config, out, manifest, has_val, known)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.ndarray) -> dict:
+    from c3ae.data import make_dataset
 
     with _strategy(config).scope():
         model = build_model(config)

@@ -143,3 +143,12 @@ def test_learning_rate_schedules():
     assert cosine(5) == pytest.approx(0.001 + 0.00001)
     step = learning_rate_schedule(load_config("ssrnet"))
     assert [step(e) for e in (0, 29, 30, 60)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
+
+
+def test_mixed_precision_keeps_float32_outputs(tiny_manifest, tmp_path):
+    out = tmp_path / "mixed"
+    run(tiny_manifest, out, [*FAMILIES["c3ae"], "train.epochs=1", "train.precision=mixed_float16"])
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after training
+    model = keras.saving.load_model(out / "best.keras", safe_mode=True)
+    assert model.get_layer("backbone").get_layer("conv2").dtype_policy.name == "mixed_float16"
+    assert {t.dtype for t in model.outputs} == {"float32"}

@@ -15,6 +15,7 @@ from keras import layers
 from c3ae.conventions import AGE_BIN_WIDTH, NUM_AGE_BINS
 from c3ae.layers import (
     ACTIVATIONS,
+    OUTPUT_DTYPE,
     BatchToFeatures,
     CropsToBatch,
     SqueezeExcite,
@@ -123,13 +124,15 @@ def build_c3ae(
     else:
         inputs = keras.Input(shape=shape, name="image")
         features = backbone(inputs)
-    age_bins = layers.Dense(NUM_AGE_BINS, activation="softmax", name="age_bins")(features)
+    age_bins = layers.Dense(NUM_AGE_BINS, activation="softmax", dtype=OUTPUT_DTYPE, name="age_bins")(features)
     # The age layer is a free Dense, as in the reference, but it starts as the exact two-point decoding
     # (kernel = the bin centres 0, 10, ..., 110): from zeros, Adam at lr 0.002 needs tens of thousands of
     # steps just to reach weights of that size, and the age output stays near 0 for many epochs.
     centres = (AGE_BIN_WIDTH * np.arange(NUM_AGE_BINS, dtype="float32")).reshape(NUM_AGE_BINS, 1)
-    age = layers.Dense(1, kernel_initializer=keras.initializers.Constant(centres), name="age")(age_bins)
+    age = layers.Dense(
+        1, kernel_initializer=keras.initializers.Constant(centres), dtype=OUTPUT_DTYPE, name="age"
+    )(age_bins)
     outputs = {"age": age, "age_bins": age_bins}
     if gender:
-        outputs["gender"] = layers.Dense(1, activation="sigmoid", name="gender")(features)
+        outputs["gender"] = layers.Dense(1, activation="sigmoid", dtype=OUTPUT_DTYPE, name="gender")(features)
     return keras.Model(inputs, outputs, name=name)

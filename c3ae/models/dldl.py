@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import keras
 from keras import layers
 
-from c3ae.layers import ExpectedValue, WhiteNorm
+from c3ae.layers import OUTPUT_DTYPE, ExpectedValue, WhiteNorm
 from c3ae.models.c3ae import smallest_input
 
 COMPACT = "compact"
@@ -188,11 +188,11 @@ def build_dldl(
     x = WhiteNorm(center=center, scale=scale, name="white_norm")(image)
     features = features_model(x)
     features = layers.Dropout(dropout, name="dropout")(features)
-    age_bins = layers.Dense(num_bins_int, activation="softmax", name="age_bins")(features)
+    age_bins = layers.Dense(num_bins_int, activation="softmax", dtype=OUTPUT_DTYPE, name="age_bins")(features)
     outputs = {
-        "age": ExpectedValue(num_bins_int, start=0.0, step=1.0, name="age")(age_bins),
+        "age": ExpectedValue(num_bins_int, start=0.0, step=1.0, dtype=OUTPUT_DTYPE, name="age")(age_bins),
         "age_bins": age_bins,
     }
     if gender:
-        outputs["gender"] = layers.Dense(1, activation="sigmoid", name="gender")(features)
+        outputs["gender"] = layers.Dense(1, activation="sigmoid", dtype=OUTPUT_DTYPE, name="gender")(features)
     return keras.Model(image, outputs, name=name)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from c3ae.layers import LocalResponseNormalization
+from c3ae.layers import OUTPUT_DTYPE, LocalResponseNormalization
 from c3ae.models.c3ae import smallest_input
 
 TASKS = ("age_group", "gender")
@@ -120,7 +120,11 @@ def build_levi_hassner(
         x = layers.Dense(int(units), activation="relu", name=f"fc{index}")(x)
         x = layers.Dropout(dropout, name=f"drop{index}")(x)
     if task == "gender":
-        outputs = {"gender": layers.Dense(1, activation="sigmoid", name="gender")(x)}
+        outputs = {"gender": layers.Dense(1, activation="sigmoid", dtype=OUTPUT_DTYPE, name="gender")(x)}
     else:
-        outputs = {"age_group": layers.Dense(int(num_classes), activation="softmax", name="age_group")(x)}
+        outputs = {
+            "age_group": layers.Dense(
+                int(num_classes), activation="softmax", dtype=OUTPUT_DTYPE, name="age_group"
+            )(x)
+        }
     return keras.Model(image, outputs, name=name)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from c3ae.layers import SoftStagewiseRegression
+from c3ae.layers import OUTPUT_DTYPE, SoftStagewiseRegression
 from c3ae.models.c3ae import smallest_input
 
 P_ACTIVATIONS = ("relu", "softmax")
@@ -111,6 +111,6 @@ def build_ssrnet(
         etas.append(layers.Dense(size, activation="tanh", name=f"{tag}_eta")(fused))
 
     output = SoftStagewiseRegression(
-        stage_num, lambda_local, lambda_d, V, clamp=clamp_output, name=output_name
+        stage_num, lambda_local, lambda_d, V, clamp=clamp_output, dtype=OUTPUT_DTYPE, name=output_name
     )(probs + etas + deltas)
     return keras.Model(image, {output_name: output}, name=name)
