@@ -51,3 +51,80 @@ def load_model(name_or_path: str | Path) -> keras.Model:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except (ValueError, OSError, KeyError) as error:
         raise ModelNotFoundError(f"{path} is not a loadable Keras model: {error}") from error
+
+
+LICENSE_NOTES = {
+    "utkface": "Trained on UTKFace, which is provided for non-commercial research purposes only; the "
+    "copyright of its pictures belongs to their owners. This model inherits that restriction.",
+}
+
+
+def _finite_weights(model: keras.Model) -> None:
+    import numpy as np
+
+    for layer in model.layers:
+        for weight in layer.weights:
+            if not np.all(np.isfinite(keras.ops.convert_to_numpy(weight))):
+                raise ValueError(
+                    f"Layer {layer.name!r} holds NaN or Inf in {weight.path}; refusing to publish it."
+                )
+
+
+def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "test") -> dict:
+    """Copy a run's ``best.keras`` into the package as ``name`` with its model card, evaluated on ``split``.
+
+    The card records the data, the split, the face pipeline (preprocessing), the metrics (this split and the
+    run's best validation value), the training time and the license note. Refuses weights with NaN or Inf.
+    """
+    import os
+    import shutil
+
+    import yaml
+
+    from c3ae._version import __version__
+    from c3ae.data import read_manifest
+    from c3ae.evaluate import evaluate
+
+    run_dir = Path(run_dir)
+    model = load_model(run_dir / "best.keras")
+    _finite_weights(model)
+    info = read_manifest(manifest)
+    metrics, _ = evaluate(model, info, split)
+    seconds = None
+    log = run_dir / "log.csv"
+    if log.is_file():
+        import csv
+
+        with open(log) as handle:
+            times = [float(r["epoch_seconds"]) for r in csv.DictReader(handle) if r.get("epoch_seconds")]
+        seconds = round(sum(times), 1) if times else None
+    config = (
+        yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    )
+    best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else {}
+    dataset = info.get("dataset", "")
+    card = {
+        "name": name,
+        "c3ae_version": __version__,
+        "family": (config.get("model") or {}).get("name"),
+        "parameters": int(model.count_params()),
+        "inputs": {t.name: list(t.shape[1:]) for t in model.inputs},
+        "outputs": list(model.output_names),
+        "input_convention": "float32 BGR crops, raw pixels in [0, 255]",
+        "data": {"dataset": dataset, "counts": info.get("counts", {})},
+        "split": {**info.get("split", {}), "evaluated": split},
+        "preprocessing": info.get("face_pipeline", {}),
+        "metrics": {split: metrics, "best_validation": best},
+        "training": {"config": config, "seconds": seconds},
+        "license": LICENSE_NOTES.get(dataset, "See the training data's terms."),
+    }
+    WEIGHTS_DIR.mkdir(exist_ok=True)
+    for suffix, write in (
+        (".keras", lambda path: shutil.copyfile(run_dir / "best.keras", path)),
+        (".json", lambda path: path.write_text(json.dumps(card, indent=2) + "\n")),
+    ):
+        target = WEIGHTS_DIR / f"{name}{suffix}"
+        temporary = target.with_name(f".{target.name}.tmp")
+        write(temporary)
+        os.replace(temporary, target)
+    return card

@@ -196,6 +196,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from pathlib import Path
+
+    from c3ae.bundled import ModelNotFoundError, publish
+
+    if not (Path(args.run) / "best.keras").is_file():
+        raise UserError(
+            f"{args.run} holds no best.keras; give the --out folder of a finished 'c3ae train' run."
+        )
+    try:
+        card = publish(args.run, args.name, args.data, args.split)
+    except (ModelNotFoundError, ValueError, FileNotFoundError) as error:
+        raise UserError(str(error)) from error
+    metrics = card["metrics"][args.split]
+    print(
+        f"published {args.name}: {card['parameters']:,} parameters, {args.split} MAE {metrics['mae']}, "
+        f"gender accuracy {metrics['gender_accuracy']}"
+    )
+    return 0
+
+
 def _parse_fractions(text: str) -> tuple[float, float, float]:
     try:
         fractions = tuple(float(part) for part in text.split(","))
@@ -287,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", help="write a one-page PNG report here")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    publish = commands.add_parser(
+        "publish", help="(maintainers) bundle a run's best model into the package with its model card"
+    )
+    publish.add_argument("run", help="the --out folder of a finished 'c3ae train' run")
+    publish.add_argument("--name", required=True, help="bundled model name, e.g. c3ae-utk")
+    publish.add_argument("--data", required=True, help="manifest.json of the data the model was trained on")
+    publish.add_argument("--split", default="test", help="split the card's metrics come from (default test)")
+    publish.set_defaults(func=cmd_publish)
 
     bench = commands.add_parser("bench", help="measure speed on this machine (medians)")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)

@@ -161,8 +161,21 @@ class AtomicBestCheckpoint(keras.callbacks.Callback):
             (self.folder / "best.json").write_text(json.dumps(record) + "\n")
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Adds ``epoch_seconds`` (wall time of the epoch, validation included) to the logs, so that ``log.csv``
+    and the model card can state the training time."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.monotonic() - self._started
+
+
 def _callbacks(config: Config, out: Path, monitor: str, mode: str) -> list:
     callbacks = [
+        EpochTimer(),
         keras.callbacks.BackupAndRestore(str(out / "backup"), save_freq="epoch", delete_checkpoint=False),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.LearningRateScheduler(learning_rate_schedule(config)),

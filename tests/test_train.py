@@ -152,3 +152,34 @@ def test_mixed_precision_keeps_float32_outputs(tiny_manifest, tmp_path):
     model = keras.saving.load_model(out / "best.keras", safe_mode=True)
     assert model.get_layer("backbone").get_layer("conv2").dtype_policy.name == "mixed_float16"
     assert {t.dtype for t in model.outputs} == {"float32"}
+
+
+def test_publish_bundles_the_best_model_with_its_card(tiny_manifest, tmp_path, monkeypatch):
+    import c3ae.bundled as bundled
+
+    monkeypatch.setattr(bundled, "WEIGHTS_DIR", tmp_path / "weights")
+    out = tmp_path / "run"
+    run(tiny_manifest, out, [*FAMILIES["c3ae"], "train.epochs=1"])
+    card = bundled.publish(out, "tiny-c3ae", tiny_manifest, split="val")
+    assert bundled.available_models() == ["tiny-c3ae"]
+    assert bundled.model_card("tiny-c3ae") == card
+    assert card["family"] == "c3ae" and card["parameters"] == 55_530
+    assert set(card["metrics"]["val"]) == {"mae", "ca3", "ca5", "gender_accuracy", "mae_by_band", "count"}
+    assert card["training"]["seconds"] > 0 and card["preprocessing"]["chip"]["size"] == 160
+    model = bundled.load_model("tiny-c3ae")
+    assert model.count_params() == 55_530
+
+
+def test_publish_refuses_nan_weights(tiny_manifest, tmp_path, monkeypatch):
+    import c3ae.bundled as bundled
+
+    monkeypatch.setattr(bundled, "WEIGHTS_DIR", tmp_path / "weights")
+    out = tmp_path / "run"
+    run(tiny_manifest, out, [*FAMILIES["ssrnet"], "train.epochs=1"])
+    model = keras.saving.load_model(out / "best.keras")
+    kernel = model.get_layer("stage2_feat").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    model.save(out / "best.keras")
+    with pytest.raises(ValueError, match="'stage2_feat' holds NaN or Inf"):
+        bundled.publish(out, "broken", tiny_manifest, split="val")
+    assert bundled.available_models() == []
