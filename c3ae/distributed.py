@@ -327,7 +327,7 @@ class _MultiWorkerRun:
         import tensorflow as tf
 
         from c3ae.data import split_size
-        from c3ae.train import _training_ages
+        from c3ae.train import checked_training_ages
 
         self.config, self.out, self.cluster = config, out, cluster
         self.strategy, self.manifest = strategy, manifest
@@ -339,11 +339,7 @@ class _MultiWorkerRun:
             out.mkdir(parents=True, exist_ok=True)
             dump_config(config, out / "config.yaml")
         keras.utils.set_random_seed(config.train.seed)
-        ages = _training_ages(manifest)
-        known = ages[np.isfinite(ages)]
-        out_of_range = int(((known < 0) | (known > 120)).sum())
-        if out_of_range:
-            raise TrainingError(f"{out_of_range} training ages lie outside [0, 120] years; fix the labels.")
+        known = checked_training_ages(manifest)
 
         self.num_workers = cluster.num_workers
         self.replicas = int(strategy.num_replicas_in_sync)

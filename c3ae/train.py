@@ -202,6 +202,16 @@ def _training_ages(manifest: dict) -> np.ndarray:
     return np.concatenate(ages) if ages else np.zeros(0)
 
 
+def checked_training_ages(manifest: dict) -> np.ndarray:
+    """The training split's known ages; raises when any lies outside [0, 120] years, with the count."""
+    ages = _training_ages(manifest)
+    known = ages[np.isfinite(ages)]
+    out_of_range = int(((known < 0) | (known > 120)).sum())
+    if out_of_range:
+        raise TrainingError(f"{out_of_range} training ages lie outside [0, 120] years; fix the labels.")
+    return known
+
+
 def _strategy(config: Config):
     import tensorflow as tf
 
@@ -229,11 +239,7 @@ def train(config: Config, out: str | Path) -> dict:
     dump_config(config, out / "config.yaml")
     keras.utils.set_random_seed(config.train.seed)
 
-    ages = _training_ages(manifest)
-    known = ages[np.isfinite(ages)]
-    out_of_range = int(((known < 0) | (known > 120)).sum())
-    if out_of_range:
-        raise TrainingError(f"{out_of_range} training ages lie outside [0, 120] years; fix the labels.")
+    known = checked_training_ages(manifest)
 
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(config.train.precision)
