@@ -30,7 +30,8 @@ def model_card(name: str) -> dict:
 
 
 def load_model(name_or_path: str | Path) -> keras.Model:
-    """A bundled model by name (``"c3ae-utk"``) or a ``.keras`` file, loaded with ``safe_mode=True``.
+    """A bundled model by name (``"c3ae-utk"``), a ``.keras`` file (loaded with ``safe_mode=True``), or one of
+    the original authors' SSR-Net / C3AE ``.h5`` files (through ``c3ae.legacy``).
 
     Inputs are float32 BGR crops with raw pixels in [0, 255] (see ``c3ae.conventions``).
     """
@@ -47,10 +48,24 @@ def load_model(name_or_path: str | Path) -> keras.Model:
                 f"{name_or_path!r} is neither a .keras file nor a bundled model (bundled: {names})."
             )
         path = bundled
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        return _load_legacy(path)
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except (ValueError, OSError, KeyError) as error:
         raise ModelNotFoundError(f"{path} is not a loadable Keras model: {error}") from error
+
+
+def _load_legacy(path: Path) -> keras.Model:
+    from c3ae.legacy import LegacyLayoutError, load_c3ae_h5, load_ssrnet_h5
+
+    errors = []
+    for loader in (load_ssrnet_h5, load_c3ae_h5):
+        try:
+            return loader(path)
+        except LegacyLayoutError as error:
+            errors.append(str(error))
+    raise ModelNotFoundError(f"{path} is neither an SSR-Net nor a C3AE legacy file: {errors[-1]}")
 
 
 LICENSE_NOTES = {

@@ -95,3 +95,19 @@ def test_cli_evaluates_a_saved_model(tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["count"] == 6 and metrics["gender_accuracy"] is not None
     assert (tmp_path / "r.png").is_file()
+
+
+def test_load_model_reads_the_original_h5_files(legacy_weights):
+    ssrnet = load_model(legacy_weights / "ssrnet_age_imdb.h5")
+    c3ae = load_model(legacy_weights / "c3ae_se_imdb_v89.h5")
+    assert ssrnet.count_params() == 40_915 and c3ae.count_params() == 53_993
+
+
+def test_load_model_rejects_an_unknown_h5(tmp_path):
+    import h5py
+
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as handle:
+        handle.create_group("dense_1")
+    with pytest.raises(ModelNotFoundError, match="neither an SSR-Net nor a C3AE legacy file"):
+        load_model(path)
