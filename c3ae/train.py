@@ -229,12 +229,12 @@ def train(config: Config, out: str | Path) -> dict:
     from c3ae.data import read_manifest, split_size
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if not config.data.manifest:
         raise ConfigError("data.manifest is empty; set it to a manifest.json from 'c3ae preprocess'.")
     manifest = read_manifest(config.data.manifest)
     if split_size(manifest, "train") == 0:
         raise TrainingError(f"Manifest {config.data.manifest} has no training rows.")
+    out.mkdir(parents=True, exist_ok=True)
     has_val = split_size(manifest, "val") > 0
     dump_config(config, out / "config.yaml")
     keras.utils.set_random_seed(config.train.seed)
