@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from c3ae.faces import CROP_NAMES, crop
+from c3ae.faces import CROP_NAMES, crop, warp
 
 logger = logging.getLogger(__name__)
 
@@ -371,14 +371,7 @@ def augment_crops(
     if angle != 0.0:
         # Box coordinates are pixel edges (see c3ae.faces.crop); cv2 works in pixel centres.
         rotation = cv2.getRotationMatrix2D((cx - 0.5, cy - 0.5), angle, 1.0)
-        chip = cv2.warpAffine(
-            chip,
-            rotation,
-            (side_w, side_h),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=(0, 0, 0),
-        )
+        chip = warp(chip, rotation, (side_w, side_h))
     alpha = rng.uniform(*params.contrast)
     beta = rng.uniform(*params.brightness)
     crops = np.empty((len(boxes), size, size, 3), dtype=np.uint8)

@@ -25,9 +25,8 @@ def predict_split(model: keras.Model, manifest, split: str = "test", batch_size:
     from c3ae.data import make_dataset
 
     family, side = model_family(model)
-    targets = [name for name in ("age", "gender") if name in model.output_names] or ["age"]
-    if "age" in model.output_names and "gender" not in targets:
-        targets.append("gender")
+    # Labels for both tasks, except for a gender-only model: asking for ages would drop rows without one.
+    targets = ["gender"] if model.output_names == ["gender"] else ["age", "gender"]
     dataset = make_dataset(
         manifest,
         split=split,

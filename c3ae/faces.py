@@ -302,6 +302,14 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:, :2].T + matrix[:, 2]
 
 
+def warp(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear affine warp to ``size`` (width, height); pixels from outside the image are black, as the
+    reference's padding. The one warp behind alignment, crops and augmentation."""
+    return cv2.warpAffine(
+        image, matrix, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0)
+    )
+
+
 def jpeg_round_trip(image: np.ndarray, quality: int) -> tuple[np.ndarray, bytes]:
     """Encode to JPEG and decode again, exactly as the shards store chips and the data pipeline reads them
     (``tf.io.decode_jpeg(..., dct_method="INTEGER_ACCURATE")`` decodes to the same bytes as OpenCV)."""
@@ -315,14 +323,7 @@ def jpeg_round_trip(image: np.ndarray, quality: int) -> tuple[np.ndarray, bytes]
 def align_face(image: np.ndarray, detection: Detection, spec: ChipSpec = DEFAULT_CHIP) -> AlignedFace:
     """Warp one detected face of a BGR photo onto the canonical chip and compute its boxes there."""
     matrix = similarity_transform(detection, spec)
-    chip = cv2.warpAffine(
-        image,
-        matrix,
-        (spec.size, spec.size),
-        flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(0, 0, 0),
-    )
+    chip = warp(image, matrix, (spec.size, spec.size))
     chip, chip_jpeg = jpeg_round_trip(chip, spec.jpeg_quality)
     scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
     x1, y1, x2, y2 = detection.box
@@ -396,14 +397,7 @@ def crop(image: np.ndarray, box, size: int = 64) -> np.ndarray:
     sx, sy = size / (x2 - x1), size / (y2 - y1)
     # Pixel centres: output pixel u samples x = x1 + (u + 0.5) / sx - 0.5, as cv2.resize does.
     matrix = np.array([[sx, 0.0, (0.5 - x1) * sx - 0.5], [0.0, sy, (0.5 - y1) * sy - 0.5]])
-    return cv2.warpAffine(
-        image,
-        matrix,
-        (size, size),
-        flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(0, 0, 0),
-    )
+    return warp(image, matrix, (size, size))
 
 
 def model_crops(
