@@ -62,6 +62,7 @@ class TrainConfig:
     precision: str = "float32"  # "float32" or "mixed_float16" (for GPUs; output heads stay float32)
     steps_per_epoch: int | None = None  # None: one pass over the training split
     verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
+    init_from: str | None = None  # start from these weights: a .keras file or a bundled model's name
 
 
 @dataclass

@@ -202,6 +202,37 @@ def _training_ages(manifest: dict) -> np.ndarray:
     return np.concatenate(ages) if ages else np.zeros(0)
 
 
+def init_weights_from(model: keras.Model, source: str) -> tuple[int, int]:
+    """Copy weights from ``source`` (a .keras file or a bundled model's name) into ``model``, by weight path.
+
+    Weights the source lacks, or holds with another shape (a new head, say), keep their fresh
+    initialisation and are listed; a source that shares no weight at all is an error. A resumed run's backup
+    still wins: it is restored afterwards. Returns (copied, total) weight tensor counts.
+    """
+    from c3ae.bundled import load_model
+
+    try:
+        donor = load_model(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"train.init_from: cannot load {source!r}: {error}") from error
+    donor_weights = {weight.path: weight for weight in donor.weights}
+    copied, reshaped = 0, []
+    for weight in model.weights:
+        found = donor_weights.get(weight.path)
+        if found is None:
+            continue
+        if tuple(found.shape) != tuple(weight.shape):
+            reshaped.append(f"{weight.path} {tuple(found.shape)} -> {tuple(weight.shape)}")
+            continue
+        weight.assign(found.numpy())
+        copied += 1
+    if copied == 0:
+        raise ConfigError(f"train.init_from: {source!r} shares no weights with model {model.name!r}.")
+    if reshaped:
+        print(f"init_from: {len(reshaped)} weights have new shapes and start fresh: " + "; ".join(reshaped))
+    return copied, len(model.weights)
+
+
 def checked_training_ages(manifest: dict) -> np.ndarray:
     """The training split's known ages; raises when any lies outside [0, 120] years, with the count."""
     ages = _training_ages(manifest)
@@ -254,6 +285,9 @@ def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.nda
 
     with _strategy(config).scope():
         model = build_model(config)
+        if config.train.init_from:
+            copied, total = init_weights_from(model, config.train.init_from)
+            print(f"init_from {config.train.init_from}: copied {copied} of {total} weight tensors.")
         loss, weights = losses_for(model, config, known)
         model.compile(
             optimizer=keras.optimizers.Adam(config.train.lr),

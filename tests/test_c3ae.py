@@ -19,6 +19,8 @@ from c3ae.models.c3ae import CROP_NAMES
         ({"se": True}, 53_993),
         # + gender Dense(1536 -> 1) = 1,537.
         ({"se": True, "gender": True}, 55_530),
+        # Gender through a hidden layer: Dense(1536 -> 16) 24,592 + Dense(16 -> 1) 17 instead of 1,537.
+        ({"se": True, "gender": True, "gender_hidden": 16}, 78_602),
         # + one trainable GeM p per SE block.
         (
             {"se": True, "se_pooling": "gem", "activation": "mish6", "white_norm": True, "gender": True},

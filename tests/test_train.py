@@ -183,3 +183,37 @@ def test_publish_refuses_nan_weights(tiny_manifest, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="'stage2_feat' holds NaN or Inf"):
         bundled.publish(out, "broken", tiny_manifest, split="val")
     assert bundled.available_models() == []
+
+
+def test_init_from_starts_from_the_given_weights(tiny_manifest, tmp_path):
+    first = tmp_path / "first"
+    run(tiny_manifest, first, [*FAMILIES["ssrnet"], "train.epochs=1"])
+    donor = keras.saving.load_model(first / "best.keras", safe_mode=True)
+    config = load_config(None, [f"data.manifest={tiny_manifest}", *FAMILIES["ssrnet"]])
+    fresh = train_module.build_model(config)
+    copied, total = train_module.init_weights_from(fresh, str(first / "best.keras"))
+    assert copied == total == len(donor.weights)
+    for mine, theirs in zip(fresh.weights, donor.weights, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    # A run with init_from starts from the donor: at a negligible learning rate it ends where the donor was.
+    tuned = tmp_path / "tuned"
+    run(
+        tiny_manifest,
+        tuned,
+        [*FAMILIES["ssrnet"], "train.epochs=1", "train.lr=1e-9", f"train.init_from={first / 'best.keras'}"],
+    )
+    result = keras.saving.load_model(tuned / "best.keras", safe_mode=True)
+    for mine, theirs in zip(result.trainable_weights, donor.trainable_weights, strict=True):
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), atol=1e-6)
+
+
+def test_init_from_refuses_an_unrelated_or_missing_model(tiny_manifest, tmp_path):
+    from c3ae.config import ConfigError
+
+    first = tmp_path / "first"
+    run(tiny_manifest, first, [*FAMILIES["ssrnet"], "train.epochs=1"])
+    config = load_config(None, [f"data.manifest={tiny_manifest}", *FAMILIES["c3ae"]])
+    with pytest.raises(ConfigError, match="shares no weights"):
+        train_module.init_weights_from(train_module.build_model(config), str(first / "best.keras"))
+    with pytest.raises(ConfigError, match="cannot load"):
+        train_module.init_weights_from(train_module.build_model(config), str(tmp_path / "missing.keras"))

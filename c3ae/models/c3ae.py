@@ -79,6 +79,7 @@ def build_c3ae(
     activation: str = "relu",
     white_norm: bool = False,
     gender: bool = False,
+    gender_hidden: int = 0,
     conv1_bias: bool = False,
     input_size: int = 64,
     name: str = "c3ae",
@@ -93,6 +94,9 @@ def build_c3ae(
         activation: ``"relu"`` (the reference) or ``"mish6"``.
         white_norm: normalise inputs inside the graph with (x - 127.5) / 128.
         gender: add a ``gender`` head, Dense(1, sigmoid) on the concatenated features: P(male).
+        gender_hidden: units of a ReLU layer between the features and the gender output (0: the reference's
+            single linear layer). The age features are linear (conv5 has no activation), and one linear
+            layer on them under-fits gender.
         conv1_bias: the paper's Table 1 gives conv1 a bias; the reference Keras code does not.
         input_size: side of each square crop in pixels (64 in the paper).
     """
@@ -134,5 +138,12 @@ def build_c3ae(
     )(age_bins)
     outputs = {"age": age, "age_bins": age_bins}
     if gender:
-        outputs["gender"] = layers.Dense(1, activation="sigmoid", dtype=OUTPUT_DTYPE, name="gender")(features)
+        gender_features = features
+        if gender_hidden:
+            gender_features = layers.Dense(int(gender_hidden), activation="relu", name="gender_hidden")(
+                features
+            )
+        outputs["gender"] = layers.Dense(1, activation="sigmoid", dtype=OUTPUT_DTYPE, name="gender")(
+            gender_features
+        )
     return keras.Model(inputs, outputs, name=name)
