@@ -85,6 +85,44 @@ def _finite_weights(model: keras.Model) -> None:
                 )
 
 
+def _run_seconds(run_dir: Path) -> float | None:
+    import csv
+
+    log = run_dir / "log.csv"
+    if not log.is_file():
+        return None
+    with open(log) as handle:
+        times = [float(r["epoch_seconds"]) for r in csv.DictReader(handle) if r.get("epoch_seconds")]
+    return round(sum(times), 1) if times else None
+
+
+def _training_lineage(run_dir: Path) -> list[dict]:
+    """The run and, through ``train.init_from``, every run it was fine-tuned from: folder, epochs, seconds."""
+    import yaml
+
+    stages, seen = [], set()
+    while run_dir is not None and run_dir.resolve() not in seen:
+        seen.add(run_dir.resolve())
+        config_path = run_dir / "config.yaml"
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+        train = config.get("train") or {}
+        stages.append(
+            {
+                "run": run_dir.name,
+                "model_options": (config.get("model") or {}).get("options"),
+                "epochs": train.get("epochs"),
+                "steps_per_epoch": train.get("steps_per_epoch"),
+                "lr": train.get("lr"),
+                "loss": config.get("loss"),
+                "seconds": _run_seconds(run_dir),
+                "init_from": train.get("init_from"),
+            }
+        )
+        source = train.get("init_from")
+        run_dir = Path(source).parent if source and Path(source).is_file() else None
+    return stages
+
+
 def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "test") -> dict:
     """Copy a run's ``best.keras`` into the package as ``name`` with its model card, evaluated on ``split``.
 
@@ -105,17 +143,10 @@ def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "
     _finite_weights(model)
     info = read_manifest(manifest)
     metrics, _ = evaluate(model, info, split)
-    seconds = None
-    log = run_dir / "log.csv"
-    if log.is_file():
-        import csv
-
-        with open(log) as handle:
-            times = [float(r["epoch_seconds"]) for r in csv.DictReader(handle) if r.get("epoch_seconds")]
-        seconds = round(sum(times), 1) if times else None
     config = (
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     )
+    lineage = _training_lineage(run_dir)
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else {}
     dataset = info.get("dataset", "")
     card = {
@@ -130,7 +161,12 @@ def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "
         "split": {**info.get("split", {}), "evaluated": split},
         "preprocessing": info.get("face_pipeline", {}),
         "metrics": {split: metrics, "best_validation": best},
-        "training": {"config": config, "seconds": seconds},
+        "training": {
+            "config": config,
+            "seconds": lineage[0]["seconds"],
+            "total_seconds": round(sum(stage["seconds"] or 0.0 for stage in lineage), 1),
+            "stages": lineage,
+        },
         "license": LICENSE_NOTES.get(dataset, "See the training data's terms."),
     }
     WEIGHTS_DIR.mkdir(exist_ok=True)

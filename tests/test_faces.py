@@ -158,6 +158,19 @@ def test_mtcnn_finds_the_face_with_plain_python_numbers(mtcnn_faces, obama):
     assert 0.25 * width < (x1 + x2) / 2 < 0.75 * width and 0.1 * height < (y1 + y2) / 2 < 0.6 * height
 
 
+def test_mtcnn_with_a_large_min_face_finds_the_same_face(mtcnn_faces, obama):
+    """mtcnn 1.0 itself finds nothing above min_face_size 20; the detector shrinks the image instead."""
+    from c3ae.faces import MTCNNDetector
+
+    (large,) = MTCNNDetector(min_face=80).detect(obama)
+    reference = mtcnn_faces[0].detection
+    assert min(large.box[2] - large.box[0], large.box[3] - large.box[1]) >= 80
+    np.testing.assert_allclose(large.box, reference.box, atol=0.06 * (reference.box[2] - reference.box[0]))
+    np.testing.assert_allclose(large.landmarks, reference.landmarks, atol=6.0)
+    big = max(obama.shape[:2]) + 1
+    assert MTCNNDetector(min_face=big).detect(obama) == []
+
+
 def test_mtcnn_alignment_puts_the_eyes_on_the_template(mtcnn_faces):
     face = mtcnn_faces[0]
     np.testing.assert_allclose(face.landmarks[:2], ChipSpec().template()[:2], atol=4.0)
