@@ -14,13 +14,17 @@ __all__ = [
     "CHANNEL_ORDER",
     "PIXEL_RANGE",
     "load_model",
+    "AgeGenderEstimator",
+    "Face",
     *sorted(["layers", "losses", "metrics", "models", "legacy"]),
 ]
 
 _LAZY_SUBMODULES = {
+    "annotate",
     "bundled",
     "config",
     "data",
+    "estimator",
     "evaluate",
     "export",
     "faces",
@@ -30,7 +34,10 @@ _LAZY_SUBMODULES = {
     "metrics",
     "models",
     "preprocessing",
+    "runtime",
+    "tracking",
     "train",
+    "video",
 }
 
 
@@ -39,4 +46,6 @@ def __getattr__(name: str):
         return importlib.import_module(f"c3ae.{name}")
     if name == "load_model":
         return importlib.import_module("c3ae.bundled").load_model
+    if name in ("AgeGenderEstimator", "Face"):
+        return getattr(importlib.import_module("c3ae.estimator"), name)
     raise AttributeError(f"module 'c3ae' has no attribute {name!r}")

@@ -191,3 +191,167 @@ def format_bench_table(rows: Sequence[Mapping]) -> str:
     ]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ inference
+def _file_size(model) -> int | None:
+    path = Path(str(model))
+    return path.stat().st_size if isinstance(model, (str, Path)) and path.is_file() else None
+
+
+def _keras_model_for_bench(model):
+    """(keras model or None, label): a bundled name, a .keras file, a registered variant (untrained)."""
+    import keras
+
+    if isinstance(model, keras.Model):
+        return model, model.name
+    path = Path(str(model))
+    if path.suffix.lower() in (".tflite", ".onnx") and path.is_file():
+        return None, path.name
+    from c3ae.bundled import ModelNotFoundError, load_model
+    from c3ae.models import VARIANTS, build_variant
+
+    try:
+        return load_model(model), path.name if path.is_file() else str(model)
+    except ModelNotFoundError:
+        if str(model) in VARIANTS:
+            return build_variant(str(model)), f"{model} (untrained)"
+        raise
+
+
+def _time_backend(backend, batch: int, runs: int, warmup: int, rng) -> dict:
+    import numpy as np
+
+    size = backend.input_size
+    inputs = {n: rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32) for n in backend.input_names}
+    for _ in range(warmup):
+        backend.predict(inputs)
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        backend.predict(inputs)
+        seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    return {"ms_per_face": 1000 * median / batch, "ms_per_batch": 1000 * median}
+
+
+def bench_models(
+    models: Sequence,
+    backends: Sequence[str] = ("keras", "tflite", "onnx"),
+    quants: Sequence[str] = ("none", "fp16", "dynamic", "int8"),
+    batch_sizes: Sequence[int] = (1, 8),
+    threads: Sequence[int] = (1, 2),
+    runs: int = 200,
+    warmup: int = 10,
+    calibration: str | Path | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[dict]:
+    """File size and per-face latency of each model per backend and quantisation (medians of ``runs`` calls).
+
+    ``models``: bundled names, ``.keras`` files, registered variant names (untrained weights; latency and size
+    do not depend on the weights) or ``.tflite`` / ``.onnx`` files (timed as they are). TFLite runs every
+    quantisation in ``quants``; int8 is calibrated on ``calibration`` (a manifest) or the bundled photos.
+    ONNX and Keras run fp32 only. Keras's thread count is TensorFlow's (fixed once TensorFlow starts), so
+    its rows say ``threads: "tf"``. Inputs are float32 crops (latency does not depend on their content).
+    A face is one set of crops (three for C3AE). Returns one dict per (model, backend, quant, threads, batch).
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from c3ae.runtime import BACKENDS, KerasBackend, load_backend
+
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"Need runs >= 1 and warmup >= 0, got {runs} and {warmup}.")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"Unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}.")
+    from c3ae.export.tflite import QUANT_TYPES
+
+    unknown = [q for q in quants if q not in QUANT_TYPES]
+    if unknown:
+        raise ValueError(f"Unknown quantisation {unknown[0]!r}; choose from {', '.join(QUANT_TYPES)}.")
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    for model in models:
+        keras_model, label = _keras_model_for_bench(model)
+        artifacts = []  # (backend, quant, bytes or None, size)
+        if keras_model is None:
+            kind = Path(str(model)).suffix.lower().lstrip(".")
+            artifacts.append((kind, None, Path(str(model)).read_bytes()))
+        else:
+            artifacts += _convert_for_bench(keras_model, backends, quants, calibration)
+        for backend_name, quant, data in artifacts:
+            if backend_name == "keras":
+                size = _file_size(model) or _keras_size(keras_model)
+                backend = KerasBackend(keras_model)
+                configs = [("tf", b) for b in batch_sizes]
+            else:
+                size = len(data)
+                configs = [(t, b) for t in threads for b in batch_sizes]
+            for thread_count, batch in tqdm(
+                configs, desc=f"{label} {backend_name} {quant}", disable=not progress, leave=False
+            ):
+                if backend_name != "keras":
+                    backend = _backend_from_bytes(load_backend, backend_name, data, thread_count)
+                timing = _time_backend(backend, int(batch), int(runs), int(warmup), rng)
+                rows.append(
+                    {
+                        "bench": "inference",
+                        "model": label,
+                        "backend": backend_name,
+                        "quant": quant or backend.metadata.get("quantisation", "unknown"),
+                        "size_kb": round(size / 1024, 1),
+                        "threads": thread_count,
+                        "batch": int(batch),
+                        "ms_per_face": round(timing["ms_per_face"], 4),
+                        "ms_per_batch": round(timing["ms_per_batch"], 4),
+                        "runs": int(runs),
+                    }
+                )
+    return rows
+
+
+def _keras_size(model) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="c3ae-bench-") as folder:
+        path = Path(folder) / "model.keras"
+        model.save(path)
+        return path.stat().st_size
+
+
+def _backend_from_bytes(load_backend, kind: str, data: bytes, threads: int):
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="c3ae-bench-") as folder:
+        path = Path(folder) / f"model.{kind}"
+        path.write_bytes(data)
+        return load_backend(path, kind, threads=int(threads))
+
+
+def _convert_for_bench(model, backends, quants, calibration) -> list[tuple[str, str, bytes | None]]:
+    artifacts: list[tuple[str, str, bytes | None]] = []
+    for backend in backends:
+        if backend == "keras":
+            artifacts.append(("keras", "none", None))
+        elif backend == "onnx":
+            from c3ae.export.onnx import to_onnx
+
+            artifacts.append(("onnx", "none", to_onnx(model)))
+        elif backend == "tflite":
+            from c3ae.export.tflite import to_tflite
+
+            for quant in quants:
+                representative = None
+                if quant == "int8":
+                    from c3ae.export.verify import asset_crops, manifest_crops
+
+                    data = (
+                        manifest_crops(model, calibration, "calibrate")
+                        if calibration
+                        else asset_crops(model, seed=1)
+                    )
+                    representative = [data["inputs"]]
+                artifacts.append(("tflite", quant, to_tflite(model, quant, representative)))
+    return artifacts

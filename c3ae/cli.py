@@ -218,6 +218,248 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_estimator(args: argparse.Namespace, **options):
+    """The estimator of ``predict`` and ``video``; a model or backend that cannot load is a UserError."""
+    _quiet_tensorflow()
+    from c3ae.estimator import AgeGenderEstimator
+
+    try:
+        return AgeGenderEstimator(
+            args.model, backend=args.backend, detector=args.detector, min_face=args.min_face, **options
+        )
+    except (ValueError, FileNotFoundError) as error:  # ModelNotFoundError, BackendError are ValueErrors
+        raise UserError(
+            f"{error} (--model takes a bundled model's name or a .keras/.tflite/.onnx file)"
+        ) from error
+
+
+def _write_atomic(path: str, text: str) -> None:
+    from pathlib import Path
+
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.partial")
+    temporary.write_text(text)
+    os.replace(temporary, target)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import io
+    import json
+    import time
+    from collections import Counter
+    from pathlib import Path
+
+    from c3ae.estimator import CSV_COLUMNS, collect_images, csv_rows, predict_files
+
+    for option, value in (("--json", args.json), ("--csv", args.csv)):
+        if value and value != "-" and not Path(value).parent.is_dir():
+            raise UserError(f"{option} {value}: the folder {Path(value).parent} does not exist.")
+    if args.csv == "-" and args.json == "-":
+        raise UserError("--json - and --csv - cannot both write to stdout; give one of them a file name.")
+    if args.output_dir:
+        try:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--output-dir {args.output_dir} is not a folder we can write to.") from error
+    try:
+        files = collect_images(args.paths, exclude=args.output_dir)
+    except FileNotFoundError as error:
+        raise UserError(f"{error} Give image files or folders of images.") from error
+    if not files:
+        raise UserError(
+            f"No images found in {', '.join(args.paths)} (looked for .jpg, .png, .bmp, .webp, ...)."
+        )
+    estimator = _make_estimator(args)
+    skipped: Counter = Counter()
+    results = []
+    stdout_free = "-" not in (args.json, args.csv)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=len(files) < 2 or None, leave=False)
+
+    def on_skip(path, reason, message):
+        skipped[reason] += 1
+        tqdm.write(f"skipped {message}", file=sys.stderr)
+        bar.update(1)
+
+    start = time.perf_counter()
+    try:
+        for result in predict_files(estimator, files, args.output_dir, on_skip=on_skip):
+            results.append(result)
+            bar.update(1)
+            if stdout_free:
+                labels = ", ".join(face.label for face in result["faces"]) or "no face"
+                tqdm.write(f"{result['path']}: {labels}", file=sys.stdout)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    records = [{"path": r["path"], "faces": [face.to_dict() for face in r["faces"]]} for r in results]
+    text = "[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]\n" if records else "[]\n"
+    if args.json == "-":
+        sys.stdout.write(text)
+    elif args.json:
+        _write_atomic(args.json, text)
+    if args.csv:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows(results))
+        if args.csv == "-":
+            sys.stdout.write(buffer.getvalue())
+        else:
+            _write_atomic(args.csv, buffer.getvalue())
+    faces = sum(len(r["faces"]) for r in results)
+    reasons = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in sorted(skipped.items()))
+    print(
+        f"{len(results)} image(s), {faces} face(s) in {seconds:.2f} s"
+        + (f"; skipped {sum(skipped.values())}: {reasons}" if skipped else ""),
+        file=sys.stderr,
+    )
+    return 0 if results or not skipped else 1
+
+
+def cmd_video(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from c3ae.video import FOURCC, VideoError, format_stages, open_capture, process_video
+
+    if (args.input is None) == (args.camera is None):
+        raise UserError("Give either a video file (INPUT) or --camera N, not both and not neither.")
+    source = args.camera if args.camera is not None else args.input
+    if args.output and Path(args.output).suffix.lower() not in FOURCC:
+        raise UserError(f"--output {args.output}: use a file name ending in {', '.join(FOURCC)}.")
+    try:
+        open_capture(source).release()  # fail before loading the model
+    except VideoError as error:
+        raise UserError(str(error)) from error
+    estimator = _make_estimator(args, pad_retry=0.0)
+    try:
+        summary = process_video(
+            source,
+            estimator,
+            output=args.output,
+            jsonl=args.jsonl,
+            detect_every=args.detect_every,
+            smooth=args.smooth,
+            show=args.show,
+            progress=True,
+            max_frames=args.max_frames,
+        )
+    except VideoError as error:
+        raise UserError(str(error)) from error
+    notes = []
+    if summary["broken_frames"]:
+        notes.append(f"{summary['broken_frames']} broken frame(s) skipped")
+    if summary["missing_frames"]:
+        notes.append(f"the stream ended {summary['missing_frames']} frame(s) early (truncated?)")
+    if summary["interrupted"]:
+        notes.append("interrupted; the output is complete up to there")
+    print(
+        f"{summary['frames']} frames at {summary['fps'] or 0:.1f} fps, {summary['faces']} face track(s)"
+        + (f"; {'; '.join(notes)}" if notes else "")
+        + (f"; output: {summary['output']}" if summary["output"] else ""),
+        file=sys.stderr,
+    )
+    if args.verbose:
+        print(format_stages(summary), file=sys.stderr)
+    return 130 if summary["interrupted"] else 0
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _estimator_options(parser: argparse.ArgumentParser, min_face: int) -> None:
+    parser.add_argument(
+        "--model", default="c3ae-utk", help="bundled model name or .keras/.tflite/.onnx file (c3ae-utk)"
+    )
+    parser.add_argument("--backend", choices=("auto", "keras", "tflite", "onnx"), default="auto")
+    parser.add_argument("--detector", choices=("mtcnn", "haar"), default="mtcnn")
+    parser.add_argument(
+        "--min-face",
+        type=_positive_int,
+        default=min_face,
+        metavar="PIXELS",
+        help=f"ignore smaller faces; above 20 also speeds MTCNN up ({min_face})",
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    from c3ae.export.verify import ExportError, export_model, report_path
+
+    try:
+        report = export_model(
+            args.model,
+            args.output,
+            args.format,
+            args.quant,
+            calibration=args.calibration,
+            tolerance=args.tolerance,
+            opset=args.opset,
+        )
+    except ExportError as error:
+        raise UserError(str(error)) from error
+    verification = report["verification"]
+    checks = "; ".join(
+        f"{c['check']} {c['value']:.3g} <= {c['limit']:.3g}"
+        for c in verification["checks"]
+        if isinstance(c["value"], float)
+    )
+    print(f"wrote {report['artifact']} ({report['size_bytes'] / 1024:.1f} KB, {args.format} {args.quant})")
+    if "float_ops" in report:
+        left = ", ".join(f"{op} x{n}" for op, n in report["float_ops"].items()) or "none"
+        print(f"ops left in float by int8 quantisation: {left}")
+    if verification["crops"]:
+        print(f"verified on {verification['crops']} crops from {verification['data']}")
+        print(f"  {checks}")
+    else:
+        print(f"verified: {verification['runtime']}")
+    print(f"report: {report_path(args.output)}")
+    return 0
+
+
+def cmd_bench_models(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    import json
+    from pathlib import Path
+
+    from c3ae.bench import bench_models, format_bench_table
+    from c3ae.bundled import ModelNotFoundError, available_models
+    from c3ae.export.checks import ExportError
+
+    models = args.models or available_models() or ["c3ae-se-gender"]
+    try:
+        rows = bench_models(
+            models,
+            backends=_csv(args.backends),
+            quants=_csv(args.quant),
+            batch_sizes=[_positive_int(v) for v in _csv(args.batch)],
+            threads=[_positive_int(v) for v in _csv(args.threads)],
+            runs=args.runs,
+            warmup=args.warmup,
+            calibration=args.calibration,
+        )
+    except (ModelNotFoundError, ExportError, ValueError, argparse.ArgumentTypeError) as error:
+        raise UserError(str(error)) from error
+    print(format_bench_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
 def _parse_fractions(text: str) -> tuple[float, float, float]:
     try:
         fractions = tuple(float(part) for part in text.split(","))
@@ -319,6 +561,87 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--split", default="test", help="split the card's metrics come from (default test)")
     publish.set_defaults(func=cmd_publish)
 
+    predict = commands.add_parser(
+        "predict",
+        help="age and gender of every face in images (files and folders, recursively)",
+        description="Detect every face, align it and estimate age and gender. Prints one line per image; "
+        "--json/--csv write machine-readable results, --output-dir annotated copies (never over the inputs). "
+        "Unreadable files are reported and skipped.",
+    )
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (recursively)")
+    predict.add_argument("--output-dir", help="write annotated copies (box and a label such as '34 F') here")
+    predict.add_argument(
+        "--json", metavar="FILE", help="write a JSON list, one object per image ('-': stdout)"
+    )
+    predict.add_argument("--csv", metavar="FILE", help="write one CSV row per face ('-': stdout)")
+    _estimator_options(predict, min_face=20)
+    predict.set_defaults(func=cmd_predict)
+
+    video = commands.add_parser(
+        "video",
+        help="age and gender on a video file or a webcam, with tracking and smoothing",
+        description="Detect faces every N frames, track them in between (IoU), smooth each track's age and "
+        "gender over time, and write an annotated video (same frame count and fps) and/or JSON lines. "
+        "Ctrl-C stops and finalises the outputs.",
+    )
+    video.add_argument("input", nargs="?", metavar="INPUT", help="video file (or use --camera)")
+    video.add_argument("--camera", type=int, metavar="N", help="read webcam N instead of a file")
+    video.add_argument("--output", metavar="OUT.mp4", help="annotated video (.mp4, .avi, .mov, .mkv)")
+    video.add_argument(
+        "--jsonl", metavar="FILE", help="one JSON object per frame and a last summary line ('-': stdout)"
+    )
+    video.add_argument(
+        "--detect-every",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="run the detector every N frames (5)",
+    )
+    video.add_argument(
+        "--smooth",
+        type=_non_negative_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="time constant of the per-track smoothing of age and gender (1.0; 0 = off)",
+    )
+    video.add_argument("--show", action="store_true", help="show the annotated frames in a window (q stops)")
+    video.add_argument("--verbose", action="store_true", help="print per-stage timings at the end")
+    video.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
+    _estimator_options(video, min_face=40)
+    video.set_defaults(func=cmd_video)
+
+    export = commands.add_parser(
+        "export",
+        help="convert a model to TFLite, ONNX, SavedModel or CoreML, verified against Keras",
+        description="Convert, run the artifact on real face crops, compare with Keras and write "
+        "<output>.report.json. An artifact beyond the tolerance is kept as <output>.failed and the command "
+        "fails. Defaults: fp32 max difference 1e-4 (relative above 1), fp16 0.1 years of age, int8 and "
+        "dynamic an age MAE delta of 0.5 years.",
+    )
+    export.add_argument("model", help="a .keras file or a bundled model's name")
+    export.add_argument(
+        "--format",
+        default="tflite",
+        help="tflite (default), onnx, saved_model (a folder) or coreml (.mlpackage)",
+    )
+    export.add_argument(
+        "--quant",
+        default="none",
+        help="none (fp32, default); tflite: fp16, dynamic, int8; coreml: fp16",
+    )
+    export.add_argument(
+        "--calibration",
+        metavar="MANIFEST",
+        help="manifest.json from 'c3ae preprocess': int8 calibrates on its train split, verification uses "
+        "its test split; default: the faces in assets/ and deterministic augmentations of them",
+    )
+    export.add_argument(
+        "--tolerance", type=float, help="override the verification tolerance of the chosen quantisation"
+    )
+    export.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
+    export.add_argument("-o", "--output", required=True, help="artifact path (a folder for saved_model)")
+    export.set_defaults(func=cmd_export)
+
     bench = commands.add_parser("bench", help="measure speed on this machine (medians)")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     data = bench_commands.add_parser(
@@ -332,6 +655,27 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--steps", type=_positive_int, default=20, help="timed training steps")
     data.add_argument("--json", help="also write the results to this JSON file")
     data.set_defaults(func=cmd_bench_data)
+    bench_models = bench_commands.add_parser(
+        "models",
+        help="file size and per-face latency per backend and quantisation (Keras, TFLite, ONNX)",
+        description="Median latency per face over --runs calls, batch 1 and 8, 1 and 2 threads, for each "
+        "backend and TFLite quantisation. A face is one set of crops (three for C3AE).",
+    )
+    bench_models.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL",
+        help="bundled names, .keras/.tflite/.onnx files or variant names (default: every bundled model)",
+    )
+    bench_models.add_argument("--backends", default="keras,tflite,onnx", help="default keras,tflite,onnx")
+    bench_models.add_argument("--quant", default="none,fp16,dynamic,int8", help="TFLite quantisations")
+    bench_models.add_argument("--batch", default="1,8", help="batch sizes (default 1,8)")
+    bench_models.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
+    bench_models.add_argument("--runs", type=_positive_int, default=200, help="timed calls (default 200)")
+    bench_models.add_argument("--warmup", type=_positive_int, default=10, help="untimed calls first")
+    bench_models.add_argument("--calibration", metavar="MANIFEST", help="int8 calibration manifest")
+    bench_models.add_argument("--json", help="also write the results to this JSON file")
+    bench_models.set_defaults(func=cmd_bench_models)
     return parser
 
 

@@ -1,0 +1,331 @@
+"""Inference backends with one interface: Keras, TFLite (LiteRT) and ONNX Runtime.
+
+Every backend takes float32 BGR crops with raw pixels in [0, 255] (see ``c3ae.conventions``), shape
+(N, S, S, 3) with any N >= 1, as a dict named like the model's inputs (``outer``/``middle``/``inner`` or
+``image``), and returns float32 numpy arrays named like its outputs (``age`` (N, 1) years, ``gender``
+(N, 1) P(male), ``age_bins`` (N, 12), ...).
+
+>>> backend = load_backend("c3ae-utk", "tflite", threads=1)       # doctest: +SKIP
+>>> backend.predict({name: crops[name] for name in backend.input_names})["age"]  # doctest: +SKIP
+
+Running a shipped ``.tflite`` or ``.onnx`` file imports neither TensorFlow nor Keras.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+BACKENDS = ("keras", "tflite", "onnx")
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+METADATA_KEY = "c3ae"  # key of the preprocessing description in TFLite / ONNX metadata
+
+_SUFFIX_BACKEND = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras", ".h5": "keras", ".hdf5": "keras"}
+
+
+class BackendError(ValueError):
+    """A model or backend that cannot be loaded as asked (unknown backend, missing or unreadable file)."""
+
+
+class Backend:
+    """A loaded model that maps named float32 BGR [0, 255] crops to named float32 outputs."""
+
+    name: str = ""
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    input_size: int = 0
+    metadata: dict = {}
+
+    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on ``{input_name: (N, S, S, 3) float32 BGR [0, 255]}``; returns ``{output_name: array}``."""
+        raise NotImplementedError
+
+    def _check(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise ValueError(f"Missing model inputs {missing}; this model takes {list(self.input_names)}.")
+        arrays = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in self.input_names}
+        shapes = {a.shape for a in arrays.values()}
+        shape = next(iter(shapes))
+        expected = (self.input_size, self.input_size, 3)
+        if len(shapes) != 1 or len(shape) != 4 or shape[0] < 1 or shape[1:] != expected:
+            raise ValueError(
+                f"Inputs must share one shape (N, {self.input_size}, {self.input_size}, 3) with N >= 1 "
+                f"(float32 BGR, raw pixels in [0, 255]); got {sorted(shapes)}."
+            )
+        return arrays
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.name}: inputs {list(self.input_names)} {self.input_size}x"
+            f"{self.input_size}, outputs {list(self.output_names)}>"
+        )
+
+
+# --------------------------------------------------------------------------------------------------- keras
+class KerasBackend(Backend):
+    """A ``keras.Model`` run with ``predict_on_batch`` (one compiled graph call per batch)."""
+
+    name = "keras"
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        self._takes_dict = isinstance(model.input, dict)
+        self.input_names = tuple(_ordered_inputs([t.name for t in model.inputs]))
+        self.output_names = tuple(sorted(model.output_names))
+        self.input_size = int(model.inputs[0].shape[1])
+        self.metadata = {}
+
+    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = self._check(inputs)
+        feed = arrays if self._takes_dict else arrays[self.input_names[0]]
+        outputs = self.model.predict_on_batch(feed)
+        if not isinstance(outputs, dict):
+            outputs = dict(zip(self.model.output_names, _as_list(outputs), strict=True))
+        return {name: np.asarray(outputs[name], dtype=np.float32) for name in self.output_names}
+
+
+def _as_list(outputs) -> list:
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+# -------------------------------------------------------------------------------------------------- tflite
+class TFLiteBackend(Backend):
+    """A TFLite flatbuffer run by LiteRT (``ai_edge_litert``) through its ``serving_default`` signature.
+
+    Inputs are resized (and tensors reallocated) only when the batch size changes.
+    """
+
+    name = "tflite"
+
+    def __init__(self, flatbuffer: bytes, threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
+        except ValueError as error:
+            raise BackendError(f"Not a readable TFLite model: {error}") from error
+        signatures = self.interpreter.get_signature_list()
+        if not signatures:
+            raise BackendError("The TFLite model has no signature; export it with 'c3ae export'.")
+        key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
+        runner = self.interpreter.get_signature_runner(key)
+        self._inputs = runner.get_input_details()
+        self._outputs = runner.get_output_details()
+        self._key = key
+        self._direct = getattr(runner, "_subgraph_index", 0) == 0
+        del runner  # a live runner holds the interpreter and would forbid resize_tensor_input
+        self.input_names = tuple(_ordered_inputs(self._inputs))
+        self.output_names = tuple(sorted(self._outputs))
+        self.input_size = int(self._inputs[self.input_names[0]]["shape_signature"][1])
+        self.metadata = tflite_metadata(flatbuffer)
+        self._shape: tuple | None = None
+        self.size_bytes = len(flatbuffer)
+
+    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = {n: _quantize(a, self._inputs[n]) for n, a in self._check(inputs).items()}
+        if not self._direct:
+            results = self.interpreter.get_signature_runner(self._key)(**arrays)
+            return {n: _dequantize(results[n], self._outputs[n]) for n in self.output_names}
+        interpreter = self.interpreter
+        shape = next(iter(arrays.values())).shape
+        if shape != self._shape:
+            for name, array in arrays.items():
+                interpreter.resize_tensor_input(self._inputs[name]["index"], array.shape, strict=False)
+            interpreter.allocate_tensors()
+            self._shape = shape
+        for name, array in arrays.items():
+            interpreter.set_tensor(self._inputs[name]["index"], array)
+        interpreter.invoke()
+        return {
+            n: _dequantize(interpreter.get_tensor(self._outputs[n]["index"]), self._outputs[n])
+            for n in self.output_names
+        }
+
+
+def _quantize(array: np.ndarray, details: dict) -> np.ndarray:
+    dtype = np.dtype(details["dtype"])
+    if dtype == np.float32:
+        return array
+    scale, zero = details["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(array / scale + zero), info.min, info.max).astype(dtype)
+
+
+def _dequantize(array: np.ndarray, details: dict) -> np.ndarray:
+    if np.dtype(details["dtype"]) == np.float32:
+        return array
+    scale, zero = details["quantization"]
+    return ((array.astype(np.float32) - zero) * scale).astype(np.float32)
+
+
+def _ordered_inputs(names) -> list[str]:
+    """Input names in the conventional order: outer, middle, inner; then the rest sorted."""
+    preferred = ("outer", "middle", "inner", "image")
+    return [n for n in preferred if n in names] + sorted(n for n in names if n not in preferred)
+
+
+def tflite_metadata(flatbuffer: bytes) -> dict:
+    """The preprocessing description ``c3ae export`` embeds in a TFLite file (metadata ``"c3ae"``), or {}."""
+    from c3ae.export.metadata import read_tflite_metadata
+
+    return read_tflite_metadata(flatbuffer)
+
+
+# ---------------------------------------------------------------------------------------------------- onnx
+class OnnxBackend(Backend):
+    """An ONNX model run by ONNX Runtime on the CPU."""
+
+    name = "onnx"
+
+    def __init__(self, model_bytes: bytes, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime raises its own (non-ValueError) exception types
+            raise BackendError(f"Not a readable ONNX model: {error}") from error
+        self.input_names = tuple(_ordered_inputs([i.name for i in self.session.get_inputs()]))
+        self.output_names = tuple(sorted(o.name for o in self.session.get_outputs()))
+        self.input_size = int(self.session.get_inputs()[0].shape[1])
+        props = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.metadata = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
+        except json.JSONDecodeError:
+            self.metadata = {}
+        self.size_bytes = len(model_bytes)
+
+    def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = self._check(inputs)
+        values = self.session.run(list(self.output_names), arrays)
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.output_names, values, strict=True)}
+
+
+# ---------------------------------------------------------------------------------------------------- load
+_CONVERTED: dict[tuple, bytes] = {}
+
+
+def _keras_model(model) -> keras.Model:
+    import keras
+
+    if isinstance(model, keras.Model):
+        return model
+    from c3ae.bundled import ModelNotFoundError, load_model
+
+    try:
+        return load_model(model)
+    except ModelNotFoundError as error:
+        raise BackendError(str(error)) from error
+
+
+def _converted(model, backend: str) -> bytes:
+    """The fp32 TFLite / ONNX bytes of a Keras model, a bundled name or a .keras path (cached per file)."""
+    key = None
+    if not _is_keras_model(model):
+        path = Path(model) if Path(model).is_file() else WEIGHTS_DIR / f"{model}.keras"
+        if path.is_file():
+            stat = path.stat()
+            key = (backend, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+            if key in _CONVERTED:
+                return _CONVERTED[key]
+    keras_model = _keras_model(model)
+    if backend == "tflite":
+        from c3ae.export.tflite import to_tflite
+
+        data = to_tflite(keras_model, "none")
+    else:
+        from c3ae.export.onnx import to_onnx
+
+        data = to_onnx(keras_model)
+    if key is not None:
+        _CONVERTED[key] = data
+    return data
+
+
+def _is_keras_model(model) -> bool:
+    if isinstance(model, (str, Path)):
+        return False
+    import keras
+
+    return isinstance(model, keras.Model)
+
+
+def load_backend(
+    model: str | Path | keras.Model, backend: str = "auto", *, threads: int | None = None
+) -> Backend:
+    """Load ``model`` for inference with ``backend``.
+
+    Args:
+        model: a ``keras.Model``, a bundled model's name (``"c3ae-utk"``), or a ``.keras``, ``.tflite`` or
+            ``.onnx`` file.
+        backend: ``"keras"``, ``"tflite"``, ``"onnx"``, or ``"auto"`` (the file's own format; Keras for a
+            model or a name). A Keras model or a bundled name asked for as TFLite or ONNX uses the shipped
+            ``c3ae/weights/<name>.tflite`` / ``.onnx`` when there is one, else is converted in memory (fp32)
+            once per file.
+        threads: CPU threads (LiteRT ``num_threads``, ONNX Runtime ``intra_op_num_threads``); None = the
+            runtime's default. Keras ignores it once TensorFlow has started.
+
+    Raises:
+        BackendError: unknown backend, a file that does not exist, or one of the wrong kind.
+    """
+    if backend not in (*BACKENDS, "auto"):
+        raise BackendError(f"Unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}.")
+    if threads is not None and int(threads) < 1:
+        raise BackendError(f"threads must be >= 1, got {threads}.")
+    if not _is_keras_model(model):
+        if not isinstance(model, (str, Path)):
+            raise BackendError(f"Expected a keras.Model, a bundled model's name or a file; got {model!r}.")
+        path = Path(model)
+        suffix = path.suffix.lower()
+        if suffix in _SUFFIX_BACKEND and not path.is_file():
+            raise BackendError(f"Model file {path} does not exist.")
+        if path.is_file():
+            kind = _SUFFIX_BACKEND.get(suffix, "keras")
+            if kind in ("tflite", "onnx"):
+                if backend not in (kind, "auto"):
+                    raise BackendError(
+                        f"{path} is a {kind.upper() if kind == 'onnx' else 'TFLite'} file; it runs with "
+                        f"backend '{kind}' only, not {backend!r}."
+                    )
+                return _from_bytes(kind, path.read_bytes(), threads, str(path))
+        elif backend in ("tflite", "onnx"):
+            shipped = WEIGHTS_DIR / f"{model}.{backend}"
+            if shipped.is_file():
+                return _from_bytes(backend, shipped.read_bytes(), threads, str(shipped))
+    if backend in ("auto", "keras"):
+        _keras_threads(threads)
+        return KerasBackend(_keras_model(model))
+    return _from_bytes(backend, _converted(model, backend), threads, str(model))
+
+
+def _from_bytes(kind: str, data: bytes, threads: int | None, origin: str) -> Backend:
+    try:
+        return TFLiteBackend(data, threads) if kind == "tflite" else OnnxBackend(data, threads)
+    except BackendError as error:
+        raise BackendError(f"{origin}: {error}") from error
+
+
+def _keras_threads(threads: int | None) -> None:
+    if not threads:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already initialised: the setting cannot change any more
+        pass

@@ -1,0 +1,394 @@
+"""Age and gender on video files and webcams: detect every N frames, track in between, smooth per track.
+
+:func:`process_video` reads frames with OpenCV, runs the face detector on every ``detect_every``-th frame
+(on a copy scaled by 20 / min_face, see ``AgeGenderEstimator``), estimates age and gender of the faces found
+there in one batched call, and in between carries each face's box along with an IoU tracker
+(``c3ae.tracking``). Each track smooths age and the probability of male exponentially with a time constant
+of ``smooth`` seconds. Outputs: an annotated video (same frame count and frame rate as the input; written to
+a temporary name and renamed when finished, also after Ctrl-C or a truncated input), a JSON-lines record per
+frame with a summary as its last line, and per-stage timings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from c3ae.annotate import COLORS, draw_box, face_label
+from c3ae.tracking import IoUTracker
+
+STAGES = ("decode", "detect", "align", "estimate", "track", "draw", "encode")
+MAX_CONSECUTIVE_FAILURES = 25  # unreadable frames in a row before the stream counts as ended
+DEFAULT_FPS = 30.0  # when the container (or camera) reports none
+THUMBNAIL = (32, 18)  # grayscale thumbnail compared between frames to find scene cuts
+FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
+
+
+class VideoError(ValueError):
+    """A video (or camera) that cannot be opened, or an output that cannot be written."""
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+            self.calls[stage] += 1
+
+    def summary(self, frames: int) -> dict:
+        return {
+            stage: {
+                "seconds": round(self.seconds.get(stage, 0.0), 4),
+                "ms_per_frame": round(1000 * self.seconds.get(stage, 0.0) / max(frames, 1), 3),
+                "calls": int(self.calls.get(stage, 0)),
+            }
+            for stage in STAGES
+        }
+
+
+def open_capture(source) -> cv2.VideoCapture:
+    """An opened ``cv2.VideoCapture`` for a file path or a camera index; raises :class:`VideoError`.
+
+    FFmpeg's own messages about damaged frames are silenced (they are counted instead) unless the
+    environment sets ``OPENCV_FFMPEG_LOGLEVEL``."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    if isinstance(source, int):
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # no backend-by-backend warnings
+        try:
+            capture = cv2.VideoCapture(source)
+        finally:
+            cv2.utils.logging.setLogLevel(level)
+        if not capture.isOpened():
+            raise VideoError(f"Camera {source} cannot be opened (no such camera, or it is busy).")
+        return capture
+    path = Path(source)
+    if not path.is_file():
+        raise VideoError(f"{path} does not exist.")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path} is empty.")
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise VideoError(f"{path} cannot be opened as a video (corrupt, truncated or not a video).")
+    return capture
+
+
+def temporary_name(path: Path) -> Path:
+    """A sibling of ``path`` to write to before renaming; keeps the suffix (the muxer depends on it)."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+class _Output:
+    """The annotated video: written to a temporary name, renamed by :meth:`close`."""
+
+    def __init__(self, path: Path, fps: float, size: tuple[int, int]):
+        suffix = path.suffix.lower()
+        if suffix not in FOURCC:
+            raise VideoError(f"--output {path}: unsupported video type; use one of {', '.join(FOURCC)}.")
+        if not path.parent.is_dir():
+            raise VideoError(f"--output {path}: the folder {path.parent} does not exist.")
+        self.path = path
+        self.size = size
+        self.temporary = temporary_name(path)
+        self.writer = cv2.VideoWriter(str(self.temporary), cv2.VideoWriter_fourcc(*FOURCC[suffix]), fps, size)
+        if not self.writer.isOpened():
+            self.temporary.unlink(missing_ok=True)
+            raise VideoError(f"--output {path}: OpenCV cannot write this video type here.")
+        self.frames = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        if (frame.shape[1], frame.shape[0]) != self.size:
+            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+        self.writer.write(frame)
+        self.frames += 1
+
+    def close(self, keep: bool = True) -> None:
+        self.writer.release()
+        if keep and self.frames:
+            os.replace(self.temporary, self.path)
+        else:
+            self.temporary.unlink(missing_ok=True)
+
+
+class _Lines:
+    """JSON lines to a file (temporary name, renamed by :meth:`close`) or to stdout (``-``)."""
+
+    def __init__(self, target: str | Path):
+        self.stdout = str(target) == "-"
+        if self.stdout:
+            self.handle = sys.stdout
+            return
+        self.path = Path(target)
+        if not self.path.parent.is_dir():
+            raise VideoError(f"--jsonl {self.path}: the folder {self.path.parent} does not exist.")
+        self.temporary = self.path.with_name(f".{self.path.name}.partial")
+        self.handle = open(self.temporary, "w")
+
+    def write(self, record: dict) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        if self.stdout:
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.stdout:
+            self.handle.flush()
+            return
+        self.handle.close()
+        os.replace(self.temporary, self.path)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _track_record(track) -> dict:
+    x, y, w, h = track.xywh()
+    return {
+        "id": track.id,
+        "box": [round(x, 1), round(y, 1), round(w, 1), round(h, 1)],
+        "age": None if track.age is None else round(track.age, 2),
+        "age_std": None if track.age_std is None else round(track.age_std, 2),
+        "gender": track.gender,
+        "gender_prob": None if track.gender_prob is None else round(track.gender_prob, 4),
+    }
+
+
+def _male_prob(face) -> float | None:
+    if face.gender is None:
+        return None
+    return face.gender_prob if face.gender == "male" else 1.0 - face.gender_prob
+
+
+def process_video(
+    source,
+    estimator,
+    *,
+    output: str | Path | None = None,
+    jsonl: str | Path | None = None,
+    detect_every: int = 5,
+    smooth: float = 1.0,
+    show: bool = False,
+    progress: bool = True,
+    max_frames: int | None = None,
+    scene_cut: float = 20.0,
+) -> dict:
+    """Run ``estimator`` (an ``AgeGenderEstimator``) over a video file or a camera (an int index).
+
+    Args:
+        source: a video file, or a camera index.
+        output: the annotated video (``.mp4``, ``.avi``, ...), same frame rate and frame count as the input
+            (frames that cannot be decoded are skipped and counted). Never the input itself.
+        jsonl: one JSON object per frame (``frame``, ``time``, ``detected``, ``tracks`` with ``id``, ``box``
+            (x, y, w, h), ``age``, ``age_std``, ``gender``, ``gender_prob``), then ``{"summary": ...}``.
+            ``"-"`` writes to stdout.
+        detect_every: run the detector on every N-th frame; the tracker carries boxes in between.
+        smooth: time constant in seconds of the per-track exponential smoothing (0 = none).
+        show: display the annotated frames in a window (q or Esc stops).
+        progress: a progress bar on stderr.
+        max_frames: stop after this many input frames.
+        scene_cut: a frame whose 32x18 grayscale thumbnail differs from the previous one's by more than this
+            mean absolute difference (0-255) is a scene cut: tracks are dropped (a face after a cut is a new
+            track, its estimates not mixed with the previous shot's) and the detector runs at once. 0 = off.
+
+    Returns the summary: ``frames`` (written), ``faces`` (distinct tracks), ``face_boxes`` (boxes over all
+    frames), ``fps`` (processing only, not start-up), ``stages`` (seconds and ms per frame), and
+    ``broken_frames``, ``missing_frames``, ``interrupted``. The end of the stream and Ctrl-C (or q in the
+    window) both finalise the output files.
+    """
+    if int(detect_every) < 1:
+        raise ValueError(f"detect_every must be at least 1, got {detect_every}.")
+    detect_every = int(detect_every)
+    tracker = IoUTracker(smooth=smooth)
+    is_camera = isinstance(source, int)
+    if output is not None:
+        output = Path(output)
+        if not is_camera and _same_file(Path(source), output):
+            raise VideoError(f"--output {output} is the input video; choose another file name.")
+    capture = open_capture(source)
+    timer = StageTimer()
+    fps_in = capture.get(cv2.CAP_PROP_FPS)
+    fps_in = float(fps_in) if fps_in and math.isfinite(fps_in) and 0 < fps_in < 1000 else DEFAULT_FPS
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    total = total if total > 0 and not is_camera else None
+    if max_frames is not None:
+        total = min(total, int(max_frames)) if total is not None else int(max_frames)
+
+    writer: _Output | None = None
+    lines: _Lines | None = None
+    bar = None
+    summary: dict = {}
+    index = written = broken = pending = detections_run = face_boxes = cuts = 0
+    last_detection = None
+    thumbnail = None
+    interrupted = False
+    start = None
+    try:
+        if show:
+            try:
+                cv2.namedWindow("c3ae", cv2.WINDOW_NORMAL)
+            except cv2.error as error:
+                raise VideoError(
+                    "--show needs OpenCV with GUI support (pip install opencv-python instead of "
+                    "opencv-python-headless)."
+                ) from error
+        # Start-up, not timed: the first frame, the outputs, and one warm-up pass of detector and model.
+        ok, first = capture.read()
+        if not ok or first is None:
+            raise VideoError(f"{source}: not a single frame could be decoded.")
+        if output is not None:
+            writer = _Output(output, fps_in, (first.shape[1], first.shape[0]))
+        lines = _Lines(jsonl) if jsonl is not None else None
+        estimator.estimate_aligned(estimator.align(first, estimator.detect(first)))
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, unit="frame", file=sys.stderr, dynamic_ncols=True, leave=True)
+        start = time.perf_counter()
+        frame = first
+        while True:
+            if frame is None:
+                if max_frames is not None and index + pending >= max_frames:
+                    break
+                with timer("decode"):
+                    ok, frame = capture.read()
+                if not ok or frame is None:
+                    frame = None
+                    more = total is None or index + pending + 1 < total
+                    if more and pending < MAX_CONSECUTIVE_FAILURES:
+                        pending += 1
+                        continue
+                    break
+                if pending:  # frames that failed to decode before this good one: broken, skipped
+                    broken += pending
+                    index += pending
+                    pending = 0
+            with timer("track"):
+                small = cv2.resize(
+                    cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), THUMBNAIL, interpolation=cv2.INTER_AREA
+                )
+                small = small.astype(np.float32)
+                cut = (
+                    scene_cut > 0
+                    and thumbnail is not None
+                    and float(np.abs(small - thumbnail).mean()) > scene_cut
+                )
+                thumbnail = small
+            # Stream time: from the frame rate for files, the wall clock for cameras.
+            now = time.perf_counter() - start if is_camera else index / fps_in
+            detect_now = last_detection is None or cut or index - last_detection >= detect_every
+            if detect_now:
+                if cut:
+                    tracker.reset()
+                    cuts += 1
+                with timer("detect"):
+                    found = estimator.detect(frame)
+                with timer("track"):
+                    tracks = tracker.update(index, [d.box for d in found], [d.score for d in found])
+                with timer("align"):
+                    aligned = estimator.align(frame, found)
+                with timer("estimate"):
+                    faces = estimator.estimate_aligned(aligned)
+                for track, face in zip(tracks, faces, strict=True):
+                    track.observe(face.age, _male_prob(face), now, face.age_std)
+                detections_run += 1
+                last_detection = index
+            else:
+                with timer("track"):
+                    tracker.advance(index)
+            visible = tracker.visible()
+            face_boxes += len(visible)
+            if lines is not None:
+                lines.write(
+                    {
+                        "frame": index,
+                        "time": round(now, 4),
+                        "detected": detect_now,
+                        "tracks": [_track_record(t) for t in visible],
+                    }
+                )
+            if writer is not None or show:
+                with timer("draw"):
+                    for track in visible:
+                        color = COLORS.get(track.gender, COLORS[None])
+                        draw_box(frame, track.xywh(), face_label(track.age, track.gender), color)
+            if writer is not None:
+                with timer("encode"):
+                    writer.write(frame)
+            written += 1
+            index += 1
+            shown, frame = frame, None
+            if bar is not None:
+                bar.update(1)
+                if written % 10 == 0:
+                    bar.set_postfix(fps=f"{written / (time.perf_counter() - start):.1f}", refresh=False)
+            if show:
+                cv2.imshow("c3ae", shown)
+                if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                    interrupted = True
+                    break
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        elapsed = time.perf_counter() - start if start is not None else 0.0
+        capture.release()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close(keep=written > 0)
+        if show:
+            try:
+                cv2.destroyAllWindows()
+            except cv2.error:
+                pass
+        summary = {
+            "frames": written,
+            "input_frames": total,
+            "broken_frames": broken,
+            "missing_frames": max(total - index, 0) if total is not None and not interrupted else 0,
+            "interrupted": interrupted,
+            "faces": tracker.next_id - 1,
+            "face_boxes": face_boxes,
+            "detection_frames": detections_run,
+            "scene_cuts": cuts,
+            "fps": round(written / elapsed, 2) if elapsed > 0 else None,
+            "input_fps": round(fps_in, 3),
+            "seconds": round(elapsed, 3),
+            "stages": timer.summary(written),
+            "output": str(output) if writer is not None and written else None,
+        }
+        if lines is not None:
+            lines.write({"summary": summary})
+            lines.close()
+    return summary
+
+
+def format_stages(summary: dict) -> str:
+    """A small table of the per-stage timings of a :func:`process_video` summary."""
+    rows = [f"{'stage':<9} {'ms/frame':>9} {'seconds':>9} {'calls':>6}"]
+    for stage, value in summary["stages"].items():
+        rows.append(f"{stage:<9} {value['ms_per_frame']:>9.2f} {value['seconds']:>9.3f} {value['calls']:>6}")
+    rows.append(
+        f"{'total':<9} {1000 / summary['fps'] if summary['fps'] else 0:>9.2f} {summary['seconds']:>9.3f}"
+    )
+    return "\n".join(rows)

@@ -1,0 +1,699 @@
+"""Export with verification always on: convert, run the artifact on real crops, compare with Keras, then
+publish under the final name (or not).
+
+:func:`export_model` writes the artifact under a temporary name in the output folder, runs it (TFLite with
+LiteRT's Interpreter, ONNX with ONNX Runtime, a SavedModel with TensorFlow; a CoreML package can only be
+checked structurally on Linux) on a batch of real face crops, compares every output with the Keras model,
+and writes ``<artifact>.report.json``. Only an artifact within tolerance is renamed to the requested path;
+one that fails is kept as ``<artifact>.failed`` (never under a name that looks valid; an older file at the
+requested path is removed, since the report no longer describes it) and the report says
+``"status": "failed"``.
+
+Crops come from a manifest (``c3ae preprocess`` output) when one is given, else from the photos in
+``assets/`` through :class:`c3ae.faces.FacePipeline` plus deterministic augmentations of them (flip,
+rotation, box jitter, brightness/contrast): real faces, never noise.
+
+Tolerances (one knob, ``tolerance``, sets the first number of each line; the others scale with it):
+
+- fp32 (``quant="none"``): every output's max |artifact - keras| <= tolerance * max(1, |keras|)
+  (default 1e-4: 1e-4 absolute for probabilities, relative for ages above 1 year).
+- ``"fp16"``: max |age difference| <= tolerance years (default 0.1); probability outputs
+  (gender, age_bins, age_group) max |difference| <= tolerance / 10.
+- ``"int8"``, ``"dynamic"``: age MAE delta <= tolerance years (default 0.5): the artifact's MAE minus the
+  Keras model's against the labels when the crops have ages, else the mean |artifact - keras| age (an upper
+  bound of the delta); probability outputs mean |difference| <= tolerance / 10.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from c3ae.export.checks import ExportError, NonFiniteWeightsError, check_finite
+
+FORMATS = ("tflite", "onnx", "saved_model", "coreml")
+FORMAT_QUANTS = {
+    "tflite": ("none", "fp16", "dynamic", "int8"),
+    "onnx": ("none",),
+    "saved_model": ("none",),
+    "coreml": ("none", "fp16"),
+}
+SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "saved_model": "", "coreml": ".mlpackage"}
+DEFAULT_TOLERANCE = {"none": 1e-4, "fp16": 0.1, "dynamic": 0.5, "int8": 0.5}
+PROBABILITY_OUTPUTS = ("gender", "age_bins", "age_group")
+ASSET_PHOTOS = ("obama.jpg", "astronaut.jpg")
+ASSET_AUGMENTATIONS = 15  # per photo, besides the unaugmented crops
+VERIFY_LIMIT = 256
+CALIBRATION_LIMIT = 200
+FAILED_SUFFIX = ".failed"
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "ExportError",
+    "FORMATS",
+    "FORMAT_QUANTS",
+    "NonFiniteWeightsError",
+    "VerificationError",
+    "asset_crops",
+    "export_model",
+    "manifest_crops",
+]
+
+
+class VerificationError(ExportError):
+    """The artifact's outputs differ from Keras beyond the tolerance; ``report`` holds the numbers."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+# ------------------------------------------------------------------------------------------------- data
+def _layout(model) -> tuple[str, tuple[str, ...], int, tuple[str, ...]]:
+    """(family for c3ae.data, input names, crop side, target names) of a model."""
+    from c3ae.data import FAMILY_OUTPUTS
+
+    names = tuple(t.name for t in model.inputs)
+    size = int(model.inputs[0].shape[1])
+    if set(names) == {"outer", "middle", "inner"}:
+        family = "c3ae"
+    elif "age_group" in model.output_names or size == 227:
+        family = "levi_hassner"
+    else:
+        family = "ssrnet"
+    targets = tuple(o for o in FAMILY_OUTPUTS[family] if o in ("age", "gender", "age_group"))
+    targets = tuple(o for o in targets if o in model.output_names) or ("gender",)
+    return family, names, size, targets
+
+
+def _assets_dir() -> Path | None:
+    import c3ae
+
+    for folder in (
+        Path(c3ae.__file__).resolve().parent / "assets",
+        Path(c3ae.__file__).resolve().parents[1] / "assets",
+    ):
+        if all((folder / photo).is_file() for photo in ASSET_PHOTOS):
+            return folder
+    return None
+
+
+_ASSET_FACES: list | None = None
+
+
+def _asset_faces() -> list:
+    """The aligned faces of the bundled photos (MTCNN, most confident face per photo), computed once."""
+    global _ASSET_FACES
+    if _ASSET_FACES is None:
+        from c3ae.faces import FacePipeline, read_image
+
+        folder = _assets_dir()
+        if folder is None:
+            raise ExportError(
+                "The bundled photos (assets/obama.jpg, assets/astronaut.jpg) are not installed; pass a "
+                "manifest (--calibration) to verify on."
+            )
+        pipeline = FacePipeline()
+        faces = []
+        for photo in ASSET_PHOTOS:
+            faces += pipeline.process(read_image(folder / photo), max_faces=1, fallback_full_image=True)
+        _ASSET_FACES = faces
+    return _ASSET_FACES
+
+
+_CROP_CACHE: dict[tuple, dict] = {}
+
+
+def _cached(key: tuple, make) -> dict:
+    """Crops are read once per process for a given source and layout (exports in a row reuse them)."""
+    if key not in _CROP_CACHE:
+        if len(_CROP_CACHE) >= 8:
+            _CROP_CACHE.pop(next(iter(_CROP_CACHE)))
+        _CROP_CACHE[key] = make()
+    data = _CROP_CACHE[key]
+    return {**data, "inputs": dict(data["inputs"]), "labels": dict(data["labels"])}
+
+
+def asset_crops(model, augmentations: int = ASSET_AUGMENTATIONS, seed: int = 0) -> dict:
+    """Crops of the faces in ``assets/`` for ``model``: each face as the pipeline cuts it, then
+    ``augmentations`` deterministic variants (flip, rotation, box jitter, brightness/contrast, no erasing).
+
+    Returns ``{"inputs": {name: (N, S, S, 3) float32 BGR [0, 255]}, "labels": {}, "source": str}``.
+    """
+    family, names, size, _ = _layout(model)
+    key = ("assets", family, names, size, int(augmentations), int(seed))
+    return _cached(key, lambda: _asset_crops(family, names, size, augmentations, seed))
+
+
+def _asset_crops(family: str, names: tuple, size: int, augmentations: int, seed: int) -> dict:
+    from c3ae.data import Augmentation, augment_crops
+    from c3ae.faces import model_crops
+
+    params = Augmentation(max_rotation=10.0, erase=0.0)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for face in _asset_faces():
+        kind = "c3ae" if family == "c3ae" else "single"
+        plain = model_crops(face.chip, face.boxes, face.single_box, kind=kind, size=size)
+        samples.append(np.stack([plain[n] for n in (names if family == "c3ae" else ("image",))]))
+        boxes = face.boxes if family == "c3ae" else face.single_box.reshape(1, 4)
+        centre = (
+            (face.single_box[0] + face.single_box[2]) / 2,
+            (face.single_box[1] + face.single_box[3]) / 2,
+        )
+        for _ in range(augmentations):
+            samples.append(augment_crops(face.chip, boxes, size, rng, centre=centre, params=params))
+    stacked = np.stack(samples).astype(np.float32)  # (N, K, S, S, 3)
+    order = names if family == "c3ae" else ("image",)
+    inputs = {name: stacked[:, order.index(name)] for name in names}
+    photos = ", ".join(f"assets/{p}" for p in ASSET_PHOTOS)
+    return {
+        "inputs": inputs,
+        "labels": {},
+        "source": f"bundled photos ({photos}) through FacePipeline + model_crops, {len(samples)} crops: "
+        f"{len(samples) // max(len(_asset_faces()), 1)} per face, {augmentations} of them deterministic "
+        f"augmentations (seed {seed}); no calibration manifest was given",
+    }
+
+
+def _pick_split(info: dict, preference: tuple[str, ...]) -> str | None:
+    from c3ae.data import manifest_splits, split_size
+
+    splits = [s for s in manifest_splits(info) if split_size(info, s) > 0]
+    ordered = [s for s in preference if s in splits] + [s for s in splits if s not in preference]
+    return ordered[0] if ordered else None
+
+
+def manifest_crops(model, manifest, purpose: str = "verify", limit: int | None = None, seed: int = 0) -> dict:
+    """Up to ``limit`` unaugmented crops (with labels) from a manifest, shuffled with ``seed``.
+
+    ``purpose="verify"`` reads the test split (else val, else train), ``"calibrate"`` the train split (else
+    val, else test). Raises :class:`ExportError` for a manifest that cannot be read or has no usable rows.
+    """
+    from c3ae.data import read_manifest
+
+    limit = int(limit or (VERIFY_LIMIT if purpose == "verify" else CALIBRATION_LIMIT))
+    layout = _layout(model)
+    try:
+        info = read_manifest(manifest)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"Cannot read the manifest {manifest}: {error}") from error
+    stamp = Path(info["manifest_path"]).stat().st_mtime_ns
+    key = ("manifest", info["manifest_path"], stamp, purpose, limit, int(seed), layout)
+    return _cached(key, lambda: _manifest_crops(info, layout, purpose, limit, seed))
+
+
+def _manifest_crops(info: dict, layout: tuple, purpose: str, limit: int, seed: int) -> dict:
+    from c3ae.data import make_dataset
+
+    family, names, size, targets = layout
+    preference = ("test", "val", "train") if purpose == "verify" else ("train", "val", "test")
+    split = _pick_split(info, preference)
+    if split is None:
+        raise ExportError(f"The manifest {info['manifest_path']} has no rows; give one with faces in it.")
+    try:
+        dataset = make_dataset(
+            info,
+            split=split,
+            model=family,
+            batch_size=64,
+            augment=False,
+            shuffle=True,
+            seed=seed,
+            outputs=list(targets),
+            input_size=size,
+        )
+        inputs: dict[str, list] = {n: [] for n in names}
+        labels: dict[str, list] = {t: [] for t in targets}
+        count = 0
+        for batch_inputs, batch_targets in dataset:
+            for name in names:
+                inputs[name].append(batch_inputs[name].numpy())
+            for name in targets:
+                labels[name].append(batch_targets[name].numpy())
+            count += int(batch_inputs[names[0]].shape[0])
+            if count >= limit:
+                break
+    except (OSError, ValueError) as error:
+        raise ExportError(f"Cannot read crops from the manifest {info['manifest_path']}: {error}") from error
+    if count == 0:
+        raise ExportError(
+            f"The manifest {info['manifest_path']} has no usable rows in split {split!r} "
+            f"(rows need the {', '.join(targets)} label); give one with faces in it."
+        )
+    return {
+        "inputs": {n: np.concatenate(v)[:limit].astype(np.float32) for n, v in inputs.items()},
+        "labels": {n: np.concatenate(v)[:limit].astype(np.float32) for n, v in labels.items()},
+        "source": f"manifest {info['manifest_path']}, split {split!r}, {min(count, limit)} unaugmented crops "
+        f"(shuffled, seed {seed})",
+    }
+
+
+# ----------------------------------------------------------------------------------------------- compare
+def _predict_keras(model, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from c3ae.runtime import KerasBackend
+
+    backend = KerasBackend(model)
+    return _batched(backend.predict, inputs)
+
+
+def _batched(predict, inputs: Mapping[str, np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
+    total = len(next(iter(inputs.values())))
+    parts: dict[str, list] = {}
+    for start in range(0, total, batch):
+        out = predict({n: v[start : start + batch] for n, v in inputs.items()})
+        for name, value in out.items():
+            parts.setdefault(name, []).append(np.asarray(value, dtype=np.float32))
+    return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+def compare(
+    expected: Mapping[str, np.ndarray],
+    actual: Mapping[str, np.ndarray],
+    quant: str,
+    tolerance: float | None = None,
+    labels: Mapping[str, np.ndarray] | None = None,
+) -> dict:
+    """Differences per output and the pass/fail checks of ``quant`` (see the module docstring)."""
+    tolerance = float(DEFAULT_TOLERANCE[quant] if tolerance is None else tolerance)
+    labels = labels or {}
+    outputs, checks = {}, []
+    missing = sorted(set(expected) - set(actual))
+    if missing:
+        checks.append({"check": f"outputs {missing} present", "value": None, "limit": None, "passed": False})
+    for name in sorted(set(expected) & set(actual)):
+        reference = np.asarray(expected[name], dtype=np.float64)
+        value = np.asarray(actual[name], dtype=np.float64).reshape(reference.shape)
+        if not np.all(np.isfinite(reference)):
+            bad = int(np.sum(~np.all(np.isfinite(reference.reshape(len(reference), -1)), axis=1)))
+            what = f"the Keras model itself outputs NaN/Inf for {name} on {bad} crops"
+            checks.append({"check": what, "value": None, "limit": None, "passed": False})
+            outputs[name] = {"keras_non_finite_crops": bad}
+            continue
+        diff = np.abs(value - reference)
+        finite = bool(np.all(np.isfinite(value)))
+        entry = {
+            "max_abs_diff": float(np.max(diff)) if finite else None,
+            "mean_abs_diff": float(np.mean(diff)) if finite else None,
+            "max_scaled_diff": float(np.max(diff / np.maximum(1.0, np.abs(reference)))) if finite else None,
+        }
+        outputs[name] = entry
+        if not finite:
+            checks.append({"check": f"{name} finite", "value": None, "limit": None, "passed": False})
+            outputs[name]["non_finite_values"] = int(np.sum(~np.isfinite(value)))
+            continue
+        probability = name in PROBABILITY_OUTPUTS
+        if quant == "none":
+            checks.append(_check(f"{name} max |diff| / max(1, |keras|)", entry["max_scaled_diff"], tolerance))
+        elif quant == "fp16":
+            limit = tolerance / 10 if probability else tolerance
+            checks.append(_check(f"{name} max |diff|", entry["max_abs_diff"], limit))
+        elif probability or name != "age":
+            checks.append(_check(f"{name} mean |diff|", entry["mean_abs_diff"], tolerance / 10))
+        if name == "age":
+            age = {"mean_abs_diff_vs_keras": entry["mean_abs_diff"]}
+            truth = labels.get("age")
+            if truth is not None and len(truth) == len(reference):
+                truth = np.asarray(truth, dtype=np.float64).reshape(reference.shape)
+                age["keras_mae"] = float(np.mean(np.abs(reference - truth)))
+                age["artifact_mae"] = float(np.mean(np.abs(value - truth)))
+                age["mae_delta"] = age["artifact_mae"] - age["keras_mae"]
+            else:
+                age["mae_delta_bound"] = entry["mean_abs_diff"]
+            outputs[name].update(age)
+            if quant in ("int8", "dynamic"):
+                delta = age.get("mae_delta", entry["mean_abs_diff"])
+                what = (
+                    "age MAE delta (vs labels)" if "mae_delta" in age else "age mean |diff| (MAE delta bound)"
+                )
+                checks.append(_check(what, delta, tolerance))
+        if name == "gender":
+            outputs[name]["decision_agreement"] = float(np.mean((value >= 0.5) == (reference >= 0.5)))
+            truth = labels.get("gender")
+            if truth is not None and len(truth) == len(reference):
+                truth = np.asarray(truth).reshape(reference.shape)
+                known = truth >= 0
+                if np.any(known):
+                    outputs[name]["keras_accuracy"] = float(
+                        np.mean((reference[known] >= 0.5) == (truth[known] == 1))
+                    )
+                    outputs[name]["artifact_accuracy"] = float(
+                        np.mean((value[known] >= 0.5) == (truth[known] == 1))
+                    )
+    return {
+        "tolerance": tolerance,
+        "outputs": outputs,
+        "checks": checks,
+        "passed": bool(checks) and all(c["passed"] for c in checks),
+    }
+
+
+def _check(name: str, value: float, limit: float) -> dict:
+    return {"check": name, "value": value, "limit": limit, "passed": bool(value <= limit)}
+
+
+# ------------------------------------------------------------------------------------------------- paths
+def _check_output(output: Path, format: str) -> None:
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"The output folder {parent} does not exist; create it or choose another -o path.")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".c3ae-write-test-"):
+            pass
+    except OSError as error:
+        raise ExportError(
+            f"The output folder {parent} is not writable ({error.strerror}); choose another -o path."
+        ) from error
+    if output.is_dir() and format != "saved_model" and format != "coreml":
+        raise ExportError(
+            f"The output path {output} is a folder; give a file name, e.g. {output / 'model'}"
+            f"{SUFFIXES[format]}."
+        )
+    if output.exists() and not output.is_dir() and format in ("saved_model", "coreml"):
+        raise ExportError(f"The output path {output} is a file; a {format} export is a folder.")
+    marker = {"saved_model": "saved_model.pb", "coreml": "Manifest.json"}.get(format)
+    if output.is_dir() and marker and any(output.iterdir()) and not (output / marker).is_file():
+        raise ExportError(
+            f"The output folder {output} exists and is not a previous {format} export; refusing to replace "
+            "it. Choose a new -o path."
+        )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(temporary, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------- artifacts
+def _write_artifact(model, format: str, quant: str, path: Path, calibration: dict | None, opset: int) -> dict:
+    """Convert and write to ``path``; returns format-specific facts for the report."""
+    facts: dict = {}
+    if format == "tflite":
+        from c3ae.export.tflite import float_ops, to_tflite, weight_bytes
+
+        representative = [calibration["inputs"]] if quant == "int8" else None
+        data = to_tflite(model, quant, representative)
+        path.write_bytes(data)
+        facts["weight_bytes"] = weight_bytes(data)
+        if quant == "int8":
+            facts["float_ops"] = float_ops(data)
+    elif format == "onnx":
+        from c3ae.export.onnx import to_onnx
+
+        path.write_bytes(to_onnx(model, opset=opset))
+        facts["opset"] = int(opset)
+    elif format == "saved_model":
+        from c3ae.export.saved_model import to_saved_model
+
+        to_saved_model(model, path)
+    elif format == "coreml":
+        from c3ae.export.coreml import to_coreml
+
+        to_coreml(model, quant).save(str(path))
+    return facts
+
+
+def _run_artifact(format: str, path: Path, inputs: Mapping[str, np.ndarray]) -> tuple[dict, str]:
+    """The artifact's outputs on ``inputs`` and a description of the runtime used."""
+    if format in ("tflite", "onnx"):
+        from c3ae.runtime import load_backend
+
+        backend = load_backend(path, format, threads=1)
+        if format == "tflite":
+            from importlib.metadata import version
+
+            runtime = f"ai_edge_litert {version('ai-edge-litert')} Interpreter (1 thread)"
+        else:
+            import onnxruntime
+
+            runtime = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider (1 thread)"
+        return _batched(backend.predict, inputs), runtime
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+    def predict(batch):
+        return {k: v.numpy() for k, v in signature(**{n: tf.constant(a) for n, a in batch.items()}).items()}
+
+    return _batched(predict, inputs), f"tensorflow {tf.__version__} saved_model.load, serving_default"
+
+
+def _check_coreml(path: Path, model) -> dict:
+    """Structural checks of a saved .mlpackage: input/output names, input shapes and types, metadata."""
+    import coremltools as ct
+
+    from c3ae.export.coreml import describe_coreml
+
+    described = describe_coreml(ct.models.MLModel(str(path), skip_model_load=True))
+    checks = []
+    for tensor in model.inputs:
+        info = described["inputs"].get(tensor.name)
+        ok = bool(info) and info.get("shape", [])[1:] == [int(d) for d in tensor.shape[1:]]
+        checks.append(
+            {
+                "check": f"input {tensor.name} {list(tensor.shape[1:])} float32",
+                "value": info,
+                "limit": None,
+                "passed": ok and info.get("dtype") == "float32",
+            }
+        )
+    for name in model.output_names:
+        checks.append(
+            {
+                "check": f"output {name} present",
+                "value": name in described["outputs"],
+                "limit": None,
+                "passed": name in described["outputs"],
+            }
+        )
+    checks.append(
+        {
+            "check": "preprocessing metadata",
+            "value": "c3ae" in described["metadata"],
+            "limit": None,
+            "passed": "c3ae" in described["metadata"],
+        }
+    )
+    described["metadata"] = sorted(described["metadata"])
+    return {
+        "runtime": "none: CoreML models run only on Apple platforms; the package was checked structurally "
+        "(names, shapes, types, metadata), not numerically",
+        "structure": described,
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _check_model_exists(model) -> None:
+    """Fail fast, before TensorFlow starts, on a model that is neither a file nor a bundled name."""
+    if not isinstance(model, (str, Path)) or Path(model).is_file():
+        return
+    from c3ae.runtime import WEIGHTS_DIR
+
+    if not (WEIGHTS_DIR / f"{model}.keras").is_file():
+        names = ", ".join(sorted(p.stem for p in WEIGHTS_DIR.glob("*.keras"))) or "none yet"
+        raise ExportError(f"{str(model)!r} is neither a .keras file nor a bundled model (bundled: {names}).")
+
+
+def _load(model):
+    import keras
+
+    if isinstance(model, keras.Model):
+        return model, getattr(model, "name", "model")
+    from c3ae.bundled import ModelNotFoundError, load_model
+
+    try:
+        return load_model(model), str(model)
+    except ModelNotFoundError as error:
+        raise ExportError(str(error)) from error
+
+
+def report_path(output: str | Path) -> Path:
+    """Where :func:`export_model` writes the report of ``output``: ``<output>.report.json``."""
+    output = Path(output)
+    return output.with_name(output.name + ".report.json")
+
+
+def export_model(
+    model,
+    output: str | Path,
+    format: str = "tflite",
+    quant: str = "none",
+    *,
+    calibration: str | Path | None = None,
+    tolerance: float | None = None,
+    opset: int = 17,
+    verify_limit: int = VERIFY_LIMIT,
+    calibration_limit: int = CALIBRATION_LIMIT,
+) -> dict:
+    """Export ``model`` (a ``keras.Model``, a ``.keras`` path or a bundled model's name) to ``output`` and
+    verify it against Keras; returns the report, also written to ``<output>.report.json``.
+
+    Args:
+        format: ``"tflite"``, ``"onnx"``, ``"saved_model"`` (a folder) or ``"coreml"`` (``.mlpackage``).
+        quant: TFLite ``"none"``, ``"fp16"``, ``"dynamic"``, ``"int8"``; CoreML ``"none"``, ``"fp16"``;
+            ONNX and SavedModel ``"none"``.
+        calibration: a ``c3ae preprocess`` manifest: int8 calibrates on its train split and every format is
+            verified on its test split (unaugmented crops with labels). Without one, both use crops of the
+            bundled photos (see :func:`asset_crops`).
+        tolerance: overrides the default gate of ``quant`` (module docstring).
+
+    Raises:
+        ExportError: a bad model, format, quantisation, manifest or output path (nothing is written);
+            :class:`NonFiniteWeightsError` for weights holding NaN or Inf; :class:`VerificationError` when the
+            artifact differs from Keras beyond the tolerance (it is left as ``<output>.failed``).
+    """
+    if format not in FORMATS:
+        raise ExportError(f"Unknown format {format!r}; choose one of: {', '.join(FORMATS)}.")
+    if quant not in FORMAT_QUANTS[format]:
+        raise ExportError(
+            f"Quantisation {quant!r} is not available for {format}; choose one of: "
+            f"{', '.join(FORMAT_QUANTS[format])}."
+        )
+    if tolerance is not None and not (np.isfinite(tolerance) and tolerance >= 0):
+        raise ExportError(f"The tolerance must be a number >= 0, got {tolerance}.")
+    _check_model_exists(model)
+    output = Path(output)
+    _check_output(output, format)
+    if format == "coreml":
+        from c3ae.export.coreml import CoreMLUnavailableError, _coremltools
+
+        try:
+            _coremltools()
+        except CoreMLUnavailableError as error:
+            raise ExportError(str(error)) from error
+    model, source = _load(model)
+    check_finite(model)
+
+    if format == "coreml":  # nothing can run it here: no crops needed
+        verify_data = {"inputs": {}, "labels": {}, "source": "none (structural check only)"}
+    elif calibration is not None:
+        verify_data = manifest_crops(model, calibration, "verify", verify_limit)
+    else:
+        verify_data = asset_crops(model, seed=0)
+    calibration_data = None
+    if quant == "int8":
+        calibration_data = (
+            manifest_crops(model, calibration, "calibrate", calibration_limit, seed=1)
+            if calibration is not None
+            else asset_crops(model, seed=1)
+        )
+
+    suffix = SUFFIXES[format]
+    stem = output.name[: -len(suffix)] if suffix and output.name.endswith(suffix) else output.name
+    temporary = output.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
+    failed = output.with_name(output.name + FAILED_SUFFIX)
+    report = {
+        "status": "failed",
+        "artifact": str(output),
+        "format": format,
+        "quantisation": quant,
+        "model": {"source": source, "name": model.name, "parameters": int(model.count_params())},
+        "inputs": {t.name: [None, *map(int, t.shape[1:])] for t in model.inputs},
+        "outputs": sorted(model.output_names),
+    }
+    started = time.perf_counter()
+    try:
+        _remove(temporary)
+        facts = _write_artifact(model, format, quant, temporary, calibration_data, opset)
+        converted = time.perf_counter()
+        report.update(facts)
+        report["size_bytes"] = _size(temporary)
+        if calibration_data is not None:
+            report["calibration"] = {
+                "data": calibration_data["source"],
+                "crops": int(len(next(iter(calibration_data["inputs"].values())))),
+            }
+        if format == "coreml":
+            verification = _check_coreml(temporary, model)
+        else:
+            expected = _predict_keras(model, verify_data["inputs"])
+            actual, runtime = _run_artifact(format, temporary, verify_data["inputs"])
+            verification = {
+                "runtime": runtime,
+                **compare(expected, actual, quant, tolerance, verify_data["labels"]),
+            }
+        verification["data"] = verify_data["source"]
+        verification["crops"] = int(len(next(iter(verify_data["inputs"].values()), [])))
+        report["verification"] = verification
+        report["seconds"] = {
+            "convert": round(converted - started, 2),
+            "verify": round(time.perf_counter() - converted, 2),
+        }
+        _remove(failed)
+        if verification["passed"]:
+            report["status"] = "passed"
+            if output.exists() or output.is_symlink():
+                _remove(output)
+            os.replace(temporary, output)
+        else:
+            report["artifact"] = str(failed)
+            os.replace(temporary, failed)
+            if output.exists() or output.is_symlink():  # an older export would not match this report
+                _remove(output)
+    except BaseException as error:
+        _remove(temporary)
+        if not isinstance(error, (ExportError, KeyboardInterrupt)):
+            report["error"] = f"{type(error).__name__}: {error}"
+            if output.exists() or output.is_symlink():  # an older export would not match this report
+                _remove(output)
+            _write_report(output, report)
+            raise ExportError(f"Converting to {format} failed: {type(error).__name__}: {error}") from error
+        raise
+    _write_report(output, report)
+    if report["status"] != "passed":
+        failing = [c for c in report["verification"]["checks"] if not c["passed"]]
+        first = failing[0]
+        what = (
+            f"{first['check']} = {_fmt(first['value'])} > {_fmt(first['limit'])}"
+            if isinstance(first["value"], float)
+            else f"failed check: {first['check']}"
+        )
+        raise VerificationError(
+            f"{format} ({quant}) artifact failed verification on {report['verification']['crops']} crops "
+            f"({what}); it was kept as {failed} and the numbers are in {report_path(output)}.",
+            report,
+        )
+    return report
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _write_report(output: Path, report: dict) -> None:
+    from c3ae._version import __version__
+
+    report.setdefault("c3ae_version", __version__)
+    report.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _write_json(report_path(output), report)

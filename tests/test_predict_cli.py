@@ -1,0 +1,153 @@
+"""``c3ae predict``: files and folders, the JSON and CSV outputs, annotated copies, and bad inputs."""
+
+import csv
+import hashlib
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from c3ae.bundled import available_models
+from c3ae.cli import main
+
+OBAMA = REPO / "assets" / "obama.jpg"
+ASTRONAUT = REPO / "assets" / "astronaut.jpg"
+FACE_KEYS = {"box", "landmarks", "detector_score", "age", "age_std", "gender", "gender_prob"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    """The bundled c3ae-utk, or (not shipped yet) an untrained C3AE SE + gender saved as .keras."""
+    if "c3ae-utk" in available_models():
+        return "c3ae-utk"
+    from c3ae.models.c3ae import build_c3ae
+
+    path = tmp_path_factory.mktemp("model") / "c3ae-se-gender.keras"
+    build_c3ae(se=True, gender=True).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder tree: two portraits (one as RGBA PNG), a photo without a face, a grayscale photo, a corrupt
+    file, an empty file, a truncated JPEG, and a text file that is not looked at."""
+    root = tmp_path_factory.mktemp("photos") / "album"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(OBAMA, root / "obama.jpg")
+    Image.open(ASTRONAUT).convert("RGBA").save(root / "sub" / "astronaut.png")
+    cv2.imwrite(str(root / "wall.jpg"), np.full((120, 160, 3), 140, np.uint8))
+    cv2.imwrite(str(root / "sub" / "gray.png"), cv2.imread(str(OBAMA), cv2.IMREAD_GRAYSCALE))
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8 this is not really a JPEG")
+    (root / "empty.png").write_bytes(b"")
+    (root / "sub" / "cut.jpg").write_bytes(OBAMA.read_bytes()[:3000])
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def digests(folder) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_json_to_stdout_has_one_object_per_image(model, capsys):
+    assert main(["predict", str(OBAMA), str(ASTRONAUT), "--json", "-", "--model", model]) == 0
+    captured = capsys.readouterr()
+    records = json.loads(captured.out)  # stdout holds the JSON and nothing else
+    assert [r["path"] for r in records] == [str(OBAMA), str(ASTRONAUT)]
+    for record in records:
+        assert set(record) == {"path", "faces"} and len(record["faces"]) == 1
+        face = record["faces"][0]
+        assert set(face) == FACE_KEYS
+        assert len(face["box"]) == 4 and set(face["landmarks"]) >= {"left_eye", "nose"}
+        assert face["gender"] in ("male", "female") and 0.5 <= face["gender_prob"] <= 1.0
+        assert isinstance(face["age"], float) and isinstance(face["age_std"], float)
+    assert "2 image(s), 2 face(s)" in captured.err
+
+
+def test_folders_recursively_with_bad_files_skipped(model, photos, tmp_path, capsys):
+    before = digests(photos)
+    out = tmp_path / "annotated"
+    code = main(
+        [
+            "predict",
+            str(photos),
+            "--output-dir",
+            str(out),
+            "--json",
+            str(tmp_path / "faces.json"),
+            "--csv",
+            str(tmp_path / "faces.csv"),
+            "--model",
+            model,
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    assert digests(photos) == before  # inputs untouched
+    records = {r["path"]: r["faces"] for r in json.loads((tmp_path / "faces.json").read_text())}
+    names = {name.replace(str(photos) + "/", ""): faces for name, faces in records.items()}
+    assert set(names) == {"obama.jpg", "wall.jpg", "sub/astronaut.png", "sub/gray.png"}
+    assert len(names["obama.jpg"]) == 1 and len(names["sub/astronaut.png"]) == 1
+    assert len(names["sub/gray.png"]) == 1 and names["wall.jpg"] == []
+    # Unreadable files: one message each, and a summary with the reasons.
+    for bad in ("corrupt.jpg", "empty.png", "cut.jpg"):
+        assert f"{bad}:" in captured.err
+    assert "skipped 3" in captured.err and "empty file 1" in captured.err
+    assert "Traceback" not in captured.err
+    # Annotated copies mirror the folder; a box was drawn on the portrait.
+    copies = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert copies == ["album/obama.jpg", "album/sub/astronaut.png", "album/sub/gray.png", "album/wall.jpg"]
+    assert not np.array_equal(cv2.imread(str(out / "album" / "obama.jpg")), cv2.imread(str(OBAMA)))
+    rows = list(csv.DictReader((tmp_path / "faces.csv").open()))
+    assert len(rows) == 4  # three faces, and one row for the image without a face
+    assert {r["gender"] for r in rows if r["face"] == "0"} <= {"male", "female"}
+    assert [r["face"] for r in rows if r["path"].endswith("wall.jpg")] == [""]
+
+
+def test_never_overwrites_an_input(model, photos, capsys):
+    before = digests(photos)
+    # Annotated copies of album/obama.jpg would land on album/obama.jpg itself.
+    assert main(["predict", str(photos / "obama.jpg"), "--output-dir", str(photos), "--model", model]) == 0
+    assert "is an input; not overwritten" in capsys.readouterr().err
+    assert digests(photos) == before
+
+
+def test_no_face_is_exit_0_and_an_empty_list(model, photos, capsys):
+    assert main(["predict", str(photos / "wall.jpg"), "--json", "-", "--model", model]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"path": str(photos / "wall.jpg"), "faces": []}]
+
+
+def test_only_unreadable_files_is_exit_1(model, photos, capsys):
+    assert main(["predict", str(photos / "corrupt.jpg"), "--model", model]) == 1
+    err = capsys.readouterr().err
+    assert "corrupt.jpg: not an image" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["predict", "no/such/photo.jpg"], "no/such/photo.jpg does not exist"),
+        (["predict", str(OBAMA), "--model", "no-such-model"], "neither a .keras file nor a bundled model"),
+        (["predict", str(OBAMA), "--json", "/no/such/folder/out.json"], "does not exist"),
+        (["predict", str(OBAMA), "--json", "-", "--csv", "-"], "cannot both write to stdout"),
+        (["predict", str(OBAMA), "--detector", "yolo"], "invalid choice"),
+    ],
+)
+def test_user_mistakes_are_one_line_and_exit_2(args, message, capsys):
+    if "yolo" in args:  # argparse's own check
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+    else:
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_empty_folder_is_a_user_mistake(tmp_path, capsys):
+    (tmp_path / "readme.txt").write_text("no photos here")
+    assert main(["predict", str(tmp_path)]) == 2
+    assert "No images found" in capsys.readouterr().err
