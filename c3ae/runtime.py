@@ -272,10 +272,10 @@ def load_backend(
     Args:
         model: a ``keras.Model``, a bundled model's name (``"c3ae-utk"``), or a ``.keras``, ``.tflite`` or
             ``.onnx`` file.
-        backend: ``"keras"``, ``"tflite"``, ``"onnx"``, or ``"auto"`` (the file's own format; Keras for a
-            model or a name). A Keras model or a bundled name asked for as TFLite or ONNX uses the shipped
-            ``c3ae/weights/<name>.tflite`` / ``.onnx`` when there is one, else is converted in memory (fp32)
-            once per file.
+        backend: ``"keras"``, ``"tflite"``, ``"onnx"``, or ``"auto"`` (the file's own format; for a bundled
+            name its shipped ``.tflite`` if there is one; otherwise Keras). A Keras model or a bundled
+            name asked for as TFLite or ONNX uses the shipped ``c3ae/weights/<name>.tflite`` /
+            ``.onnx`` when there is one, else is converted in memory (fp32) once per file.
         threads: CPU threads (LiteRT ``num_threads``, ONNX Runtime ``intra_op_num_threads``); None = the
             runtime's default. Keras ignores it once TensorFlow has started.
 
@@ -302,10 +302,12 @@ def load_backend(
                         f"backend '{kind}' only, not {backend!r}."
                     )
                 return _from_bytes(kind, path.read_bytes(), threads, str(path))
-        elif backend in ("tflite", "onnx"):
-            shipped = WEIGHTS_DIR / f"{model}.{backend}"
+        elif backend in ("tflite", "onnx", "auto"):
+            # "auto" on a bundled name: the shipped, verified TFLite artifact when there is one.
+            shipped = WEIGHTS_DIR / f"{model}.{'tflite' if backend == 'auto' else backend}"
             if shipped.is_file():
-                return _from_bytes(backend, shipped.read_bytes(), threads, str(shipped))
+                kind = "tflite" if backend == "auto" else backend
+                return _from_bytes(kind, shipped.read_bytes(), threads, str(shipped))
     if backend in ("auto", "keras"):
         _keras_threads(threads)
         return KerasBackend(_keras_model(model))
