@@ -74,6 +74,24 @@ LICENSE_NOTES = {
 }
 
 
+def trained_context(name_or_path: str | Path) -> float:
+    """The visible window (``ChipSpec.context``) a model was trained with: from a bundled model's card, or
+    from the ``config.yaml`` of the run folder holding a ``.keras`` file; 0 (the whole chip) otherwise."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        if (WEIGHTS_DIR / f"{name_or_path}.json").is_file():
+            chip = (model_card(str(name_or_path)).get("preprocessing") or {}).get("chip") or {}
+            return float(chip.get("context", 0.0))
+        return 0.0
+    config = path.parent / "config.yaml"
+    if path.suffix.lower() == ".keras" and config.is_file():
+        data = yaml.safe_load(config.read_text()) or {}
+        return float((data.get("data") or {}).get("context", 0.0) or 0.0)
+    return 0.0
+
+
 def _finite_weights(model: keras.Model) -> None:
     import numpy as np
 
@@ -142,10 +160,13 @@ def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "
     model = load_model(run_dir / "best.keras")
     _finite_weights(model)
     info = read_manifest(manifest)
-    metrics, _ = evaluate(model, info, split)
     config = (
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     )
+    context = float((config.get("data") or {}).get("context", 0.0) or 0.0)
+    metrics, _ = evaluate(model, info, split, context=context)
+    preprocessing = json.loads(json.dumps(info.get("face_pipeline", {})))
+    preprocessing.setdefault("chip", {})["context"] = context
     lineage = _training_lineage(run_dir)
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else {}
     dataset = info.get("dataset", "")
@@ -159,7 +180,7 @@ def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "
         "input_convention": "float32 BGR crops, raw pixels in [0, 255]",
         "data": {"dataset": dataset, "counts": info.get("counts", {})},
         "split": {**info.get("split", {}), "evaluated": split},
-        "preprocessing": info.get("face_pipeline", {}),
+        "preprocessing": preprocessing,
         "metrics": {split: metrics, "best_validation": best},
         "training": {
             "config": config,

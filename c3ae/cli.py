@@ -176,7 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from c3ae.bundled import ModelNotFoundError, load_model
+    from c3ae.bundled import ModelNotFoundError, load_model, trained_context
     from c3ae.evaluate import evaluate, write_report
 
     try:
@@ -184,7 +184,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except ModelNotFoundError as error:
         raise UserError(str(error)) from error
     try:
-        metrics, predictions = evaluate(model, args.data, args.split, args.batch_size)
+        context = trained_context(args.model)
+        metrics, predictions = evaluate(model, args.data, args.split, args.batch_size, context)
     except (ValueError, FileNotFoundError) as error:
         raise UserError(str(error)) from error
     text = json.dumps(metrics, indent=2)

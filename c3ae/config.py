@@ -34,6 +34,9 @@ class DataConfig:
     augment: bool = True
     cache: bool = True  # keep the (small) shard rows in memory after the first epoch
     input_size: int | None = None  # crop side; default: the family's
+    # Visible window around the face in inner-box widths (0: the whole chip); recorded on the model card
+    # so that inference masks the same way (c3ae.faces.mask_context).
+    context: float = 0.0
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Config:
             raise ConfigError(f"model.name: unknown family {self.model.name!r}; expected one of {FAMILIES}.")
         checks = [
             (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
+            (self.data.context >= 0, "data.context must be >= 0"),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
             (self.train.lr > 0, "train.lr must be > 0"),
             (

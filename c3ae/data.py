@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from c3ae.faces import CROP_NAMES, crop, warp
+from c3ae.faces import CROP_NAMES, crop, mask_context, warp
 
 logger = logging.getLogger(__name__)
 
@@ -385,9 +385,11 @@ def augment_crops(
     return crops
 
 
-def _crop_rows(chip, boxes, single, seed, *, size: int, augment: bool, use_single: bool):
+def _crop_rows(
+    chip, boxes, single, seed, *, size: int, augment: bool, use_single: bool, context: float = 0.0
+):
     """numpy_function body: (K, size, size, 3) uint8 crops of one decoded BGR chip."""
-    chip = np.ascontiguousarray(chip)
+    chip = mask_context(np.ascontiguousarray(chip), boxes.reshape(-1, 4)[2], context)
     boxes = single.reshape(1, 4) if use_single else boxes.reshape(-1, 4)
     if not augment:
         return np.stack([crop(chip, box, size) for box in boxes])
@@ -463,6 +465,7 @@ def make_dataset(
     input_size: int | None = None,
     drop_remainder: bool = False,
     cache: bool | str = False,
+    context: float = 0.0,
 ):
     """A ``tf.data.Dataset`` of ``(inputs, targets)`` batches for one split of a preprocessed dataset.
 
@@ -482,6 +485,8 @@ def make_dataset(
         drop_remainder: drop the last, smaller batch.
         cache: cache the shard rows (JPEG bytes and labels, before augmentation) in memory (True) or in the
             file named by a string, after the first epoch.
+        context: zero each chip outside a window of this many inner-box widths before cropping
+            (``c3ae.faces.mask_context``; 0 keeps everything), as inference does for the same model.
 
     Targets (float32): ``age`` (N, 1) years; ``gender`` (N, 1) 1/0/-1 (unknown stays -1 for the masked
     loss); ``age_bins`` (N, 12) two-point encoded for C3AE, the age (N, 1) for DLDL; ``age_group`` (N, 8)
@@ -535,7 +540,9 @@ def make_dataset(
     element_seeds = tf.data.Dataset.random(seed=seeds[3], rerandomize_each_iteration=True)
     rows = tf.data.Dataset.zip(rows, element_seeds)
 
-    cropper = partial(_crop_rows, size=size, augment=augment, use_single=input_names == ("image",))
+    cropper = partial(
+        _crop_rows, size=size, augment=augment, use_single=input_names == ("image",), context=float(context)
+    )
     count = len(input_names)
 
     def to_crops(row, element_seed):

@@ -227,7 +227,7 @@ class AgeGenderEstimator:
             parts: dict[str, list] = {}
             for start in range(0, len(faces), self.batch_size):
                 crops = [
-                    model_crops(f.chip, f.boxes, f.single_box, kind, backend.input_size)
+                    model_crops(f.chip, f.boxes, f.single_box, kind, backend.input_size, self.spec.context)
                     for f in faces[start : start + self.batch_size]
                 ]
                 padded = _bucket(len(crops), self.batch_size)

@@ -20,8 +20,12 @@ def model_family(model: keras.Model) -> tuple[str, int]:
     return ("c3ae" if "outer" in names else "ssrnet"), side
 
 
-def predict_split(model: keras.Model, manifest, split: str = "test", batch_size: int = 256) -> dict:
-    """Predictions and labels over a split: ``age_true``, ``age_pred``, ``gender_true``, ``gender_prob``."""
+def predict_split(
+    model: keras.Model, manifest, split: str = "test", batch_size: int = 256, context: float = 0.0
+) -> dict:
+    """Predictions and labels over a split: ``age_true``, ``age_pred``, ``gender_true``, ``gender_prob``.
+
+    ``context``: the visible window the model was trained with (``c3ae.bundled.trained_context``)."""
     from c3ae.data import make_dataset
 
     family, side = model_family(model)
@@ -36,6 +40,7 @@ def predict_split(model: keras.Model, manifest, split: str = "test", batch_size:
         shuffle=False,
         outputs=targets,
         input_size=side,
+        context=context,
     )
     single = not isinstance(model.input, dict)
     collected: dict[str, list] = {"age_true": [], "age_pred": [], "gender_true": [], "gender_prob": []}
@@ -70,9 +75,11 @@ def metrics_from_predictions(predictions: dict) -> dict:
     }
 
 
-def evaluate(model: keras.Model, manifest, split: str = "test", batch_size: int = 256) -> tuple[dict, dict]:
-    """(metrics, predictions) of ``model`` on ``split``."""
-    predictions = predict_split(model, manifest, split, batch_size)
+def evaluate(
+    model: keras.Model, manifest, split: str = "test", batch_size: int = 256, context: float = 0.0
+) -> tuple[dict, dict]:
+    """(metrics, predictions) of ``model`` on ``split``, its crops masked to ``context`` as in training."""
+    predictions = predict_split(model, manifest, split, batch_size, context)
     return metrics_from_predictions(predictions), predictions
 
 

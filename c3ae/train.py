@@ -306,6 +306,7 @@ def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.nda
         "input_size": config.data.input_size,
         "seed": config.train.seed,
         "cache": config.data.cache,
+        "context": config.data.context,
     }
     train_data = make_dataset(manifest, split="train", augment=config.data.augment, **common)
     val_data = make_dataset(manifest, split="val", augment=False, **common) if has_val else None

@@ -19,7 +19,16 @@ from c3ae.data import (
     read_manifest,
     split_size,
 )
-from c3ae.faces import TEMPLATE_IN_BOX, ChipSpec, Detection, align_face, crop, read_image
+from c3ae.faces import (
+    TEMPLATE_IN_BOX,
+    ChipSpec,
+    Detection,
+    align_face,
+    crop,
+    mask_context,
+    model_crops,
+    read_image,
+)
 from c3ae.losses import two_point_encode
 from c3ae.models.levi_hassner import ADIENCE_AGE_GROUPS
 from c3ae.preprocessing.shards import write_shard
@@ -192,6 +201,29 @@ def test_crops_match_face_pipeline_without_augmentation(data):
     for index, row in enumerate(rows):
         chip = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_COLOR)
         np.testing.assert_array_equal(single["image"][index], crop(chip, row["single_box"], 64))
+
+
+@pytest.mark.parametrize("model", ["c3ae", "ssrnet"])
+def test_context_window_crops_match_inference_crops(data, model):
+    """With a context window, training crops are still exactly the crops inference makes (model_crops)."""
+    inputs, _ = _collect(make_dataset(data["manifest"], split="val", model=model, batch_size=4, context=1.2))
+    plain, _ = _collect(make_dataset(data["manifest"], split="val", model=model, batch_size=4))
+    for index, row in enumerate(data["val"]):
+        chip = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_COLOR)
+        boxes = np.asarray(row["boxes"], np.float32)
+        live = model_crops(chip, boxes, np.asarray(row["single_box"]), model, 64, context=1.2)
+        for name, value in live.items():
+            np.testing.assert_array_equal(inputs[name][index], value.astype(np.float32), err_msg=name)
+    name = "outer" if model == "c3ae" else "image"
+    assert not np.array_equal(inputs[name], plain[name])  # the window did cut something
+
+
+def test_mask_context_keeps_a_square_window_around_the_inner_box():
+    chip = np.full((20, 20, 3), 200, np.uint8)
+    masked = mask_context(chip, (8, 8, 12, 12), 2.0)  # 8 px window centred on (10, 10): pixels 6..13
+    assert masked[6:14, 6:14].min() == 200 and masked.sum() == 8 * 8 * 3 * 200
+    assert mask_context(chip, (8, 8, 12, 12), 0.0) is chip
+    assert mask_context(chip, (-50, -50, -40, -40), 1.0).sum() == 0  # window off the chip: all black
 
 
 def test_nan_ages_dropped_only_for_age_targets(data):

@@ -1,0 +1,104 @@
+"""The bundled models ship inside the package: they load offline, hold finite weights, carry model cards,
+their shipped TFLite / ONNX artifacts agree with Keras, and they estimate real faces plausibly."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+from conftest import REPO, SHARED
+
+from c3ae.bundled import WEIGHTS_DIR, available_models, load_model, model_card
+
+BUNDLED = ["c3ae-utk", "ssrnet-utk", "ssrnet-utk-gender"]
+CARD_KEYS = {
+    "name",
+    "family",
+    "parameters",
+    "data",
+    "split",
+    "preprocessing",
+    "metrics",
+    "training",
+    "license",
+}
+
+
+def test_every_bundled_model_ships():
+    assert set(BUNDLED) <= set(available_models())
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_model_loads_offline_with_a_card(name):
+    model = load_model(name)  # a name, not a path: resolved inside the package, nothing downloaded
+    for weight in model.weights:
+        assert np.isfinite(weight.numpy()).all(), weight.path
+    card = model_card(name)
+    assert CARD_KEYS <= set(card)
+    assert card["parameters"] == model.count_params()
+    assert card["data"]["dataset"] == "utkface" and card["split"]["evaluated"] == "test"
+    test = card["metrics"]["test"]
+    assert test["count"] > 2000
+    if "age" in model.output_names:
+        assert 0 < test["mae"] < 10 and set(test["mae_by_band"]) == {"0-12", "13-19", "20-39", "40-59", "60+"}
+    if "gender" in model.output_names:
+        assert 0.75 < test["gender_accuracy"] <= 1
+
+
+def _asset_crops(model):
+    from c3ae.evaluate import model_family
+    from c3ae.faces import FacePipeline, model_crops, read_image
+
+    family, side = model_family(model)
+    pipeline = FacePipeline()
+    batches = []
+    for photo in ("obama.jpg", "astronaut.jpg"):
+        (face,) = pipeline.process(read_image(REPO / "assets" / photo), max_faces=1)
+        batches.append(model_crops(face.chip, face.boxes, face.single_box, family, side))
+    return {name: np.stack([b[name] for b in batches]).astype("float32") for name in batches[0]}
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+@pytest.mark.parametrize("suffix", ["tflite", "onnx"])
+def test_shipped_artifacts_match_keras(name, suffix):
+    from c3ae.runtime import load_backend
+
+    artifact = WEIGHTS_DIR / f"{name}.{suffix}"
+    assert artifact.is_file(), f"{artifact} is not shipped"
+    report = json.loads((WEIGHTS_DIR / f"{name}.{suffix}.report.json").read_text())
+    assert report["status"] == "passed"
+    model = load_model(name)
+    crops = _asset_crops(model)
+    expected = {k: np.asarray(v) for k, v in model.predict(crops, verbose=0).items()}
+    got = load_backend(name, suffix).predict(crops)
+    for output, value in expected.items():
+        np.testing.assert_allclose(got[output], value, atol=1e-3 * max(1.0, float(np.abs(value).max())))
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "utkface").is_dir(), reason="needs ../shared/data/utkface")
+def test_c3ae_utk_on_real_utkface_photos():
+    """200 held-out UTKFace photos (the test split the card was measured on: same seed, same split rule)
+    through the public estimator, from the file: a sanity bound far from chance, not the card's numbers."""
+    from c3ae import AgeGenderEstimator
+    from c3ae.preprocessing.pipeline import assign_splits
+    from c3ae.preprocessing.readers import get_reader
+
+    everything, _ = get_reader("utkface").scan(SHARED / "data" / "utkface")
+    samples = [
+        s for s, split in zip(everything, assign_splits(everything, seed=0), strict=True) if split == "test"
+    ]
+    random.Random(0).shuffle(samples)
+    estimator = AgeGenderEstimator("c3ae-utk")
+    errors, hits = [], []
+    for sample in samples[:200]:
+        faces = estimator.predict(sample.path)
+        if not faces:
+            continue
+        face = faces[0]
+        errors.append(abs(face.age - sample.age))
+        if sample.gender in (0, 1):
+            hits.append((face.gender == "male") == (sample.gender == 1))
+    assert len(errors) > 170
+    assert np.mean(errors) < 8.0 and np.mean(hits) > 0.8, (np.mean(errors), np.mean(hits))
+    assert not math.isclose(np.std(errors), 0.0)  # not one age for every face
