@@ -137,7 +137,8 @@ def _training_lineage(run_dir: Path) -> list[dict]:
             }
         )
         source = train.get("init_from")
-        run_dir = Path(source).parent if source and Path(source).is_file() else None
+        follow = source and Path(source).is_file() and (Path(source).parent / "config.yaml").is_file()
+        run_dir = Path(source).parent if follow else None  # else: outside weights (e.g. the authors' .h5)
     return stages
 
 

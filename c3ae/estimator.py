@@ -109,8 +109,8 @@ class AgeGenderEstimator:
         model: a bundled model's name (``"c3ae-utk"``, see ``c3ae.bundled.available_models()``), a
             ``.keras``, ``.tflite`` or ``.onnx`` file, or a ``keras.Model``. A bundled age-only model ``X``
             is paired with the bundled gender model ``X-gender`` when there is one (SSR-Net).
-        backend: ``"keras"``, ``"tflite"``, ``"onnx"`` or ``"auto"`` (the file's own format; Keras for a
-            name or a model). See ``c3ae.runtime.load_backend``.
+        backend: ``"keras"``, ``"tflite"``, ``"onnx"`` or ``"auto"`` (the file's own format; a bundled
+            name's shipped TFLite file when there is one; Keras otherwise). See ``c3ae.runtime.load_backend``.
         detector: ``"mtcnn"`` (5 landmarks, the training pipeline's) or ``"haar"`` (faster, frontal only).
         min_face: faces narrower or shorter than this many pixels are ignored. With MTCNN, values above 20
             also make detection faster: it runs on the image scaled by 20 / min_face.
