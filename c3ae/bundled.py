@@ -142,6 +142,19 @@ def _training_lineage(run_dir: Path) -> list[dict]:
     return stages
 
 
+def _initial_weights_note(lineage: list[dict]) -> str:
+    """Attribution for a fine-tuning chain that starts from the original authors' published weights."""
+    source = lineage[-1].get("init_from") if lineage else None
+    if not source or not str(source).lower().endswith((".h5", ".hdf5")):
+        return ""
+    terms = (
+        "Apache-2.0, shamangary/SSR-Net"
+        if "ssrnet" in Path(source).name.lower()
+        else "BSD-2-Clause, StevenBanama/C3AE"
+    )
+    return f" Initialised from the original authors' weights {Path(source).name} ({terms})."
+
+
 def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "test") -> dict:
     """Copy a run's ``best.keras`` into the package as ``name`` with its model card, evaluated on ``split``.
 
@@ -189,7 +202,8 @@ def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "
             "total_seconds": round(sum(stage["seconds"] or 0.0 for stage in lineage), 1),
             "stages": lineage,
         },
-        "license": LICENSE_NOTES.get(dataset, "See the training data's terms."),
+        "license": LICENSE_NOTES.get(dataset, "See the training data's terms.")
+        + _initial_weights_note(lineage),
     }
     WEIGHTS_DIR.mkdir(exist_ok=True)
     for suffix, write in (
