@@ -162,7 +162,6 @@ def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "
     run's best validation value), the training time and the license note. Refuses weights with NaN or Inf.
     """
     import os
-    import shutil
 
     import yaml
 
@@ -207,11 +206,12 @@ def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "
     }
     WEIGHTS_DIR.mkdir(exist_ok=True)
     for suffix, write in (
-        (".keras", lambda path: shutil.copyfile(run_dir / "best.keras", path)),
+        # The model alone (loaded without its optimizer): a third of the checkpoint's size.
+        (".keras", lambda path: model.save(path)),
         (".json", lambda path: path.write_text(json.dumps(card, indent=2) + "\n")),
     ):
         target = WEIGHTS_DIR / f"{name}{suffix}"
-        temporary = target.with_name(f".{target.name}.tmp")
+        temporary = target.with_name(f".tmp-{target.name}")  # same suffix: Keras insists on ".keras"
         write(temporary)
         os.replace(temporary, target)
     return card

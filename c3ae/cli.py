@@ -58,11 +58,34 @@ def cmd_models(args: argparse.Namespace) -> int:
                 variant.description,
             )
         )
-    header = ("model", "family", "inputs", "outputs", "params", "description")
+    _print_table(("model", "family", "inputs", "outputs", "params", "description"), rows)
+    from c3ae.bundled import available_models, model_card
+
+    bundled = []
+    for name in available_models():
+        card = model_card(name)
+        test = (card.get("metrics") or {}).get("test") or {}
+        mae, accuracy = test.get("mae"), test.get("gender_accuracy")
+        bundled.append(
+            (
+                name,
+                card.get("family", ""),
+                f"{card.get('parameters', 0):,}",
+                f"{mae:.2f}" if mae is not None else "-",
+                f"{accuracy:.3f}" if accuracy is not None else "-",
+                (card.get("data") or {}).get("dataset", ""),
+            )
+        )
+    if bundled:
+        print("\nbundled pretrained models (offline; metrics on their test split, from the model cards):")
+        _print_table(("name", "family", "params", "test MAE", "gender acc", "trained on"), bundled)
+    return 0
+
+
+def _print_table(header: tuple, rows: list) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    return 0
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from c3ae.conventions import AGE_BANDS
-from c3ae.metrics import cumulative_accuracy, gender_accuracy, mae, mae_by_band
+from c3ae.metrics import cumulative_accuracy, gender_accuracy, gender_accuracy_by_band, mae, mae_by_band
 
 
 def model_family(model: keras.Model) -> tuple[str, int]:
@@ -60,7 +60,8 @@ def predict_split(
 
 
 def metrics_from_predictions(predictions: dict) -> dict:
-    """The evaluation JSON: ``mae``, ``ca3``, ``ca5``, ``gender_accuracy``, ``mae_by_band``, ``count``."""
+    """The evaluation JSON: ``mae``, ``ca3``, ``ca5``, ``gender_accuracy``, ``mae_by_band``, ``count``, and
+    ``gender_accuracy_by_band`` for models with a gender output evaluated on rows with ages."""
     age_true, age_pred = predictions.get("age_true"), predictions.get("age_pred")
     gender_true, gender_prob = predictions.get("gender_true"), predictions.get("gender_prob")
     has_age = age_true is not None and age_pred is not None
@@ -72,6 +73,11 @@ def metrics_from_predictions(predictions: dict) -> dict:
         "gender_accuracy": gender_accuracy(gender_true, gender_prob) if gender_prob is not None else None,
         "mae_by_band": mae_by_band(age_true, age_pred) if has_age else None,
         "count": int(count),
+        **(
+            {"gender_accuracy_by_band": gender_accuracy_by_band(age_true, gender_true, gender_prob)}
+            if gender_prob is not None and age_true is not None and len(age_true) == len(gender_true)
+            else {}
+        ),
     }
 
 

@@ -12,7 +12,14 @@ import numpy as np
 
 from c3ae.conventions import AGE_BANDS, FEMALE, MALE, UNKNOWN_GENDER
 
-__all__ = ["mae", "cumulative_accuracy", "gender_accuracy", "mae_by_band", "summarize"]
+__all__ = [
+    "mae",
+    "cumulative_accuracy",
+    "gender_accuracy",
+    "gender_accuracy_by_band",
+    "mae_by_band",
+    "summarize",
+]
 
 
 def _vector(x, what: str) -> np.ndarray:
@@ -106,6 +113,29 @@ def mae_by_band(
             in_band &= t < high
         count = int(np.count_nonzero(in_band))
         result[name] = {"mae": float(errors[in_band].mean()) if count else None, "count": count}
+    return result
+
+
+def gender_accuracy_by_band(
+    age_true, gender_true, prob_male, bands: Sequence[tuple[str, float, float | None]] = AGE_BANDS
+) -> dict[str, dict]:
+    """Gender accuracy per band of the TRUE age (children's gender is where models fail).
+
+    Returns ``{name: {"accuracy": float or None (no known label), "count": int}}``; labels -1 are ignored.
+    """
+    ages = _vector(age_true, "age_true")
+    labels, probs = _pair(gender_true, prob_male, "gender_true", "prob_male")
+    labels = _gender_labels(labels)
+    if ages.size != labels.size:
+        raise ValueError(f"age_true has {ages.size} values but gender_true has {labels.size}")
+    result: dict[str, dict] = {}
+    for name, low, high in bands:
+        in_band = (ages >= low) & (labels != UNKNOWN_GENDER)
+        if high is not None:
+            in_band &= ages < high
+        count = int(np.count_nonzero(in_band))
+        correct = (probs[in_band] >= 0.5) == (labels[in_band] == MALE)
+        result[name] = {"accuracy": float(correct.mean()) if count else None, "count": count}
     return result
 
 

@@ -102,3 +102,15 @@ def test_c3ae_utk_on_real_utkface_photos():
     assert len(errors) > 170
     assert np.mean(errors) < 8.0 and np.mean(hits) > 0.8, (np.mean(errors), np.mean(hits))
     assert not math.isclose(np.std(errors), 0.0)  # not one age for every face
+
+
+def test_models_command_lists_the_bundled_models(capsys):
+    from c3ae.cli import main
+
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out.split("bundled pretrained models", 1)[1]
+    for name in BUNDLED:
+        card = model_card(name)
+        assert name in listing
+        if "mae" in card["metrics"]["test"] and card["metrics"]["test"]["mae"] is not None:
+            assert f"{card['metrics']['test']['mae']:.2f}" in listing

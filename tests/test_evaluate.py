@@ -29,7 +29,16 @@ def test_metrics_on_hand_made_predictions():
     assert bands["0-12"] == {"mae": 2.0, "count": 1} and bands["13-19"] == {"mae": 0.0, "count": 1}
     assert bands["20-39"] == {"mae": 6.0, "count": 1} and bands["40-59"] == {"mae": 4.0, "count": 1}
     assert bands["60+"]["mae"] == pytest.approx(10.25) and bands["60+"]["count"] == 2
-    assert set(metrics) == {"mae", "ca3", "ca5", "gender_accuracy", "mae_by_band", "count"}
+    assert set(metrics) == {
+        "mae",
+        "ca3",
+        "ca5",
+        "gender_accuracy",
+        "mae_by_band",
+        "count",
+        "gender_accuracy_by_band",
+    }
+    assert sum(band["count"] for band in metrics["gender_accuracy_by_band"].values()) == 5  # known labels
     json.dumps(metrics)
 
 

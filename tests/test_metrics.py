@@ -106,3 +106,19 @@ def test_gender_validation_errors():
         summarize(TRUE, PRED, gender_true=[1, 0, 1, 0])
     with pytest.raises(ValueError, match="4 .*3"):
         summarize(TRUE, PRED, gender_true=[1, 0, 1], gender_prob=[0.5, 0.5, 0.5])
+
+
+def test_gender_accuracy_by_band_by_hand():
+    from c3ae.metrics import gender_accuracy_by_band
+
+    ages = [2, 5, 30, 35, 70, 14]
+    labels = [1, 0, 1, -1, 0, 1]
+    probs = [0.2, 0.3, 0.9, 0.1, 0.6, 0.5]
+    bands = gender_accuracy_by_band(ages, labels, probs)
+    assert bands["0-12"] == {"accuracy": 0.5, "count": 2}  # 2 y: wrong (0.2 < 0.5), 5 y: right
+    assert bands["13-19"] == {"accuracy": 1.0, "count": 1}  # 0.5 counts as male
+    assert bands["20-39"] == {"accuracy": 1.0, "count": 1}  # the unknown label is ignored
+    assert bands["40-59"] == {"accuracy": None, "count": 0}
+    assert bands["60+"] == {"accuracy": 0.0, "count": 1}
+    with pytest.raises(ValueError, match="age_true has 1 values"):
+        gender_accuracy_by_band([3], labels, probs)
