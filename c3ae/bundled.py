@@ -103,15 +103,17 @@ def _finite_weights(model: keras.Model) -> None:
                 )
 
 
-def _run_seconds(run_dir: Path) -> float | None:
+def _run_log(run_dir: Path) -> tuple[int | None, float | None]:
+    """(epochs run, seconds) from a run's log.csv; seconds None when the log has no epoch timer."""
     import csv
 
     log = run_dir / "log.csv"
     if not log.is_file():
-        return None
+        return None, None
     with open(log) as handle:
-        times = [float(r["epoch_seconds"]) for r in csv.DictReader(handle) if r.get("epoch_seconds")]
-    return round(sum(times), 1) if times else None
+        rows = list(csv.DictReader(handle))
+    times = [float(r["epoch_seconds"]) for r in rows if r.get("epoch_seconds")]
+    return len(rows), (round(sum(times), 1) if times else None)
 
 
 def _training_lineage(run_dir: Path) -> list[dict]:
@@ -124,15 +126,17 @@ def _training_lineage(run_dir: Path) -> list[dict]:
         config_path = run_dir / "config.yaml"
         config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
         train = config.get("train") or {}
+        epochs_run, seconds = _run_log(run_dir)
         stages.append(
             {
                 "run": run_dir.name,
                 "model_options": (config.get("model") or {}).get("options"),
                 "epochs": train.get("epochs"),
+                "epochs_run": epochs_run,
                 "steps_per_epoch": train.get("steps_per_epoch"),
                 "lr": train.get("lr"),
                 "loss": config.get("loss"),
-                "seconds": _run_seconds(run_dir),
+                "seconds": seconds,
                 "init_from": train.get("init_from"),
             }
         )
