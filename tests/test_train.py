@@ -164,8 +164,13 @@ def test_publish_bundles_the_best_model_with_its_card(tiny_manifest, tmp_path, m
     assert bundled.available_models() == ["tiny-c3ae"]
     assert bundled.model_card("tiny-c3ae") == card
     assert card["family"] == "c3ae" and card["parameters"] == 55_530
-    assert set(card["metrics"]["val"]) == {"mae", "ca3", "ca5", "gender_accuracy", "mae_by_band", "count"}
+    assert set(card["metrics"]["val"]) == {
+        *("mae", "ca3", "ca5", "gender_accuracy", "mae_by_band", "count", "gender_accuracy_by_band")
+    }
     assert card["training"]["seconds"] > 0 and card["preprocessing"]["chip"]["size"] == 160
+    assert card["preprocessing"]["chip"]["context"] == 0.0  # the run's data.context, applied at inference
+    (stage,) = card["training"]["stages"]
+    assert stage["run"] == "run" and stage["epochs_run"] == 1 and stage["init_from"] is None
     model = bundled.load_model("tiny-c3ae")
     assert model.count_params() == 55_530
 
