@@ -106,10 +106,20 @@ class TFLiteBackend(Backend):
     name = "tflite"
 
     def __init__(self, flatbuffer: bytes, threads: int | None = None):
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+        plain = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
+            self.interpreter = Interpreter(
+                model_content=flatbuffer, num_threads=threads, experimental_op_resolver_type=plain
+            )
+            # Fully integer graphs (their float input goes through a QUANTIZE op) keep the builtin kernels:
+            # LiteRT 2.3's XNNPACK delegate fails to prepare SSR-Net's int8 graph, or aborts the process with
+            # a double free. Float and dynamic-range graphs get XNNPACK (the default), faster for them.
+            ops = {op["op_name"] for op in self.interpreter._get_ops_details()}
+            self.delegate = "QUANTIZE" not in ops
+            if self.delegate:
+                self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
         except ValueError as error:
             raise BackendError(f"Not a readable TFLite model: {error}") from error
         signatures = self.interpreter.get_signature_list()

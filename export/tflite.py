@@ -206,9 +206,13 @@ def weight_bytes(flatbuffer: bytes) -> dict[str, int]:
 
 def tflite_op_names(flatbuffer: bytes) -> set[str]:
     """Names of the operators in a TFLite model (``"CONV_2D"``, ...; custom/Flex ops show as such)."""
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_content=flatbuffer)
+    # No delegate: listing ops needs none, and XNNPACK can abort on some int8 graphs (c3ae.runtime).
+    interpreter = Interpreter(
+        model_content=flatbuffer,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
     return {op["op_name"] for op in interpreter._get_ops_details()}
 
 
