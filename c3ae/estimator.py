@@ -34,10 +34,6 @@ from c3ae.faces import (
 )
 
 DEFAULT_MODEL = "c3ae-utk"
-# The smallest face MTCNN is asked for. The mtcnn package (1.0.0) finds nothing at all when asked for a
-# larger min_face_size (its image pyramid then ends below PNet's 12 pixels), so larger ``min_face`` values
-# are served by running the detector on the image scaled by MTCNN_MIN_FACE / min_face (faster, too).
-MTCNN_MIN_FACE = 20
 GENDER_SUFFIX = "-gender"  # a bundled age-only model "x" may come with a gender model "x-gender"
 
 
@@ -161,14 +157,9 @@ class AgeGenderEstimator:
             )
         self.model_name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name", "model")
         self.spec = _chip_spec(model, self.backends[0])
-        mtcnn = detector == "mtcnn"
-        self.detect_scale = min(1.0, MTCNN_MIN_FACE / self.min_face) if mtcnn else 1.0
-        self.pipeline = FacePipeline(
-            detector,
-            spec=self.spec,
-            min_face=min(self.min_face, MTCNN_MIN_FACE) if mtcnn else self.min_face,
-            pad_retry=pad_retry,
-        )
+        # With MTCNN, a min_face above 20 also speeds detection up: the detector searches the image shrunk
+        # by 20 / min_face (c3ae.faces.MTCNNDetector).
+        self.pipeline = FacePipeline(detector, spec=self.spec, min_face=self.min_face, pad_retry=pad_retry)
 
     # ------------------------------------------------------------------------------------------ public API
     def predict(self, image) -> list[Face]:
@@ -195,21 +186,9 @@ class AgeGenderEstimator:
         """A path, encoded bytes or an array as an (H, W, 3) uint8 BGR array (``c3ae.faces.read_image``)."""
         return read_image(image)
 
-    def detect(self, image: np.ndarray, scale: float | None = None) -> list[Detection]:
-        """Faces of a BGR image at least ``min_face`` pixels wide and high, most confident first.
-
-        The detector runs on a copy resized by ``scale`` (default: ``detect_scale``, 20 / min_face for MTCNN,
-        at most 1) and the detections are mapped back to ``image``'s pixels.
-        """
-        import cv2
-
-        scale = self.detect_scale if scale is None else float(scale)
-        if scale < 1.0:
-            small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-            detections = [_scaled(d, 1.0 / scale) for d in self.pipeline.detect(small)]
-        else:
-            detections = self.pipeline.detect(image)
-        return [d for d in detections if min(d.width, d.height) >= self.min_face]
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        """Faces of a BGR image at least ``min_face`` pixels wide and high, most confident first."""
+        return [d for d in self.pipeline.detect(image) if min(d.width, d.height) >= self.min_face]
 
     def align(self, image: np.ndarray, detections: Sequence[Detection]) -> list[AlignedFace]:
         """Each detection warped onto the canonical chip (``c3ae.faces.align_face``)."""
@@ -274,14 +253,6 @@ class AgeGenderEstimator:
             f"AgeGenderEstimator(model={self.model_name!r}, backend={self.backends[0].name!r}, "
             f"detector={self.pipeline.detector_name!r}, min_face={self.min_face})"
         )
-
-
-def _scaled(detection: Detection, factor: float) -> Detection:
-    box = tuple(float(v) * factor for v in detection.box)
-    points = detection.landmarks
-    if points is not None:
-        points = tuple((float(x) * factor, float(y) * factor) for x, y in points)
-    return Detection(box, detection.score, points)
 
 
 def _paired_gender_model(model) -> str | None:

@@ -22,6 +22,12 @@ def legacy_weights() -> Path:
     return LEGACY_WEIGHTS
 
 
+@pytest.fixture(scope="session")
+def model() -> str:
+    """The bundled C3AE (age + gender) by name; it ships inside the package (tests/test_bundled.py)."""
+    return "c3ae-utk"
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same random state, so randomly initialised models are reproducible."""

@@ -14,30 +14,12 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
-from c3ae.bundled import available_models
 from c3ae.estimator import AgeGenderEstimator, Face, age_spread
 from c3ae.faces import FacePipeline, ImageReadError, read_image
 
 OBAMA = REPO / "assets" / "obama.jpg"
 ASTRONAUT = REPO / "assets" / "astronaut.jpg"
 FACE_KEYS = {"box", "landmarks", "detector_score", "age", "age_std", "gender", "gender_prob"}
-BUNDLED = "c3ae-utk" in available_models()
-
-
-def model_for_tests(tmp_path_factory):
-    """The bundled c3ae-utk, or (not shipped yet) an untrained C3AE SE + gender saved as .keras."""
-    if BUNDLED:
-        return "c3ae-utk"
-    from c3ae.models.c3ae import build_c3ae
-
-    path = tmp_path_factory.mktemp("model") / "c3ae-se-gender.keras"
-    build_c3ae(se=True, gender=True).save(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return model_for_tests(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +57,6 @@ def test_one_face_per_portrait_with_the_documented_schema(obama_faces):
     assert obama_faces[0].label == f"{round(obama_faces[0].age)} {obama_faces[0].gender[0].upper()}"
 
 
-@pytest.mark.skipif(not BUNDLED, reason="plausible ages need the trained bundled model c3ae-utk")
 def test_bundled_model_gives_plausible_ages(obama_faces, estimator):
     assert abs(obama_faces[0].age - 51) <= 12  # born Aug 1961, photographed Dec 2012: 51
     assert obama_faces[0].gender == "male"

@@ -11,24 +11,11 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
-from c3ae.bundled import available_models
 from c3ae.cli import main
 
 OBAMA = REPO / "assets" / "obama.jpg"
 ASTRONAUT = REPO / "assets" / "astronaut.jpg"
 FACE_KEYS = {"box", "landmarks", "detector_score", "age", "age_std", "gender", "gender_prob"}
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    """The bundled c3ae-utk, or (not shipped yet) an untrained C3AE SE + gender saved as .keras."""
-    if "c3ae-utk" in available_models():
-        return "c3ae-utk"
-    from c3ae.models.c3ae import build_c3ae
-
-    path = tmp_path_factory.mktemp("model") / "c3ae-se-gender.keras"
-    build_c3ae(se=True, gender=True).save(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from c3ae.bundled import available_models
 from c3ae.cli import main
 from c3ae.estimator import AgeGenderEstimator
 from c3ae.faces import read_image
@@ -21,18 +20,6 @@ FPS = 10.0
 CUT = 16  # frames 0..15: a face moving right 4 px per frame; from 16 on another shot
 STEP = 4
 WIDTH = 200  # of the moving portrait; its face is about 50 px wide
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    """The bundled c3ae-utk, or (not shipped yet) an untrained C3AE SE + gender saved as .keras."""
-    if "c3ae-utk" in available_models():
-        return "c3ae-utk"
-    from c3ae.models.c3ae import build_c3ae
-
-    path = tmp_path_factory.mktemp("model") / "c3ae-se-gender.keras"
-    build_c3ae(se=True, gender=True).save(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
