@@ -138,6 +138,7 @@ def _training_lineage(run_dir: Path) -> list[dict]:
                 "loss": config.get("loss"),
                 "seconds": seconds,
                 "init_from": train.get("init_from"),
+                **({"init_skip": train["init_skip"]} if train.get("init_skip") else {}),
             }
         )
         source = train.get("init_from")

@@ -434,7 +434,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from error
     verification = report["verification"]
     checks = "; ".join(
-        f"{c['check']} {c['value']:.3g} <= {c['limit']:.3g}"
+        f"{c['check']} {c['value']:.3g} >= {c['minimum']:.3g}"
+        if "minimum" in c
+        else f"{c['check']} {c['value']:.3g} <= {c['limit']:.3g}"
         for c in verification["checks"]
         if isinstance(c["value"], float)
     )
@@ -445,6 +447,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if verification["crops"]:
         print(f"verified on {verification['crops']} crops from {verification['data']}")
         print(f"  {checks}")
+        if "xnnpack" in verification:
+            print("  runs on LiteRT's default XNNPACK delegate (as phones run it)")
+        if verification.get("constant_layers"):
+            print(
+                "  warning: these layers output the same value for every crop (dead units): "
+                + ", ".join(verification["constant_layers"])
+            )
     else:
         print(f"verified: {verification['runtime']}")
     print(f"report: {report_path(args.output)}")

@@ -66,6 +66,8 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None: one pass over the training split
     verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
     init_from: str | None = None  # start from these weights: a .keras file or a bundled model's name
+    # layer names (fnmatch patterns, e.g. "stage*_p") that keep their fresh initialisation under init_from
+    init_skip: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -105,7 +105,10 @@ class TFLiteBackend(Backend):
 
     name = "tflite"
 
-    def __init__(self, flatbuffer: bytes, threads: int | None = None):
+    def __init__(self, flatbuffer: bytes, threads: int | None = None, xnnpack: bool | None = None):
+        """``xnnpack``: run on LiteRT's default XNNPACK delegate (True), on the builtin kernels (False), or
+        None: XNNPACK unless the graph is int8 with an empty-range tensor (:func:`degenerate_int8_tensors`),
+        which XNNPACK refuses to prepare or, in LiteRT 2.3, aborts the process on (double free)."""
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         plain = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
@@ -113,11 +116,9 @@ class TFLiteBackend(Backend):
             self.interpreter = Interpreter(
                 model_content=flatbuffer, num_threads=threads, experimental_op_resolver_type=plain
             )
-            # Fully integer graphs (their float input goes through a QUANTIZE op) keep the builtin kernels:
-            # LiteRT 2.3's XNNPACK delegate fails to prepare SSR-Net's int8 graph, or aborts the process with
-            # a double free. Float and dynamic-range graphs get XNNPACK (the default), faster for them.
-            ops = {op["op_name"] for op in self.interpreter._get_ops_details()}
-            self.delegate = "QUANTIZE" not in ops
+            self.delegate = (
+                not degenerate_int8_tensors(self.interpreter) if xnnpack is None else bool(xnnpack)
+            )
             if self.delegate:
                 self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
         except ValueError as error:
@@ -158,6 +159,21 @@ class TFLiteBackend(Backend):
             n: _dequantize(interpreter.get_tensor(self._outputs[n]["index"]), self._outputs[n])
             for n in self.output_names
         }
+
+
+# An int8 activation whose calibrated range was empty (a dead layer: the same value for every input) gets a
+# scale near 1e-8; XNNPACK rejects requantisation ratios that large. Real activations stay far above this.
+DEGENERATE_SCALE = 1e-6
+
+
+def degenerate_int8_tensors(interpreter) -> list[str]:
+    """Names of the int8 tensors of a LiteRT ``Interpreter`` quantised with a scale below 1e-6."""
+    names = []
+    for tensor in interpreter.get_tensor_details():
+        scales = tensor["quantization_parameters"]["scales"]
+        if tensor["dtype"] == np.int8 and len(scales) == 1 and 0 < scales[0] < DEGENERATE_SCALE:
+            names.append(tensor["name"])
+    return names
 
 
 def _quantize(array: np.ndarray, details: dict) -> np.ndarray:

@@ -8,10 +8,12 @@ or loss for models without an age output; written atomically), ``last.keras``, `
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -202,12 +204,13 @@ def _training_ages(manifest: dict) -> np.ndarray:
     return np.concatenate(ages) if ages else np.zeros(0)
 
 
-def init_weights_from(model: keras.Model, source: str) -> tuple[int, int]:
+def init_weights_from(model: keras.Model, source: str, skip: Sequence[str] = ()) -> tuple[int, int]:
     """Copy weights from ``source`` (a .keras file or a bundled model's name) into ``model``, by weight path.
 
     Weights the source lacks, or holds with another shape (a new head, say), keep their fresh
-    initialisation and are listed; a source that shares no weight at all is an error. A resumed run's backup
-    still wins: it is restored afterwards. Returns (copied, total) weight tensor counts.
+    initialisation and are listed, as do those of layers whose name matches a ``skip`` pattern (fnmatch:
+    ``"stage*_p"``), for donors with dead layers; a source that shares no weight at all is an error. A resumed
+    run's backup still wins: it is restored afterwards. Returns (copied, total) weight tensor counts.
     """
     from c3ae.bundled import load_model
 
@@ -216,10 +219,14 @@ def init_weights_from(model: keras.Model, source: str) -> tuple[int, int]:
     except (OSError, ValueError) as error:
         raise ConfigError(f"train.init_from: cannot load {source!r}: {error}") from error
     donor_weights = {weight.path: weight for weight in donor.weights}
-    copied, reshaped = 0, []
+    copied, reshaped, skipped = 0, [], set()
     for weight in model.weights:
         found = donor_weights.get(weight.path)
         if found is None:
+            continue
+        layer_name = weight.path.split("/")[0]
+        if any(fnmatch.fnmatchcase(layer_name, pattern) for pattern in skip):
+            skipped.add(layer_name)
             continue
         if tuple(found.shape) != tuple(weight.shape):
             reshaped.append(f"{weight.path} {tuple(found.shape)} -> {tuple(weight.shape)}")
@@ -230,6 +237,8 @@ def init_weights_from(model: keras.Model, source: str) -> tuple[int, int]:
         raise ConfigError(f"train.init_from: {source!r} shares no weights with model {model.name!r}.")
     if reshaped:
         print(f"init_from: {len(reshaped)} weights have new shapes and start fresh: " + "; ".join(reshaped))
+    if skipped:
+        print(f"init_from: {len(skipped)} layers start fresh (init_skip): " + ", ".join(sorted(skipped)))
     return copied, len(model.weights)
 
 
@@ -286,7 +295,7 @@ def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.nda
     with _strategy(config).scope():
         model = build_model(config)
         if config.train.init_from:
-            copied, total = init_weights_from(model, config.train.init_from)
+            copied, total = init_weights_from(model, config.train.init_from, config.train.init_skip)
             print(f"init_from {config.train.init_from}: copied {copied} of {total} weight tensors.")
         loss, weights = losses_for(model, config, known)
         model.compile(
@@ -327,6 +336,12 @@ def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.nda
         raise TrainingError(f"No finite {monitor} was reached; nothing was saved (see {out / 'log.csv'}).")
     plot_curves(out / "log.csv", out / "curves.png")
     best = json.loads((out / "best.json").read_text())
+    dead = _constant_layers(out / "best.keras", val_data if val_data is not None else train_data)
+    if dead:
+        print(
+            f"warning: in {out / 'best.keras'} these layers give every face the same output (dead units): "
+            + ", ".join(dead)
+        )
     summary = {
         "family": config.model.name,
         "parameters": int(model.count_params()),
@@ -334,9 +349,21 @@ def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.nda
         "best": best,
         "train_seconds_this_run": round(elapsed, 1),
         "final": {k: float(v[-1]) for k, v in history.history.items() if v},
+        "constant_layers": dead,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _constant_layers(checkpoint: Path, dataset) -> list[str]:
+    """Layers of the checkpoint whose output is the same for every face of one batch of ``dataset``."""
+    from c3ae.diagnostics import constant_layers
+
+    model = keras.saving.load_model(checkpoint, safe_mode=True)
+    inputs, _ = next(iter(dataset))
+    if len(next(iter(inputs.values())) if isinstance(inputs, dict) else inputs) < 2:
+        return []
+    return constant_layers(model, {k: np.asarray(v) for k, v in inputs.items()})
 
 
 def _unwrap_single_input(dataset, model: keras.Model):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from c3ae.diagnostics import constant_layers
 from c3ae.export.checks import ExportError, NonFiniteWeightsError, check_finite
 
 FORMATS = ("tflite", "onnx", "saved_model", "coreml")
@@ -48,6 +49,8 @@ FORMAT_QUANTS = {
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "saved_model": "", "coreml": ".mlpackage"}
 DEFAULT_TOLERANCE = {"none": 1e-4, "fp16": 0.1, "dynamic": 0.5, "int8": 0.5}
 PROBABILITY_OUTPUTS = ("gender", "age_bins", "age_group")
+SPREAD_OUTPUTS = ("age", "gender")
+MIN_SPREAD = 0.5  # the artifact's std of an output across the crops, as a fraction of the Keras model's
 ASSET_PHOTOS = ("obama.jpg", "astronaut.jpg")
 ASSET_AUGMENTATIONS = 15  # per photo, besides the unaugmented crops
 VERIFY_LIMIT = 256
@@ -305,6 +308,16 @@ def compare(
             "max_scaled_diff": float(np.max(diff / np.maximum(1.0, np.abs(reference)))) if finite else None,
         }
         outputs[name] = entry
+        if finite and name in SPREAD_OUTPUTS and len(reference) > 1:
+            # A converted model that gives every face the same age is the classic silent failure.
+            entry["keras_spread"] = float(np.std(reference))
+            entry["artifact_spread"] = float(np.std(value))
+            if entry["keras_spread"] <= 1e-6:
+                what = f"keras {name} std across crops (the model gives every face the same value)"
+                checks.append(_at_least(what, entry["keras_spread"], 1e-6))
+            else:
+                ratio = entry["artifact_spread"] / entry["keras_spread"]
+                checks.append(_at_least(f"{name} spread across crops, artifact / keras", ratio, MIN_SPREAD))
         if not finite:
             checks.append({"check": f"{name} finite", "value": None, "limit": None, "passed": False})
             outputs[name]["non_finite_values"] = int(np.sum(~np.isfinite(value)))
@@ -357,6 +370,10 @@ def compare(
 
 def _check(name: str, value: float, limit: float) -> dict:
     return {"check": name, "value": value, "limit": limit, "passed": bool(value <= limit)}
+
+
+def _at_least(name: str, value: float, limit: float) -> dict:
+    return {"check": name, "value": value, "minimum": limit, "passed": bool(value >= limit)}
 
 
 # ------------------------------------------------------------------------------------------------- paths
@@ -442,19 +459,66 @@ def _write_artifact(model, format: str, quant: str, path: Path, calibration: dic
     return facts
 
 
-def _run_artifact(format: str, path: Path, inputs: Mapping[str, np.ndarray]) -> tuple[dict, str]:
+_XNNPACK_PROBE = """
+import sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+interpreter = Interpreter(model_path=sys.argv[1], num_threads=1)
+interpreter.allocate_tensors()
+for detail in interpreter.get_input_details():
+    interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], detail["dtype"]))
+interpreter.invoke()
+print("invoked")
+"""
+
+
+def probe_xnnpack(path: str | Path, timeout: float = 300) -> dict:
+    """Whether a TFLite file runs on LiteRT's default XNNPACK delegate, as phone runtimes run it.
+
+    Runs in a child process: LiteRT 2.3 can abort the whole process (double free) on graphs XNNPACK
+    mishandles. Returns ``{"passed": bool, "error": str (when not)}``.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _XNNPACK_PROBE, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"passed": False, "error": f"no result within {timeout:.0f} s"}
+    if done.returncode == 0 and "invoked" in done.stdout:
+        return {"passed": True}
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    error = lines[-1].strip() if lines else ""
+    if done.returncode < 0:
+        error = f"the process died with {signal.Signals(-done.returncode).name}" + (
+            f": {error}" if error else ""
+        )
+    return {"passed": False, "error": error or f"exit code {done.returncode}"}
+
+
+def _run_artifact(
+    format: str, path: Path, inputs: Mapping[str, np.ndarray], xnnpack: bool | None = None
+) -> tuple[dict, str]:
     """The artifact's outputs on ``inputs`` and a description of the runtime used."""
     if format in ("tflite", "onnx"):
-        from c3ae.runtime import load_backend
+        from c3ae.runtime import TFLiteBackend, load_backend
 
-        backend = load_backend(path, format, threads=1)
         if format == "tflite":
             from importlib.metadata import version
 
-            runtime = f"ai_edge_litert {version('ai-edge-litert')} Interpreter (1 thread)"
+            backend = TFLiteBackend(path.read_bytes(), threads=1, xnnpack=xnnpack)
+            kernels = "XNNPACK delegate" if backend.delegate else "builtin kernels"
+            runtime = f"ai_edge_litert {version('ai-edge-litert')} Interpreter, {kernels} (1 thread)"
         else:
             import onnxruntime
 
+            backend = load_backend(path, format, threads=1)
             runtime = f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider (1 thread)"
         return _batched(backend.predict, inputs), runtime
     import tensorflow as tf
@@ -637,12 +701,32 @@ def export_model(
         if format == "coreml":
             verification = _check_coreml(temporary, model)
         else:
+            xnnpack = probe_xnnpack(temporary) if format == "tflite" else None
             expected = _predict_keras(model, verify_data["inputs"])
-            actual, runtime = _run_artifact(format, temporary, verify_data["inputs"])
+            actual, runtime = _run_artifact(
+                format,
+                temporary,
+                verify_data["inputs"],
+                None if xnnpack is None or xnnpack["passed"] else False,
+            )
             verification = {
                 "runtime": runtime,
                 **compare(expected, actual, quant, tolerance, verify_data["labels"]),
             }
+            if xnnpack is not None:
+                verification["xnnpack"] = xnnpack
+                verification["checks"].append(
+                    {
+                        "check": "runs on LiteRT's default XNNPACK delegate (as phones run it)",
+                        "value": None if xnnpack["passed"] else xnnpack["error"],
+                        "limit": None,
+                        "passed": xnnpack["passed"],
+                    }
+                )
+                verification["passed"] = verification["passed"] and xnnpack["passed"]
+            dead = constant_layers(model, verify_data["inputs"])
+            if dead:  # not a failure in itself; it explains odd int8 scales and weak models
+                verification["constant_layers"] = dead
         verification["data"] = verify_data["source"]
         verification["crops"] = int(len(next(iter(verify_data["inputs"].values()), [])))
         report["verification"] = verification
@@ -674,11 +758,14 @@ def export_model(
     if report["status"] != "passed":
         failing = [c for c in report["verification"]["checks"] if not c["passed"]]
         first = failing[0]
-        what = (
-            f"{first['check']} = {_fmt(first['value'])} > {_fmt(first['limit'])}"
-            if isinstance(first["value"], float)
-            else f"failed check: {first['check']}"
-        )
+        if isinstance(first["value"], float) and "minimum" in first:
+            what = f"{first['check']} = {_fmt(first['value'])} < {_fmt(first['minimum'])}"
+        elif isinstance(first["value"], float):
+            what = f"{first['check']} = {_fmt(first['value'])} > {_fmt(first['limit'])}"
+        elif isinstance(first["value"], str):
+            what = f"failed check: {first['check']}: {first['value']}"
+        else:
+            what = f"failed check: {first['check']}"
         raise VerificationError(
             f"{format} ({quant}) artifact failed verification on {report['verification']['crops']} crops "
             f"({what}); it was kept as {failed} and the numbers are in {report_path(output)}.",

@@ -43,6 +43,25 @@ def test_keras_round_trip_safe_mode(tmp_path):
     assert_keras_round_trip(build_ssrnet(clamp_output=True), tmp_path)
 
 
+def test_leaky_mix_layers_keep_the_layout_and_pass_negative_inputs():
+    model = build_ssrnet(p_activation="softmax", clamp_output=True, mix_activation="leaky_relu")
+    assert model.count_params() == 40_915
+    for stage in (1, 2, 3):
+        for kind in ("s_mix", "x_mix", "feat"):
+            assert model.get_layer(f"stage{stage}_{kind}").activation.__name__ == "leaky_relu"
+    mix = model.get_layer("stage1_s_mix")
+    mix.bias.assign(np.full(mix.bias.shape, -1e4, "float32"))  # a unit that ReLU would kill for good
+    sub = keras.Model(model.input, mix.output)
+    out = np.asarray(sub(random_inputs(model, batch=4)["image"]))
+    assert (out < 0).all() and np.std(out, axis=0).max() > 0  # still varies with the face
+
+
+def test_leaky_mix_converts_to_builtin_tflite():
+    model = build_ssrnet(clamp_output=True, p_activation="softmax", mix_activation="leaky_relu")
+    ops = assert_tflite_builtin_and_close(model, rtol=1e-3, atol=1e-3)
+    assert "LEAKY_RELU" in ops
+
+
 @pytest.mark.parametrize("V", [101.0, 1.0])
 def test_tflite_builtin_ops_and_numerics(V):
     # Randomly initialised SSR-Net outputs can be huge (the original's instability), hence rtol.
@@ -58,6 +77,7 @@ def test_tflite_builtin_ops_and_numerics(V):
         ({"input_size": 30}, "too small"),
         ({"p_activation": "sigmoid"}, "Unknown p_activation"),
         ({"V": 0}, "V must be positive"),
+        ({"mix_activation": "gelu"}, "Unknown mix_activation"),
     ],
 )
 def test_rejects_impossible_arguments(kwargs, message):

@@ -96,6 +96,7 @@ def test_two_epochs_lower_the_loss_and_save_a_loadable_model(family, tiny_manife
     assert losses[1][1] < losses[0][1], losses
     model = keras.saving.load_model(out / "best.keras", safe_mode=True)
     assert model.count_params() == summary["parameters"]
+    assert isinstance(summary["constant_layers"], list)
     assert (out / "curves.png").stat().st_size > 1000 and (out / "config.yaml").is_file()
     resolved = load_config(out / "config.yaml")
     assert resolved.train.epochs == 2 and resolved.data.batch_size == 8
@@ -213,6 +214,29 @@ def test_init_from_starts_from_the_given_weights(tiny_manifest, tmp_path):
     result = keras.saving.load_model(tuned / "best.keras", safe_mode=True)
     for mine, theirs in zip(result.trainable_weights, donor.trainable_weights, strict=True):
         np.testing.assert_allclose(mine.numpy(), theirs.numpy(), atol=1e-6)
+
+
+def test_init_skip_leaves_matching_layers_fresh(tiny_manifest, tmp_path):
+    first = tmp_path / "first"
+    run(tiny_manifest, first, [*FAMILIES["ssrnet"], "train.epochs=1"])
+    donor = keras.saving.load_model(first / "best.keras", safe_mode=True)
+    config = load_config(None, [f"data.manifest={tiny_manifest}", *FAMILIES["ssrnet"]])
+    keras.utils.set_random_seed(123)
+    fresh = train_module.build_model(config)
+    before = {w.path: w.numpy().copy() for w in fresh.weights}
+    copied, total = train_module.init_weights_from(
+        fresh, str(first / "best.keras"), ["stage*_p", "stage1_eta"]
+    )
+    skipped = {
+        w.path
+        for w in fresh.weights
+        if w.path.split("/")[0] in {"stage1_p", "stage2_p", "stage3_p", "stage1_eta"}
+    }
+    assert len(skipped) == 8 and copied == total - 8
+    theirs = {w.path: w.numpy() for w in donor.weights}
+    for weight in fresh.weights:
+        expected = before[weight.path] if weight.path in skipped else theirs[weight.path]
+        np.testing.assert_array_equal(weight.numpy(), expected)
 
 
 def test_init_from_refuses_an_unrelated_or_missing_model(tiny_manifest, tmp_path):

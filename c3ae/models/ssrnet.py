@@ -16,6 +16,7 @@ from c3ae.layers import OUTPUT_DTYPE, SoftStagewiseRegression
 from c3ae.models.c3ae import smallest_input
 
 P_ACTIVATIONS = ("relu", "softmax")
+MIX_ACTIVATIONS = ("relu", "leaky_relu")
 
 
 def ssrnet_feature_sizes(input_size: int) -> tuple[int, int, int]:
@@ -54,6 +55,7 @@ def build_ssrnet(
     input_size: int = 64,
     p_activation: str = "relu",
     clamp_output: bool = False,
+    mix_activation: str = "relu",
     dropout: float = 0.2,
     output_name: str | None = None,
     name: str = "ssrnet",
@@ -66,6 +68,10 @@ def build_ssrnet(
         V: output range: 101 for age in years, 1 for gender.
         p_activation: ``"relu"`` (official: unnormalised, prone to dead units) or ``"softmax"`` (stabler).
         clamp_output: clip the output to [0, V] (the original can output negative or huge ages).
+        mix_activation: of each stage's stream-mixing and feature layers (``*_s_mix``, ``*_x_mix``,
+            ``*_feat``): ``"relu"`` (official) or ``"leaky_relu"`` (slope 0.2). Those layers have only 3-6
+            units and ReLU kills them: the authors' IMDB age weights output the same ``p`` and ``eta`` for
+            every face in all three stages, and retraining from them killed stage 2 again within 2 epochs.
         output_name: defaults to ``"gender"`` when V == 1, else ``"age"``.
     """
     stage_num = tuple(int(s) for s in stage_num)
@@ -75,6 +81,8 @@ def build_ssrnet(
         raise ValueError(f"Every stage needs at least one bin; got stage_num={stage_num}.")
     if p_activation not in P_ACTIVATIONS:
         raise ValueError(f"Unknown p_activation {p_activation!r}; expected one of {P_ACTIVATIONS}.")
+    if mix_activation not in MIX_ACTIVATIONS:
+        raise ValueError(f"Unknown mix_activation {mix_activation!r}; expected one of {MIX_ACTIVATIONS}.")
     if V <= 0:
         raise ValueError(f"V must be positive (101 for age, 1 for gender), got {V}.")
     if _smallest_feature(int(input_size)) < 1:
@@ -100,13 +108,13 @@ def build_ssrnet(
         s_vec = layers.Flatten(name=f"{tag}_s_flat")(s_vec)
         x_vec = layers.Flatten(name=f"{tag}_x_flat")(x_vec)
         s_mix = layers.Dropout(dropout, name=f"{tag}_s_drop")(s_vec)
-        s_mix = layers.Dense(size, activation="relu", name=f"{tag}_s_mix")(s_mix)
+        s_mix = layers.Dense(size, activation=mix_activation, name=f"{tag}_s_mix")(s_mix)
         x_mix = layers.Dropout(dropout, name=f"{tag}_x_drop")(x_vec)
-        x_mix = layers.Dense(size, activation="relu", name=f"{tag}_x_mix")(x_mix)
+        x_mix = layers.Dense(size, activation=mix_activation, name=f"{tag}_x_mix")(x_mix)
         fused_pre = layers.Multiply(name=f"{tag}_fuse_pre")([s_vec, x_vec])
         deltas.append(layers.Dense(1, activation="tanh", name=f"{tag}_delta")(fused_pre))
         fused = layers.Multiply(name=f"{tag}_fuse")([s_mix, x_mix])
-        fused = layers.Dense(2 * size, activation="relu", name=f"{tag}_feat")(fused)
+        fused = layers.Dense(2 * size, activation=mix_activation, name=f"{tag}_feat")(fused)
         probs.append(layers.Dense(size, activation=p_activation, name=f"{tag}_p")(fused))
         etas.append(layers.Dense(size, activation="tanh", name=f"{tag}_eta")(fused))
 
