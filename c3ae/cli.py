@@ -449,6 +449,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"  {checks}")
         if "xnnpack" in verification:
             print("  runs on LiteRT's default XNNPACK delegate (as phones run it)")
+        for warning in verification.get("warnings", []):
+            print(f"  warning: {warning}")
         if verification.get("constant_layers"):
             print(
                 "  warning: these layers output the same value for every crop (dead units): "

@@ -287,7 +287,7 @@ def compare(
     """Differences per output and the pass/fail checks of ``quant`` (see the module docstring)."""
     tolerance = float(DEFAULT_TOLERANCE[quant] if tolerance is None else tolerance)
     labels = labels or {}
-    outputs, checks = {}, []
+    outputs, checks, warnings = {}, [], []
     missing = sorted(set(expected) - set(actual))
     if missing:
         checks.append({"check": f"outputs {missing} present", "value": None, "limit": None, "passed": False})
@@ -312,9 +312,8 @@ def compare(
             # A converted model that gives every face the same age is the classic silent failure.
             entry["keras_spread"] = float(np.std(reference))
             entry["artifact_spread"] = float(np.std(value))
-            if entry["keras_spread"] <= 1e-6:
-                what = f"keras {name} std across crops (the model gives every face the same value)"
-                checks.append(_at_least(what, entry["keras_spread"], 1e-6))
+            if entry["keras_spread"] <= 1e-6:  # faithful to Keras, so not a failure; but say so
+                warnings.append(f"the Keras model itself gives every crop the same {name}")
             else:
                 ratio = entry["artifact_spread"] / entry["keras_spread"]
                 checks.append(_at_least(f"{name} spread across crops, artifact / keras", ratio, MIN_SPREAD))
@@ -364,6 +363,7 @@ def compare(
         "tolerance": tolerance,
         "outputs": outputs,
         "checks": checks,
+        **({"warnings": warnings} if warnings else {}),
         "passed": bool(checks) and all(c["passed"] for c in checks),
     }
 

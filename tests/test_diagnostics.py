@@ -106,8 +106,8 @@ def test_an_artifact_that_gives_every_face_the_same_age_fails():
     assert report["outputs"]["age"]["artifact_spread"] == 0.0
 
 
-def test_a_model_that_gives_every_face_the_same_age_fails():
+def test_a_model_that_gives_every_face_the_same_age_is_warned_about():
     same = np.full((4, 1), 30.0)
     report = compare({"age": same}, {"age": same}, "none")
-    assert not report["passed"]
-    assert any("gives every face the same value" in c["check"] for c in report["checks"] if not c["passed"])
+    assert report["passed"]  # the artifact is faithful to its Keras model...
+    assert report["warnings"] == ["the Keras model itself gives every crop the same age"]  # ...which is not

@@ -175,6 +175,25 @@ def test_int8_leaves_gem_power_in_float(manifest):
     assert read_tflite_metadata(flatbuffer)["float_ops"] == {"POW": 10}
 
 
+def test_fp16_keeps_the_first_convolution_in_float32(model, manifest):
+    from c3ae.export.tflite import to_tflite, weight_bytes
+    from c3ae.export.verify import manifest_crops
+    from c3ae.runtime import TFLiteBackend
+
+    kept = to_tflite(model, "fp16")
+    plain = to_tflite(model, "fp16", float32_input_layers=False)
+    assert read_tflite_metadata(kept)["float32_weight_tensors"] == 2  # conv1's kernel and bias (BN folded)
+    conv1 = 3 * 3 * 3 * 32 + 32
+    assert weight_bytes(kept).get("FLOAT32", 0) - weight_bytes(plain).get("FLOAT32", 0) == 4 * conv1
+    assert weight_bytes(plain)["FLOAT16"] - weight_bytes(kept)["FLOAT16"] == 2 * conv1
+    crops = manifest_crops(model, manifest, "verify")["inputs"]
+    expected = model.predict(crops, verbose=0)["age"]
+    exact = to_tflite(model, "none")
+    for flatbuffer, limit in ((exact, 1e-3), (kept, 0.1)):
+        got = TFLiteBackend(flatbuffer, threads=1).predict(crops)["age"]
+        assert np.abs(got - expected).max() < limit
+
+
 def test_nan_weights_are_refused_naming_the_layer(tmp_path, capsys):
     from c3ae.models import build_c3ae
 
