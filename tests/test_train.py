@@ -17,8 +17,8 @@ from c3ae.train import TrainingError, learning_rate_schedule, train
 
 FAMILIES = {
     "c3ae": ["model.name=c3ae", "model.options={se: true, gender: true}"],
-    # SSR-Net in the stable variant the bundled configs use (softmax stage distributions, clamped output;
-    # the original's ReLU version diverges on a set this small). At the paper's lr 0.001, 16 steps barely
+    # SSR-Net with softmax stage distributions and clamped output, ReLU mixing as the paper (the original's
+    # ReLU stage outputs diverge on a set this small). At the paper's lr 0.001, 16 steps barely
     # move it and the epoch-loss comparison was a coin toss (CI saw 26.1 -> 27.4); at 0.002, the
     # original's stated upper bound, and 16 steps per epoch seeds 0-3 went from 9-22 down to 4-12.
     "ssrnet": [
