@@ -1,5 +1,6 @@
 """Dead layers: found on real inputs, reported by export, and kept away from XNNPACK at run time."""
 
+import keras
 import numpy as np
 import pytest
 from test_data import build_tiny_manifest
@@ -45,11 +46,21 @@ def crops(manifest):
 
 
 def test_untrained_relu_mixing_layers_are_easily_dead(crops):
-    # Why mix_activation exists: 3-unit ReLU layers; on these 6 faces a fresh model already has one dead.
-    assert "stage1_fuse" in constant_layers(ssrnet(crops), crops)
+    # Why mix_activation exists: on these 6 faces, fresh models with 3-unit ReLU mixing layers often have a
+    # whole stage that ignores the face (seeds 0-7: 4 of 8); with leaky mixing none has.
+    dead = {}
+    for seed in range(4):
+        keras.utils.set_random_seed(seed)
+        relu = constant_layers(ssrnet(crops), crops)
+        keras.utils.set_random_seed(seed)
+        leaky = constant_layers(ssrnet(crops, mix_activation="leaky_relu"), crops)
+        assert leaky == []
+        dead[seed] = [name for name in relu if name.endswith("_fuse")]
+    assert sum(bool(names) for names in dead.values()) >= 1, dead  # keras 3.15: seeds 0 and 1 have one
 
 
 def test_healthy_model_has_no_constant_layer(crops):
+    keras.utils.set_random_seed(0)
     model = ssrnet(crops, mix_activation="leaky_relu")
     assert constant_layers(model, crops) == []
     spreads = layer_spreads(model, crops)
@@ -57,6 +68,7 @@ def test_healthy_model_has_no_constant_layer(crops):
 
 
 def test_dead_layers_and_everything_they_feed_are_named(crops):
+    keras.utils.set_random_seed(0)
     model = kill(ssrnet(crops, mix_activation="leaky_relu"), "stage2_s_mix")
     # s_mix x x_mix is zero, so the stage's features, p and eta no longer depend on the face.
     assert constant_layers(model, crops) == [
@@ -69,6 +81,7 @@ def test_dead_layers_and_everything_they_feed_are_named(crops):
 
 
 def test_int8_export_of_a_dead_layer_is_reported_and_runs_off_xnnpack(crops, manifest, tmp_path):
+    keras.utils.set_random_seed(0)
     model = kill(ssrnet(crops), "stage1_s_mix", "stage1_x_mix", relu=True)
     output = tmp_path / "dead.tflite"
     try:
@@ -88,6 +101,7 @@ def test_int8_export_of_a_dead_layer_is_reported_and_runs_off_xnnpack(crops, man
 def test_xnnpack_probe_passes_a_healthy_int8_graph(crops, manifest, tmp_path):
     from c3ae.export.tflite import to_tflite
 
+    keras.utils.set_random_seed(0)
     model = ssrnet(crops, mix_activation="leaky_relu")
 
     path = tmp_path / "ok.tflite"
