@@ -359,11 +359,11 @@ def _constant_layers(checkpoint: Path, dataset) -> list[str]:
     """Layers of the checkpoint whose output is the same for every face of one batch of ``dataset``."""
     from c3ae.diagnostics import constant_layers
 
-    model = keras.saving.load_model(checkpoint, safe_mode=True)
-    inputs, _ = next(iter(dataset))
-    if len(next(iter(inputs.values())) if isinstance(inputs, dict) else inputs) < 2:
+    inputs, _ = next(iter(dataset))  # make_dataset's batches: a dict of named crops
+    inputs = {name: np.asarray(crops) for name, crops in inputs.items()}
+    if len(next(iter(inputs.values()))) < 2:  # one face cannot vary
         return []
-    return constant_layers(model, {k: np.asarray(v) for k, v in inputs.items()})
+    return constant_layers(keras.saving.load_model(checkpoint, safe_mode=True), inputs)
 
 
 def _unwrap_single_input(dataset, model: keras.Model):

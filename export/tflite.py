@@ -90,11 +90,7 @@ def to_tflite(
     check_finite(model)
     with tempfile.TemporaryDirectory(prefix="c3ae-export-") as saved_model_dir:
         write_saved_model(model, saved_model_dir)
-        converter = tf.lite.TFLiteConverter.from_saved_model(
-            saved_model_dir, signature_keys=["serving_default"]
-        )
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        converter.allow_custom_ops = False
+        converter = _builtin_converter(saved_model_dir)
         if quant != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if quant == "fp16":
@@ -115,11 +111,9 @@ def to_tflite(
             flatbuffer = converter.convert()
         restored = 0
         if quant == "fp16" and float32_input_layers:
-            plain = tf.lite.TFLiteConverter.from_saved_model(
-                saved_model_dir, signature_keys=["serving_default"]
+            flatbuffer, restored = keep_input_layers_float32(
+                flatbuffer, _builtin_converter(saved_model_dir).convert()
             )
-            plain.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-            flatbuffer, restored = keep_input_layers_float32(flatbuffer, plain.convert())
     if compact:
         flatbuffer = compact_tensor_names(flatbuffer)
     if metadata:
@@ -132,6 +126,17 @@ def to_tflite(
             extra["float_ops"] = float_ops(flatbuffer)
         flatbuffer = add_tflite_metadata(flatbuffer, describe_model(model, extra))
     return bytes(flatbuffer)
+
+
+def _builtin_converter(saved_model_dir: str):
+    """A converter of the SavedModel's ``serving_default`` signature restricted to TFLite builtin ops (fp32
+    until its options say otherwise)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=["serving_default"])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    converter.allow_custom_ops = False
+    return converter
 
 
 def _single_samples(representative, names: list[str]):

@@ -142,5 +142,6 @@ def test_ssrnet_int8_exports_and_runs_on_xnnpack(name, tmp_path):
     assert "constant_layers" not in report["verification"]
     backend = load_backend(output)
     assert backend.delegate is True
-    values = backend.predict(_asset_crops(load_model(name)))[load_model(name).output_names[0]].reshape(-1)
+    model = load_model(name)
+    values = backend.predict(_asset_crops(model))[model.output_names[0]].reshape(-1)
     assert np.isfinite(values).all() and np.ptp(values) > 0  # not one value for every face
