@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -35,6 +37,8 @@ def load_model(name_or_path: str | Path) -> keras.Model:
 
     Inputs are float32 BGR crops with raw pixels in [0, 255] (see ``c3ae.conventions``).
     """
+    import keras
+
     import c3ae.keras_metrics  # noqa: F401  (registers the custom objects a saved model may name)
     import c3ae.layers  # noqa: F401
     import c3ae.losses  # noqa: F401
@@ -93,6 +97,7 @@ def trained_context(name_or_path: str | Path) -> float:
 
 
 def _finite_weights(model: keras.Model) -> None:
+    import keras
     import numpy as np
 
     for layer in model.layers:

@@ -109,7 +109,7 @@ class AgeGenderEstimator:
             name's shipped TFLite file when there is one; Keras otherwise). See ``c3ae.runtime.load_backend``.
         detector: ``"mtcnn"`` (5 landmarks, the training pipeline's) or ``"haar"`` (faster, frontal only).
         min_face: faces narrower or shorter than this many pixels are ignored. With MTCNN, values above 20
-            also make detection faster: it runs on the image scaled by 20 / min_face.
+            also make detection faster: its image pyramid starts at 12 / min_face.
         gender_model: a separate gender model (same forms as ``model``); None = the bundled ``X-gender``
             pairing above; False = none.
         threads: CPU threads for the TFLite / ONNX runtimes.
@@ -157,8 +157,6 @@ class AgeGenderEstimator:
             )
         self.model_name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name", "model")
         self.spec = _chip_spec(model, self.backends[0])
-        # With MTCNN, a min_face above 20 also speeds detection up: the detector searches the image shrunk
-        # by 20 / min_face (c3ae.faces.MTCNNDetector).
         self.pipeline = FacePipeline(detector, spec=self.spec, min_face=self.min_face, pad_retry=pad_retry)
 
     # ------------------------------------------------------------------------------------------ public API

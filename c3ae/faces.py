@@ -135,46 +135,43 @@ class Detection:
         return asdict(self)
 
 
-MTCNN_LARGEST_MIN_FACE = 20
-
-
 class MTCNNDetector:
-    """MTCNN (the ``mtcnn`` package; its weights ship inside the wheel, so it works offline)."""
+    """MTCNN on LiteRT (:mod:`c3ae.detector`): the ``mtcnn`` package's networks and steps, without
+    TensorFlow. Photos whose longer side exceeds ``max_side`` are searched on a downscaled copy; boxes and
+    landmarks come back in the photo's pixels."""
 
     name = "mtcnn"
 
-    def __init__(self, min_face: int = 20, min_score: float = 0.9):
-        from mtcnn import MTCNN
+    def __init__(
+        self,
+        min_face: int = 20,
+        min_score: float = 0.9,
+        max_side: int | None = None,
+        threads: int | None = None,
+    ):
+        from c3ae.detector import DEFAULT_MAX_SIDE, MTCNN
 
         self.min_face = int(min_face)
         self.min_score = float(min_score)
-        self._mtcnn = MTCNN()
+        self._mtcnn = MTCNN(
+            min_face=self.min_face,
+            max_side=DEFAULT_MAX_SIDE if max_side is None else max_side,
+            threads=threads,
+        )
+
+    @property
+    def max_side(self) -> int | None:
+        return self._mtcnn.max_side
 
     def detect(self, image_bgr: np.ndarray, min_score: float | None = None) -> list[Detection]:
         """Faces in a BGR uint8 image, most confident first; ``min_score`` overrides the threshold."""
         min_score = self.min_score if min_score is None else float(min_score)
-        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-        # mtcnn 1.0 finds nothing with min_face_size above 20 (its image pyramid ends below PNet's 12 px), so
-        # larger faces are searched on the image shrunk by 20 / min_face, which is faster too.
-        scale = min(1.0, MTCNN_LARGEST_MIN_FACE / self.min_face)
-        if scale < 1.0:
-            rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        raw = self._mtcnn.detect_faces(
-            rgb,
-            fit_to_image=False,
-            box_format="xyxy",
-            min_face_size=min(self.min_face, MTCNN_LARGEST_MIN_FACE),
-        )
         detections = []
-        for face in raw or []:
-            x1, y1, x2, y2 = (float(v) / scale for v in face["box"])
-            score = float(face["confidence"])
+        for row in self._mtcnn.detect(image_bgr):
+            x1, y1, x2, y2, score = (float(v) for v in row[:5])
             if score < min_score or min(x2 - x1, y2 - y1) < self.min_face:
                 continue
-            points = tuple(
-                (float(face["keypoints"][n][0]) / scale, float(face["keypoints"][n][1]) / scale)
-                for n in LANDMARK_NAMES
-            )
+            points = tuple((float(x), float(y)) for x, y in zip(row[5:10], row[10:15], strict=True))
             detections.append(Detection((x1, y1, x2, y2), score, points))
         return sorted(detections, key=lambda d: -d.score)
 
@@ -482,7 +479,7 @@ class FacePipeline:
 
     @property
     def detector(self):
-        if self._detector is None:  # built lazily: MTCNN loads TensorFlow
+        if self._detector is None:  # built lazily: the detector's interpreters load on first use
             self._detector = make_detector(self.detector_name, min_face=self.min_face)
         return self._detector
 

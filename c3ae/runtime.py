@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from c3ae.litert import quiet_first_delegate
+
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
@@ -120,7 +122,9 @@ class TFLiteBackend(Backend):
                 not degenerate_int8_tensors(self.interpreter) if xnnpack is None else bool(xnnpack)
             )
             if self.delegate:
-                self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
+                with quiet_first_delegate():
+                    self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
+                    self.interpreter.allocate_tensors()
         except ValueError as error:
             raise BackendError(f"Not a readable TFLite model: {error}") from error
         signatures = self.interpreter.get_signature_list()
@@ -150,7 +154,8 @@ class TFLiteBackend(Backend):
         if shape != self._shape:
             for name, array in arrays.items():
                 interpreter.resize_tensor_input(self._inputs[name]["index"], array.shape, strict=False)
-            interpreter.allocate_tensors()
+            with quiet_first_delegate(self.delegate):
+                interpreter.allocate_tensors()
             self._shape = shape
         for name, array in arrays.items():
             interpreter.set_tensor(self._inputs[name]["index"], array)

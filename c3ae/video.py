@@ -1,7 +1,7 @@
 """Age and gender on video files and webcams: detect every N frames, track in between, smooth per track.
 
 :func:`process_video` reads frames with OpenCV, runs the face detector on every ``detect_every``-th frame
-(on a copy scaled by 20 / min_face, see ``AgeGenderEstimator``), estimates age and gender of the faces found
+(MTCNN on LiteRT, see ``c3ae.detector``), estimates age and gender of the faces found
 there in one batched call, and in between carries each face's box along with an IoU tracker
 (``c3ae.tracking``). Each track smooths age and the probability of male exponentially with a time constant
 of ``smooth`` seconds. Outputs: an annotated video (same frame count and frame rate as the input; written to

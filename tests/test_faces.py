@@ -159,14 +159,19 @@ def test_mtcnn_finds_the_face_with_plain_python_numbers(mtcnn_faces, obama):
 
 
 def test_mtcnn_with_a_large_min_face_finds_the_same_face(mtcnn_faces, obama):
-    """mtcnn 1.0 itself finds nothing above min_face_size 20; the detector shrinks the image instead."""
+    """mtcnn 1.0 itself finds nothing above min_face_size 20; our pyramid stops at P-Net's 12-pixel window."""
     from c3ae.faces import MTCNNDetector
 
     (large,) = MTCNNDetector(min_face=80).detect(obama)
     reference = mtcnn_faces[0].detection
     assert min(large.box[2] - large.box[0], large.box[3] - large.box[1]) >= 80
-    np.testing.assert_allclose(large.box, reference.box, atol=0.06 * (reference.box[2] - reference.box[0]))
-    np.testing.assert_allclose(large.landmarks, reference.landmarks, atol=6.0)
+    # A pyramid starting 4 times smaller proposes other candidate boxes; R- and O-Net refine them to the
+    # same face, to within MTCNN's own spread between scales.
+    from c3ae.detector import iou_matrix
+
+    assert iou_matrix(np.array([large.box]), np.array([reference.box]))[0, 0] > 0.85
+    width = reference.box[2] - reference.box[0]
+    np.testing.assert_allclose(large.landmarks, reference.landmarks, atol=0.08 * width)
     big = max(obama.shape[:2]) + 1
     assert MTCNNDetector(min_face=big).detect(obama) == []
 

@@ -1,0 +1,331 @@
+"""MTCNN face detection on LiteRT, with the stages in NumPy and OpenCV: no TensorFlow.
+
+It reproduces the ``mtcnn`` package (1.0) step for step, with its thresholds and defaults: an image
+pyramid (area resampling, factor 0.709, first level 12 / min_face), P-Net proposals on every level, the
+package's NMS (a box is dropped when any higher-scoring box overlaps it by more than the threshold), box
+regression, squaring, R-Net and O-Net refinement on bilinear patches of the photo, and O-Net's 5 landmarks.
+The networks are ``c3ae/weights/mtcnn/*.tflite`` (``python -m c3ae.export.detector`` makes them), which take
+BGR raw pixels in [0, 255].
+
+Photos whose longer side exceeds ``max_side`` are searched on a copy downscaled to it; boxes and landmarks
+are mapped back to the photo's pixels, so alignment reads the full-resolution pixels.
+
+>>> detector = MTCNN()                                  # doctest: +SKIP
+>>> detector.detect(cv2.imread("assets/obama.jpg"))     # doctest: +SKIP
+array([[x1, y1, x2, y2, score, lx1..lx5, ly1..ly5], ...])
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from c3ae.litert import quiet_first_delegate
+
+DETECTOR_DIR = Path(__file__).parent / "weights" / "mtcnn"
+NETWORK_FILES = {name: f"{name}.tflite" for name in ("pnet", "rnet", "onet")}
+REINSTALL = "pip install --force-reinstall c3ae"
+
+# The mtcnn package's defaults.
+MIN_FACE = 20
+SCALE_FACTOR = 0.709
+CELL = 12  # P-Net's window, in pixels of a pyramid level
+STRIDE = 2
+THRESHOLDS = (0.6, 0.7, 0.8)  # P-, R-, O-Net face probability
+NMS_PNET_LEVEL, NMS_PNET_ALL, NMS_RNET, NMS_ONET = 0.5, 0.7, 0.7, 0.7
+OUTSIDE_PIXEL = 127.5  # the package's normalised 0: patches are mid-grey where they leave the photo
+
+DEFAULT_MAX_SIDE = 1600
+INTERPRETER_CACHE = 32  # P-Net interpreters kept, one per pyramid-level shape (video frames reuse them)
+
+
+class DetectorFileError(RuntimeError):
+    """A detector file of the installed package that is missing or unreadable."""
+
+
+def pyramid_scales(width: int, height: int, min_face: float = MIN_FACE) -> np.ndarray:
+    """The package's pyramid: 12 / min_face times 0.709^k, without the levels smaller than the 12-pixel
+    window (the package fails on those when min_face > 20)."""
+    min_dim = min(width, height)
+    if min_dim < CELL:
+        return np.empty(0)
+    count = round(-((np.log(min_dim / CELL) / np.log(SCALE_FACTOR)) + 1))
+    scales = (CELL / float(min_face)) * SCALE_FACTOR ** np.arange(max(count, 0))
+    return scales[np.floor(min_dim * scales) >= CELL]
+
+
+def pyramid(image: np.ndarray, scales: np.ndarray):
+    """Yield (scale, level) for each scale: the float32 image area-resampled to (int(W s), int(H s)), the
+    package's (truncated) sizes, each level from the photo itself (resampling from the previous level is
+    5 times cheaper but moves P-Net's scores enough to change which proposals survive NMS)."""
+    height, width = image.shape[:2]
+    for scale in scales:
+        size = (int(width * scale), int(height * scale))
+        yield scale, cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray, method: str = "union") -> np.ndarray:
+    """Overlap of every box of ``a`` (N, 4) with every box of ``b`` (M, 4), boxes (x1, y1, x2, y2), no +1:
+    intersection over union, or over the smaller area (``method="min"``)."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    width = np.maximum(0, np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]))
+    height = np.maximum(
+        0, np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    )
+    inter = width * height
+    if method == "union":
+        denominator = area_a[:, None] + area_b[None, :] - inter
+    else:
+        denominator = np.minimum(area_a[:, None], area_b[None, :])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return inter / denominator
+
+
+def nms(boxes: np.ndarray, threshold: float, method: str = "union", sort: bool = True) -> np.ndarray:
+    """The package's suppression on rows (x1, y1, x2, y2, score, ...): optionally sorted by score (its
+    argsort, descending), then every row that overlaps *any* earlier row by more than ``threshold`` is
+    dropped, suppressed or not. Computed in blocks, so memory stays bounded for thousands of proposals."""
+    if len(boxes) == 0:
+        return boxes
+    if sort:
+        boxes = boxes[np.argsort(boxes[:, 4])[::-1]]
+    coords = boxes[:, :4]
+    keep = np.ones(len(boxes), dtype=bool)
+    block = 1024
+    for start in range(0, len(boxes), block):
+        stop = min(start + block, len(boxes))
+        overlap = iou_matrix(coords[:stop], coords[start:stop], method) > threshold
+        earlier = np.arange(stop)[:, None] < np.arange(start, stop)[None, :]
+        keep[start:stop] = ~np.any(overlap & earlier, axis=0)
+    return boxes[keep]
+
+
+def to_square(boxes: np.ndarray) -> np.ndarray:
+    """Boxes grown to squares of their longer side around the same centre (other columns kept)."""
+    boxes = boxes.copy()
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(width, height)
+    boxes[:, 0] += width * 0.5 - side * 0.5
+    boxes[:, 1] += height * 0.5 - side * 0.5
+    boxes[:, 2] = boxes[:, 0] + side
+    boxes[:, 3] = boxes[:, 1] + side
+    return boxes
+
+
+def refine(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Boxes moved by regression ``offsets`` (N, 4) in units of the box's width and height (+1, as the
+    package)."""
+    boxes = boxes.copy()
+    width = boxes[:, 2] - boxes[:, 0] + 1
+    height = boxes[:, 3] - boxes[:, 1] + 1
+    boxes[:, :4] += offsets * np.stack([width, height, width, height], axis=-1)
+    return boxes
+
+
+def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """(N, size, size, 3) float32 bilinear patches of ``boxes`` (x1, y1, x2, y2 in pixels) from a float32
+    image, sampled where ``tf.image.crop_and_resize`` samples boxes normalised by the image's width and
+    height (corner samples at x1 (W - 1) / W and x2 (W - 1) / W); samples outside the image are
+    ``OUTSIDE_PIXEL``. One ``cv2.remap`` call for all boxes (its bilinear weights are 1/32-pixel steps)."""
+    height, width = image.shape[:2]
+    steps = np.arange(size, dtype=np.float32)
+    coords = boxes[:, :4].astype(np.float32) / np.array([width, height, width, height], np.float32)
+
+    def positions(low: np.ndarray, high: np.ndarray, extent: int) -> np.ndarray:
+        scale = (high - low) * np.float32(extent - 1) / np.float32(size - 1)
+        return low[:, None] * np.float32(extent - 1) + steps[None, :] * scale[:, None]
+
+    ys = positions(coords[:, 1], coords[:, 3], height)
+    xs = positions(coords[:, 0], coords[:, 2], width)
+    count = len(boxes)
+    map_x = np.ascontiguousarray(np.broadcast_to(xs[:, None, :], (count, size, size)).reshape(-1, size))
+    map_y = np.ascontiguousarray(np.broadcast_to(ys[:, :, None], (count, size, size)).reshape(-1, size))
+    patches = cv2.remap(
+        image,
+        map_x,
+        map_y,
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(OUTSIDE_PIXEL,) * 3,
+    ).reshape(count, size, size, 3)
+    # tf.image.crop_and_resize fills a whole sample row or column that leaves the image.
+    inside = ((ys >= 0) & (ys <= height - 1))[:, :, None] & ((xs >= 0) & (xs <= width - 1))[:, None, :]
+    patches[~inside] = OUTSIDE_PIXEL
+    return patches
+
+
+class _Network:
+    """One LiteRT network; interpreters kept per input shape (least recently used dropped)."""
+
+    def __init__(self, path: Path, threads: int | None, cache: int = INTERPRETER_CACHE):
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self._data = path.read_bytes()
+            probe = Interpreter(model_content=self._data)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise DetectorFileError(
+                f"The detector file {path} is missing or unreadable ({type(error).__name__}); reinstall "
+                f"c3ae: {REINSTALL}"
+            ) from error
+        self._interpreter_class = Interpreter
+        details = probe.get_signature_runner("serving_default")
+        self._input = details.get_input_details()["image"]["index"]
+        self._outputs = {name: d["index"] for name, d in details.get_output_details().items()}
+        self.output_names = tuple(self._outputs)
+        del details, probe
+        self._threads = threads
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._limit = cache
+
+    def _interpreter(self, shape: tuple):
+        interpreter = self._cache.get(shape)
+        if interpreter is None:
+            interpreter = self._interpreter_class(model_content=self._data, num_threads=self._threads)
+            interpreter.resize_tensor_input(self._input, shape, strict=False)
+            with quiet_first_delegate():
+                interpreter.allocate_tensors()
+            self._cache[shape] = interpreter
+            if len(self._cache) > self._limit:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(shape)
+        return interpreter
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        interpreter = self._interpreter(batch.shape)
+        interpreter.set_tensor(self._input, batch)
+        interpreter.invoke()
+        return {name: interpreter.get_tensor(index) for name, index in self._outputs.items()}
+
+
+def _bucket(count: int) -> int:
+    """The batch size ``count`` patches are padded to, so that R-/O-Net see few distinct shapes: a power of
+    two up to 16, then a multiple of 16."""
+    if count <= 16:
+        return 1 << max(count - 1, 0).bit_length()
+    return -(-count // 16) * 16
+
+
+class MTCNN:
+    """The three-stage MTCNN detector on LiteRT.
+
+    Args:
+        min_face: smallest face side searched, in pixels of the searched image (the package's
+            ``min_face_size``).
+        max_side: photos whose longer side exceeds this are searched on a copy downscaled to it (None: never).
+        thresholds: P-, R-, O-Net face-probability thresholds.
+        threads: LiteRT threads per network (None: min(4, CPU count)).
+        model_dir: folder with ``pnet.tflite``, ``rnet.tflite``, ``onet.tflite``.
+    """
+
+    def __init__(
+        self,
+        min_face: float = MIN_FACE,
+        max_side: int | None = DEFAULT_MAX_SIDE,
+        thresholds: tuple[float, float, float] = THRESHOLDS,
+        threads: int | None = None,
+        model_dir: str | Path = DETECTOR_DIR,
+    ):
+        if float(min_face) <= 0:
+            raise ValueError(f"min_face must be positive, got {min_face}.")
+        self.min_face = float(min_face)
+        self.max_side = None if max_side is None else int(max_side)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        threads = threads or min(4, os.cpu_count() or 1)
+        folder = Path(model_dir)
+        self.pnet, self.rnet, self.onet = (
+            _Network(folder / NETWORK_FILES[n], threads) for n in NETWORK_FILES
+        )
+
+    def detect(self, image_bgr: np.ndarray) -> np.ndarray:
+        """Faces of an (H, W, 3) uint8 BGR image as float64 rows (x1, y1, x2, y2, score, lx1..lx5, ly1..ly5),
+        in the image's pixels, most confident first (NMS order); (0, 15) when there is none."""
+        image, factor = self._working_copy(image_bgr)
+        # On a downscaled copy, faces of min_face photo pixels are smaller; the search still stops at
+        # the package's 20 pixels (smaller faces would need the copy upscaled again).
+        min_face = max(self.min_face * factor, min(self.min_face, MIN_FACE))
+        rows = self._onet(image, self._rnet(image, self._pnet(image, min_face)))
+        if factor != 1.0 and len(rows):
+            rows[:, :4] /= factor
+            rows[:, 5:] /= factor
+        return rows
+
+    def _working_copy(self, image_bgr: np.ndarray) -> tuple[np.ndarray, float]:
+        height, width = image_bgr.shape[:2]
+        factor = 1.0
+        if self.max_side and max(height, width) > self.max_side:
+            factor = self.max_side / max(height, width)
+            size = (max(round(width * factor), 1), max(round(height * factor), 1))
+            image_bgr = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
+            factor = size[0] / width
+        return image_bgr.astype(np.float32), factor
+
+    # ------------------------------------------------------------------------------------------ stages
+    def _pnet(self, image: np.ndarray, min_face: float) -> np.ndarray:
+        height, width = image.shape[:2]
+        levels = []
+        for scale, level in pyramid(image, pyramid_scales(width, height, min_face)):
+            out = self.pnet(level[None])
+            face = out["probabilities"][0, :, :, 1]
+            ys, xs = np.where(face > self.thresholds[0])
+            if len(ys) == 0:
+                continue
+            offsets = out["offsets"][0][ys, xs].astype(np.float64)
+            # The package's cell spans pixels 2x + 1 .. 2x + 12 (width 11) of the level.
+            x1, y1, x2, y2 = xs * STRIDE + 1, ys * STRIDE + 1, xs * STRIDE + CELL, ys * STRIDE + CELL
+            side = CELL - 1
+            boxes = np.stack(
+                [
+                    x1 + offsets[:, 0] * side,
+                    y1 + offsets[:, 1] * side,
+                    x2 + offsets[:, 2] * side,
+                    y2 + offsets[:, 3] * side,
+                    face[ys, xs].astype(np.float64),
+                ],
+                axis=1,
+            )
+            boxes = boxes[np.argsort(boxes[:, 4])[::-1]]
+            boxes[:, :4] /= scale
+            levels.append(nms(boxes, NMS_PNET_LEVEL, sort=False))
+        if not levels:
+            return np.empty((0, 5))
+        return to_square(nms(np.concatenate(levels), NMS_PNET_ALL))
+
+    def _rnet(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        if len(boxes) == 0:
+            return boxes
+        out = self._run(self.rnet, crop_and_resize(image, boxes, 24))
+        boxes = boxes.copy()
+        boxes[:, 4] = out["probabilities"][:, 1]
+        boxes = refine(boxes, out["offsets"].astype(np.float64))
+        boxes = boxes[boxes[:, 4] > self.thresholds[1]]
+        return to_square(nms(boxes, NMS_RNET))
+
+    def _onet(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        if len(boxes) == 0:
+            return np.empty((0, 15))
+        out = self._run(self.onet, crop_and_resize(image, boxes, 48))
+        width = boxes[:, 2:3] - boxes[:, 0:1] + 1
+        height = boxes[:, 3:4] - boxes[:, 1:2] + 1
+        points = out["landmarks"].astype(np.float64)
+        xs = width * points[:, 0:5] + boxes[:, 0:1] - 1
+        ys = height * points[:, 5:10] + boxes[:, 1:2] - 1
+        boxes = boxes.copy()
+        boxes[:, 4] = out["probabilities"][:, 1]
+        rows = np.concatenate([refine(boxes, out["offsets"].astype(np.float64)), xs, ys], axis=1)
+        rows = rows[rows[:, 4] > self.thresholds[2]]
+        return nms(rows, NMS_ONET, method="min")
+
+    @staticmethod
+    def _run(network: _Network, patches: np.ndarray) -> dict[str, np.ndarray]:
+        count = len(patches)
+        padded = np.zeros((_bucket(count), *patches.shape[1:]), np.float32)
+        padded[:count] = patches
+        return {name: value[:count] for name, value in network(padded).items()}
