@@ -13,9 +13,21 @@ def read_version() -> str:
     return namespace["__version__"]
 
 
-def read_requirements() -> list[str]:
-    lines = (HERE / "requirements.txt").read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+def read_requirements() -> dict[str, list[str]]:
+    """``{section: [requirement, ...]}`` from requirements.txt's ``# [section]`` headings."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in (HERE / "requirements.txt").read_text().splitlines():
+        line = line.strip()
+        if line.startswith("# [") and line.endswith("]"):
+            current = sections.setdefault(line[3:-1], [])
+        elif line and not line.startswith("#") and current is not None:
+            current.append(line)
+    return sections
+
+
+REQUIREMENTS = read_requirements()
+TEST = ["pytest>=8", "hypothesis>=6", "ruff", *REQUIREMENTS["train"]]
 
 
 setup(
@@ -33,13 +45,17 @@ setup(
         "c3ae.preprocessing": "preprocessing",
         "c3ae.export": "export",
     },
-    package_data={"c3ae": ["weights/*", "configs/*.yaml"]},
-    install_requires=read_requirements(),
+    package_data={"c3ae": ["weights/*", "weights/mtcnn/*", "configs/*.yaml"]},
+    # `pip install c3ae` is the runtime: detection and inference on the shipped .tflite models, no
+    # TensorFlow. The extras add ONNX Runtime, the training and export stack, CoreML, the CUDA build.
+    install_requires=REQUIREMENTS["runtime"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "ruff"],
+        "onnx": REQUIREMENTS["onnx"],
+        "train": REQUIREMENTS["train"],
+        "test": TEST,
         "coreml": ["coremltools==9.0"],
         # The CUDA build replaces tensorflow-cpu: `pip install c3ae[gpu]` then `pip uninstall tensorflow-cpu`.
-        "gpu": ["tensorflow[and-cuda]==2.21.0"],
+        "gpu": [*REQUIREMENTS["train"], "tensorflow[and-cuda]==2.21.0"],
     },
     entry_points={"console_scripts": ["c3ae = c3ae.cli:main"]},
 )

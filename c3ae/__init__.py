@@ -23,6 +23,7 @@ _LAZY_SUBMODULES = {
     "annotate",
     "bundled",
     "config",
+    "detector",
     "data",
     "estimator",
     "evaluate",
@@ -42,10 +43,18 @@ _LAZY_SUBMODULES = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f"c3ae.{name}")
-    if name == "load_model":
-        return importlib.import_module("c3ae.bundled").load_model
-    if name in ("AgeGenderEstimator", "Face"):
-        return getattr(importlib.import_module("c3ae.estimator"), name)
+    try:
+        if name in _LAZY_SUBMODULES:
+            return importlib.import_module(f"c3ae.{name}")
+        if name == "load_model":
+            return importlib.import_module("c3ae.bundled").load_model
+        if name in ("AgeGenderEstimator", "Face"):
+            return getattr(importlib.import_module("c3ae.estimator"), name)
+    except ImportError as error:
+        from c3ae.extras import missing_extra
+
+        extra = missing_extra(error)
+        if extra is None:
+            raise
+        raise extra from None
     raise AttributeError(f"module 'c3ae' has no attribute {name!r}")

@@ -199,15 +199,21 @@ def _file_size(model) -> int | None:
     return path.stat().st_size if isinstance(model, (str, Path)) and path.is_file() else None
 
 
+def _is_artifact(model) -> bool:
+    """A .tflite or .onnx file: timed as it is, with the runtime alone (no TensorFlow)."""
+    path = Path(str(model))
+    return isinstance(model, (str, Path)) and path.suffix.lower() in (".tflite", ".onnx") and path.is_file()
+
+
 def _keras_model_for_bench(model):
     """(keras model or None, label): a bundled name, a .keras file, a registered variant (untrained)."""
+    path = Path(str(model))
+    if _is_artifact(model):
+        return None, path.name
     import keras
 
     if isinstance(model, keras.Model):
         return model, model.name
-    path = Path(str(model))
-    if path.suffix.lower() in (".tflite", ".onnx") and path.is_file():
-        return None, path.name
     from c3ae.bundled import ModelNotFoundError, load_model
     from c3ae.models import VARIANTS, build_variant
 
@@ -266,11 +272,12 @@ def bench_models(
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"Unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}.")
-    from c3ae.export.tflite import QUANT_TYPES
+    if not all(_is_artifact(model) for model in models):  # conversions ahead: they need TensorFlow
+        from c3ae.export.tflite import QUANT_TYPES
 
-    unknown = [q for q in quants if q not in QUANT_TYPES]
-    if unknown:
-        raise ValueError(f"Unknown quantisation {unknown[0]!r}; choose from {', '.join(QUANT_TYPES)}.")
+        unknown = [q for q in quants if q not in QUANT_TYPES]
+        if unknown:
+            raise ValueError(f"Unknown quantisation {unknown[0]!r}; choose from {', '.join(QUANT_TYPES)}.")
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
     for model in models:

@@ -37,8 +37,9 @@ def load_model(name_or_path: str | Path) -> keras.Model:
 
     Inputs are float32 BGR crops with raw pixels in [0, 255] (see ``c3ae.conventions``).
     """
-    import keras
+    from c3ae.extras import import_optional
 
+    keras = import_optional("keras")
     import c3ae.keras_metrics  # noqa: F401  (registers the custom objects a saved model may name)
     import c3ae.layers  # noqa: F401
     import c3ae.losses  # noqa: F401

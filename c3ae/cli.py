@@ -725,6 +725,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"c3ae {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except ImportError as error:
+        from c3ae.extras import missing_extra
+
+        extra = missing_extra(error)
+        if extra is None:
+            raise
+        print(f"c3ae {args.command}: error: {extra}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         resumable = (
             " Finished work is kept; rerun the same command to resume."

@@ -26,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+EXIF_ORIENTATION = 0x0112
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 NOSE = LANDMARK_NAMES.index("nose")
 CROP_NAMES = ("outer", "middle", "inner")
@@ -73,7 +74,8 @@ def read_image(source: str | Path | bytes | np.ndarray) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            image = ImageOps.exif_transpose(image)
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
             return _pil_to_bgr(image)
     except UnidentifiedImageError as error:
         raise ImageReadError(name, "not_an_image") from error
@@ -94,8 +96,14 @@ def _pil_to_bgr(image) -> np.ndarray:
         alpha = rgba[..., 3:4] / 255.0
         rgb = rgba[..., :3] * alpha  # composite on black, like the zero padding of crops
         return np.ascontiguousarray(rgb[..., ::-1].round().astype(np.uint8))
-    rgb = np.asarray(image.convert("RGB"))
-    return np.ascontiguousarray(rgb[..., ::-1])
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    mode = "BGR" if image.mode == "RGB" else "L"
+    # PIL writes the channels in BGR order itself: one copy of the pixels, not three.
+    pixels = np.frombuffer(bytearray(image.tobytes("raw", mode)), np.uint8)
+    if mode == "L":
+        return cv2.cvtColor(pixels.reshape(image.height, image.width), cv2.COLOR_GRAY2BGR)
+    return pixels.reshape(image.height, image.width, 3)
 
 
 def _array_to_bgr(array: np.ndarray, name: str) -> np.ndarray:

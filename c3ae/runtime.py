@@ -217,7 +217,9 @@ class OnnxBackend(Backend):
     name = "onnx"
 
     def __init__(self, model_bytes: bytes, threads: int | None = None):
-        import onnxruntime as ort
+        from c3ae.extras import import_optional
+
+        ort = import_optional("onnxruntime")
 
         options = ort.SessionOptions()
         if threads:
@@ -251,7 +253,9 @@ _CONVERTED: dict[tuple, bytes] = {}
 
 
 def _keras_model(model) -> keras.Model:
-    import keras
+    from c3ae.extras import import_optional
+
+    keras = import_optional("keras")
 
     if isinstance(model, keras.Model):
         return model
