@@ -720,11 +720,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from c3ae.detector import DetectorFileError
+
     try:
         return int(args.func(args) or 0)
     except UserError as error:
         print(f"c3ae {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except DetectorFileError as error:  # a broken install: an environment error, not the user's mistake
+        print(f"c3ae {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except ImportError as error:
         from c3ae.extras import missing_extra
 

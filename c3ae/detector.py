@@ -44,7 +44,7 @@ INTERPRETER_CACHE = 32  # P-Net interpreters kept, one per pyramid-level shape (
 
 
 class DetectorFileError(RuntimeError):
-    """A detector file of the installed package that is missing or unreadable."""
+    """A detector file of the installed package that is missing or unreadable (a broken install)."""
 
 
 def pyramid_scales(width: int, height: int, min_face: float = MIN_FACE) -> np.ndarray:
@@ -168,13 +168,13 @@ class _Network:
         try:
             self._data = path.read_bytes()
             probe = Interpreter(model_content=self._data)
+            details = probe.get_signature_runner("serving_default")
         except (OSError, ValueError, RuntimeError) as error:
+            problem = "is missing" if not path.is_file() else "is not a readable TFLite model"
             raise DetectorFileError(
-                f"The detector file {path} is missing or unreadable ({type(error).__name__}); reinstall "
-                f"c3ae: {REINSTALL}"
+                f"The detector file {path} {problem}; reinstall c3ae: {REINSTALL}"
             ) from error
         self._interpreter_class = Interpreter
-        details = probe.get_signature_runner("serving_default")
         self._input = details.get_input_details()["image"]["index"]
         self._outputs = {name: d["index"] for name, d in details.get_output_details().items()}
         self.output_names = tuple(self._outputs)
@@ -271,7 +271,7 @@ class MTCNN:
         max_side: photos whose longer side exceeds this are searched on a copy downscaled to it (None: never).
         thresholds: P-, R-, O-Net face-probability thresholds.
         threads: LiteRT threads per network (None: min(4, CPU count)).
-        model_dir: folder with ``pnet.tflite``, ``rnet.tflite``, ``onet.tflite``.
+        model_dir: folder with ``pnet.tflite``, ``rnet.tflite``, ``onet.tflite`` (None: the package's).
     """
 
     def __init__(
@@ -280,7 +280,7 @@ class MTCNN:
         max_side: int | None = DEFAULT_MAX_SIDE,
         thresholds: tuple[float, float, float] = THRESHOLDS,
         threads: int | None = None,
-        model_dir: str | Path = DETECTOR_DIR,
+        model_dir: str | Path | None = None,
     ):
         if float(min_face) <= 0:
             raise ValueError(f"min_face must be positive, got {min_face}.")
@@ -288,7 +288,7 @@ class MTCNN:
         self.max_side = None if max_side is None else int(max_side)
         self.thresholds = tuple(float(t) for t in thresholds)
         threads = threads or min(4, os.cpu_count() or 1)
-        folder = Path(model_dir)
+        folder = Path(model_dir) if model_dir is not None else DETECTOR_DIR
         self.pnet, self.rnet, self.onet = (
             _Network(folder / NETWORK_FILES[n], threads) for n in NETWORK_FILES
         )

@@ -20,6 +20,7 @@ All boxes are (x1, y1, x2, y2) in pixels; all images are BGR uint8; crops fed to
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,16 +49,21 @@ class ImageReadError(ValueError):
         super().__init__(f"{path}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}")
 
 
-def read_image(source: str | Path | bytes | np.ndarray) -> np.ndarray:
+MAX_PIXELS = 100_000_000  # photos above 100 megapixels are refused before they are decoded
+
+
+def read_image(source: str | Path | bytes | np.ndarray, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Decode a photo to an (H, W, 3) uint8 BGR array.
 
     Accepts a path, encoded bytes, or an array (H x W, H x W x 1/3/4; arrays are taken as BGR[A], as
     OpenCV returns them). Applies the EXIF orientation; converts grayscale, palette, RGBA, CMYK and 16-bit
-    images. Raises :class:`ImageReadError` for missing, empty, corrupt or truncated files.
+    images. Raises :class:`ImageReadError` for missing, empty, corrupt or truncated files, and (reason
+    ``too_large``, read from the header, before decoding) for files over ``max_pixels`` pixels.
     """
     if isinstance(source, np.ndarray):
         return _array_to_bgr(source, "array")
     import io
+    import warnings
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -72,16 +78,34 @@ def read_image(source: str | Path | bytes | np.ndarray) -> np.ndarray:
     else:
         data = source
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():  # our own limit applies, below PIL's "decompression bomb" one
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise _too_large(
+                    name, f"{image.width} x {image.height} = {image.width * image.height}", max_pixels
+                )
             image.load()
             if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
                 image = ImageOps.exif_transpose(image)
             return _pil_to_bgr(image)
+    except ImageReadError:
+        raise
     except UnidentifiedImageError as error:
         raise ImageReadError(name, "not_an_image") from error
+    except Image.DecompressionBombError as error:  # PIL's own limit, at twice its MAX_IMAGE_PIXELS
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        raise _too_large(name, found.group(1) if found else "too many", max_pixels or MAX_PIXELS) from error
     except (OSError, SyntaxError, ValueError) as error:
         reason = "truncated_image" if "truncated" in str(error).lower() else "corrupt_image"
         raise ImageReadError(name, reason, str(error)) from error
+
+
+def _too_large(name: str, pixels: str, limit: int) -> ImageReadError:
+    return ImageReadError(
+        name, "too_large", f"{pixels} pixels, over the limit of {limit / 1e6:.0f} megapixels"
+    )
 
 
 def _pil_to_bgr(image) -> np.ndarray:
