@@ -418,6 +418,10 @@ def _estimator_options(parser: argparse.ArgumentParser, min_face: int) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
+    if args.bundle:
+        return _export_bundle(args)
+    if not args.output:
+        raise UserError("Give -o/--output for the artifact, or --bundle DIR for a deployable folder.")
     from c3ae.export.verify import ExportError, export_model, report_path
 
     try:
@@ -459,6 +463,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         print(f"verified: {verification['runtime']}")
     print(f"report: {report_path(args.output)}")
+    return 0
+
+
+def _export_bundle(args: argparse.Namespace) -> int:
+    from c3ae.export.bundle import BundleError, write_bundle
+
+    try:
+        spec = write_bundle(args.model, args.bundle)
+    except (BundleError, ValueError, FileNotFoundError) as error:  # ModelNotFoundError, BackendError
+        raise UserError(
+            f"{error} (--bundle takes a bundled model's name or a .tflite/.keras file)"
+        ) from error
+    files = ", ".join(m["file"] for m in spec["models"])
+    print(f"wrote {args.bundle}: detector/ (P-, R-, O-Net), {files}, bundle.json, reference.py, README.md")
     return 0
 
 
@@ -674,7 +692,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=float, help="override the verification tolerance of the chosen quantisation"
     )
     export.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
-    export.add_argument("-o", "--output", required=True, help="artifact path (a folder for saved_model)")
+    export.add_argument("-o", "--output", help="artifact path (a folder for saved_model)")
+    export.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="instead: write a deployable folder (detector and model .tflite files, bundle.json with the "
+        "whole pipeline's parameters, reference.py); needs no TensorFlow for a bundled model",
+    )
     export.set_defaults(func=cmd_export)
 
     bench = commands.add_parser("bench", help="measure speed on this machine (medians)")

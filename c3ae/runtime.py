@@ -44,6 +44,7 @@ class Backend:
     output_names: tuple[str, ...] = ()
     input_size: int = 0
     metadata: dict = {}
+    origin: str = ""  # the file or name it was loaded from
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on ``{input_name: (N, S, S, 3) float32 BGR [0, 255]}``; returns ``{output_name: array}``."""
@@ -142,6 +143,7 @@ class TFLiteBackend(Backend):
         self.input_size = int(self._inputs[self.input_names[0]]["shape_signature"][1])
         self.metadata = tflite_metadata(flatbuffer)
         self._shape: tuple | None = None
+        self.flatbuffer = bytes(flatbuffer)
         self.size_bytes = len(flatbuffer)
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -351,9 +353,11 @@ def load_backend(
 
 def _from_bytes(kind: str, data: bytes, threads: int | None, origin: str) -> Backend:
     try:
-        return TFLiteBackend(data, threads) if kind == "tflite" else OnnxBackend(data, threads)
+        backend = TFLiteBackend(data, threads) if kind == "tflite" else OnnxBackend(data, threads)
     except BackendError as error:
         raise BackendError(f"{origin}: {error}") from error
+    backend.origin = origin
+    return backend
 
 
 def _keras_threads(threads: int | None) -> None:
