@@ -362,3 +362,210 @@ def _convert_for_bench(model, backends, quants, calibration) -> list[tuple[str, 
                     representative = [data["inputs"]]
                 artifacts.append(("tflite", quant, to_tflite(model, quant, representative)))
     return artifacts
+
+
+# ------------------------------------------------------------------------------------------- runtime
+RUNTIME_TARGETS = {
+    "predict_photo_s": 1.0,
+    "predict_photo_mb": 250,
+    "detect_640x360_ms": 15,
+    "video_fps": 150,
+    "video_1080p_fps": 40,
+    "photo_12mp_s": 1.0,
+    "photo_12mp_mb": 400,
+    "install_mb": 300,
+}
+
+
+def bench_detect(image_bgr, runs: int = 50, warmup: int = 3, min_face: int = 20) -> dict:
+    """Median milliseconds of one MTCNN detection (``c3ae.detector``) on ``image_bgr``, interpreters warm."""
+    from c3ae.detector import MTCNN
+
+    detector = MTCNN(min_face=min_face)
+    for _ in range(warmup):
+        detector.detect(image_bgr)
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        faces = detector.detect(image_bgr)
+        seconds.append(time.perf_counter() - start)
+    return {"ms": 1000 * statistics.median(seconds), "faces": int((faces[:, 4] >= 0.9).sum()), "runs": runs}
+
+
+def bench_command(argv: Sequence[str], runs: int = 5) -> dict:
+    """Whole-process wall time (median, s) and peak resident memory (max, MB) of ``c3ae ARGV...``."""
+    import subprocess
+    import sys
+
+    seconds, peaks = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "c3ae.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds.append(time.perf_counter() - start)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            raise RuntimeError(f"c3ae {' '.join(argv)} exited with {child.returncode}.")
+        peaks.append(usage.ru_maxrss / 1024)
+    return {"s": statistics.median(seconds), "mb": max(peaks), "runs": runs}
+
+
+def bench_video(clip: str | Path, size: tuple[int, int] | None = None, frames: int | None = None) -> dict:
+    """``c3ae video``'s processing rate (frames per second, start-up excluded) on ``clip``, writing an
+    annotated copy; with ``size`` the clip is first rescaled to (width, height) into a temporary file."""
+    import tempfile
+
+    import cv2
+
+    from c3ae.estimator import AgeGenderEstimator
+    from c3ae.video import VIDEO_MIN_FACE, process_video
+
+    with tempfile.TemporaryDirectory(prefix="c3ae-bench-") as folder:
+        source = Path(clip)
+        if size is not None:
+            source = _rescaled_clip(Path(clip), Path(folder) / "rescaled.mp4", size, frames)
+        estimator = AgeGenderEstimator(min_face=VIDEO_MIN_FACE, pad_retry=0.0)  # c3ae video's defaults
+        summary = process_video(
+            str(source), estimator, output=Path(folder) / "out.mp4", progress=False, max_frames=frames
+        )
+        capture = cv2.VideoCapture(str(source))
+        width, height = (
+            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+        )
+    return {"fps": summary["fps"], "frames": summary["frames"], "size": f"{width}x{height}"}
+
+
+def _rescaled_clip(clip: Path, target: Path, size: tuple[int, int], frames: int | None) -> Path:
+    import cv2
+
+    capture = cv2.VideoCapture(str(clip))
+    fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
+    writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    count = 0
+    while frames is None or count < frames:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        writer.write(cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR))
+        count += 1
+    writer.release()
+    return target
+
+
+def runtime_install_mb(distribution: str = "c3ae") -> dict:
+    """Megabytes on disk of ``distribution`` and everything its plain install (no extras) pulls in."""
+    import importlib.metadata as metadata
+    import re
+
+    seen: dict[str, float] = {}
+    pending = [distribution]
+    while pending:
+        name = re.split(r"[\s\[<>=!~;]", pending.pop(), maxsplit=1)[0].lower().replace("_", "-")
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        size = 0
+        for file in dist.files or []:
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                size += path.stat().st_size
+        seen[name] = size / 2**20
+        pending += [r for r in (dist.requires or []) if "extra ==" not in r]
+    return {
+        "mb": sum(seen.values()),
+        "packages": {k: round(v, 1) for k, v in sorted(seen.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def bench_runtime(
+    photo: str | Path, clip: str | Path | None = None, runs: int = 5, progress: bool = True
+) -> list[dict]:
+    """The runtime's targets on this machine (see ``RUNTIME_TARGETS``): whole ``c3ae predict`` on ``photo``
+    and on a 12 MP (4000 x 3000) rescaled copy of it, one 640 x 360 detection, ``c3ae video`` on ``clip`` as
+    it is and rescaled to 1920 x 1080, and the install's size. One row per measurement."""
+    import tempfile
+
+    import cv2
+    from tqdm.auto import tqdm
+
+
+    image = cv2.imread(str(photo))
+    rows = []
+
+    def row(what: str, value: float, unit: str, key: str, note: str = "") -> None:
+        target = RUNTIME_TARGETS[key]
+        ok = value >= target if unit == "fps" else value <= target
+        rows.append(
+            {
+                "bench": "runtime",
+                "what": what,
+                "value": round(value, 2),
+                "unit": unit,
+                "target": target,
+                "met": "yes" if ok else "no",
+                "note": note,
+            }
+        )
+
+    steps = tqdm(total=5 + 2 * (clip is not None), desc="bench runtime", disable=not progress, leave=False)
+    result = bench_command(["predict", str(photo)], runs)
+    row(
+        f"c3ae predict {Path(photo).name}, whole process",
+        result["s"],
+        "s",
+        "predict_photo_s",
+        f"median of {runs}",
+    )
+    row(f"c3ae predict {Path(photo).name}, peak memory", result["mb"], "MB", "predict_photo_mb")
+    steps.update(2)
+    frame = cv2.resize(image, (640, 360), interpolation=cv2.INTER_AREA)
+    if clip is not None:
+        capture = cv2.VideoCapture(str(clip))
+        ok, first = capture.read()
+        frame = cv2.resize(first, (640, 360), interpolation=cv2.INTER_AREA) if ok else frame
+    result = bench_detect(frame, runs=max(runs * 10, 20))
+    row(
+        "detection, one 640x360 frame", result["ms"], "ms", "detect_640x360_ms", f"median of {result['runs']}"
+    )
+    steps.update(1)
+    with tempfile.TemporaryDirectory(prefix="c3ae-bench-") as folder:
+        big = Path(folder) / "12mp.jpg"
+        cv2.imwrite(
+            str(big),
+            cv2.resize(image, (4000, 3000), interpolation=cv2.INTER_CUBIC),
+            [cv2.IMWRITE_JPEG_QUALITY, 92],
+        )
+        result = bench_command(["predict", str(big)], runs)
+        row(
+            "c3ae predict, 12 MP photo (4000x3000), whole process",
+            result["s"],
+            "s",
+            "photo_12mp_s",
+            f"median of {runs}",
+        )
+        row("c3ae predict, 12 MP photo, peak memory", result["mb"], "MB", "photo_12mp_mb")
+    steps.update(1)
+    if clip is not None:
+        result = bench_video(clip)
+        row(
+            f"c3ae video {Path(clip).name} ({result['size']}, annotated copy)",
+            result["fps"],
+            "fps",
+            "video_fps",
+        )
+        steps.update(1)
+        result = bench_video(clip, size=(1920, 1080))
+        row(f"c3ae video, the clip rescaled to {result['size']}", result["fps"], "fps", "video_1080p_fps")
+        steps.update(1)
+    result = runtime_install_mb()
+    top = ", ".join(f"{name} {mb:.0f}" for name, mb in list(result["packages"].items())[:4])
+    row("pip install c3ae, size on disk", result["mb"], "MB", "install_mb", top)
+    steps.update(1)
+    steps.close()
+    return rows

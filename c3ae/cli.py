@@ -509,6 +509,24 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_runtime(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from c3ae.bench import bench_runtime, format_bench_table
+
+    for option, value in (("--photo", args.photo), ("--video", args.video)):
+        if value is not None and not Path(value).is_file():
+            raise UserError(f"{option} {value} is not a file.")
+    rows = bench_runtime(args.photo, args.video, runs=args.runs)
+    print(format_bench_table(rows))
+    if args.json:
+        from c3ae.files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"rows": rows}, indent=2) + "\n")
+    return 0
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in str(text).split(",") if part.strip()]
 
@@ -533,7 +551,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _asset(name: str):
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "assets" / name
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from c3ae.video import VIDEO_MIN_FACE
+
     parser = argparse.ArgumentParser(
         prog="c3ae",
         description="Compact face age and gender estimation: build, train, freeze and run C3AE, SSR-Net, "
@@ -660,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--show", action="store_true", help="show the annotated frames in a window (q stops)")
     video.add_argument("--verbose", action="store_true", help="print per-stage timings at the end")
     video.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
-    _estimator_options(video, min_face=40)
+    _estimator_options(video, min_face=VIDEO_MIN_FACE)
     video.set_defaults(func=cmd_video)
 
     export = commands.add_parser(
@@ -735,6 +761,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench_models.add_argument("--calibration", metavar="MANIFEST", help="int8 calibration manifest")
     bench_models.add_argument("--json", help="also write the results to this JSON file")
     bench_models.set_defaults(func=cmd_bench_models)
+    runtime = bench_commands.add_parser(
+        "runtime",
+        help="the inference targets: whole-process predict, 640x360 detection, 12 MP photo, video, install",
+    )
+    runtime.add_argument(
+        "--photo", default=str(_asset("obama.jpg")), help="photo for predict (default: assets/obama.jpg)"
+    )
+    runtime.add_argument(
+        "--video", help="clip for the video rows (e.g. ../shared/media/short_hamilton_clip.mp4)"
+    )
+    runtime.add_argument(
+        "--runs", type=_positive_int, default=5, help="whole-process runs per row (default 5)"
+    )
+    runtime.add_argument("--json", help="also write the results to this JSON file")
+    runtime.set_defaults(func=cmd_bench_runtime)
     return parser
 
 

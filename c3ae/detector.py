@@ -39,7 +39,7 @@ THRESHOLDS = (0.6, 0.7, 0.8)  # P-, R-, O-Net face probability
 NMS_PNET_LEVEL, NMS_PNET_ALL, NMS_RNET, NMS_ONET = 0.5, 0.7, 0.7, 0.7
 OUTSIDE_PIXEL = 127.5  # the package's normalised 0: patches are mid-grey where they leave the photo
 
-DEFAULT_MAX_SIDE = 1600
+DEFAULT_MAX_SIDE = 1280  # photos are searched at most this large (faces from 20 px of it)
 INTERPRETER_CACHE = 32  # P-Net interpreters kept, one per pyramid-level shape (video frames reuse them)
 
 

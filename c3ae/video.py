@@ -180,6 +180,11 @@ def _male_prob(face) -> float | None:
     return face.gender_prob if face.gender == "male" else 1.0 - face.gender_prob
 
 
+VIDEO_MIN_FACE = (
+    40  # c3ae video's default smallest face: video faces are rarely smaller, detection is 2x faster
+)
+
+
 def process_video(
     source,
     estimator,
