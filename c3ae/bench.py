@@ -494,7 +494,6 @@ def bench_runtime(
     import cv2
     from tqdm.auto import tqdm
 
-
     image = cv2.imread(str(photo))
     rows = []
 
@@ -569,3 +568,65 @@ def bench_runtime(
     steps.update(1)
     steps.close()
     return rows
+
+
+# ------------------------------------------------------------------------------- detector equivalence
+def compare_with_mtcnn_package(paths: Sequence[str | Path], progress: bool = True) -> dict:
+    """Our LiteRT MTCNN against the ``mtcnn`` package (``c3ae[train]``) on the same full-resolution photos:
+    faces found by each, and per matched face (IoU > 0.5) the box IoU, the largest landmark error in
+    pixels and the score difference. Photos that cannot be read are skipped."""
+    import cv2
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from c3ae.detector import MTCNN, iou_matrix
+    from c3ae.extras import import_optional
+
+    package = import_optional("mtcnn").MTCNN()
+    ours = MTCNN(max_side=None)
+    ious, errors, scores, outliers = [], [], [], []
+    counts = {"photos": 0, "package_faces": 0, "our_faces": 0, "matched": 0}
+    ours_seconds = package_seconds = 0.0
+    for path in tqdm(list(paths), desc="detector vs mtcnn", disable=not progress, leave=False):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            continue
+        start = time.perf_counter()
+        found = ours.detect(image)
+        ours_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        rows = package.detect_faces(rgb, fit_to_image=False, box_format="xyxy", output_type="numpy")
+        package_seconds += time.perf_counter() - start
+        reference = np.asarray(rows, dtype=np.float64).reshape(-1, 16)[:, 1:]
+        counts["photos"] += 1
+        counts["package_faces"] += len(reference)
+        counts["our_faces"] += len(found)
+        overlap = iou_matrix(reference[:, :4], found[:, :4]) if len(found) and len(reference) else None
+        for i in range(len(reference)):
+            j = int(np.argmax(overlap[i])) if overlap is not None else -1
+            if j < 0 or overlap[i, j] <= 0.5:
+                outliers.append(
+                    {"photo": Path(path).name, "problem": "missed", "score": float(reference[i, 4])}
+                )
+                continue
+            counts["matched"] += 1
+            ious.append(float(overlap[i, j]))
+            errors.append(float(np.abs(found[j, 5:] - reference[i, 5:]).max()))
+            scores.append(abs(float(found[j, 4] - reference[i, 4])))
+            if ious[-1] < 0.98 or errors[-1] > 1.0:
+                outliers.append(
+                    {"photo": Path(path).name, "iou": round(ious[-1], 4), "landmark_px": round(errors[-1], 2)}
+                )
+    ious, errors = np.array(ious), np.array(errors)
+    within = (ious >= 0.98) & (errors <= 1.0)
+    return {
+        **counts,
+        "share_iou_0.98_and_landmarks_1px": float(within.mean()) if len(within) else None,
+        "median_iou": float(np.median(ious)) if len(ious) else None,
+        "landmark_px_p99": float(np.percentile(errors, 99)) if len(errors) else None,
+        "score_max_difference": max(scores, default=None),
+        "ms_per_photo_ours": 1000 * ours_seconds / max(counts["photos"], 1),
+        "ms_per_photo_package": 1000 * package_seconds / max(counts["photos"], 1),
+        "outliers": outliers,
+    }

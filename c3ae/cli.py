@@ -527,6 +527,32 @@ def cmd_bench_runtime(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_mtcnn(args: argparse.Namespace) -> int:
+    import json
+    import random
+    from pathlib import Path
+
+    from c3ae.bench import compare_with_mtcnn_package
+    from c3ae.estimator import collect_images
+
+    files = []
+    for path in args.paths:
+        try:
+            found = [file for file, _ in collect_images([path])]
+        except FileNotFoundError as error:
+            raise UserError(f"{error} Give photos or folders of photos.") from error
+        if args.sample and Path(path).is_dir():
+            found = random.Random(args.seed).sample(found, min(args.sample, len(found)))
+        files += found
+    result = compare_with_mtcnn_package(files)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        from c3ae.files import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in str(text).split(",") if part.strip()]
 
@@ -776,6 +802,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runtime.add_argument("--json", help="also write the results to this JSON file")
     runtime.set_defaults(func=cmd_bench_runtime)
+    mtcnn = bench_commands.add_parser(
+        "mtcnn", help="our LiteRT detector against the mtcnn package on the same photos (needs c3ae[train])"
+    )
+    mtcnn.add_argument("paths", nargs="+", metavar="PATH", help="photos or folders")
+    mtcnn.add_argument("--sample", type=_positive_int, help="a seeded random sample of this many per folder")
+    mtcnn.add_argument("--seed", type=int, default=0, help="sample seed (default 0)")
+    mtcnn.add_argument("--json", help="also write the results to this JSON file")
+    mtcnn.set_defaults(func=cmd_bench_mtcnn)
     return parser
 
 
