@@ -307,10 +307,13 @@ class MTCNN:
         return rows
 
     def _working_copy(self, image_bgr: np.ndarray) -> tuple[np.ndarray, float]:
+        """The float32 image searched, and its scale: at most ``max_side`` long, and shrunk so that
+        ``min_face`` above 20 becomes 20 pixels (the pyramid then reads a smaller image at every level)."""
         height, width = image_bgr.shape[:2]
-        factor = 1.0
-        if self.max_side and max(height, width) > self.max_side:
+        factor = min(1.0, MIN_FACE / self.min_face)
+        if self.max_side and max(height, width) * factor > self.max_side:
             factor = self.max_side / max(height, width)
+        if factor < 1.0:
             size = (max(round(width * factor), 1), max(round(height * factor), 1))
             image_bgr = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
             factor = size[0] / width

@@ -289,10 +289,9 @@ def process_video(
                     index += pending
                     pending = 0
             with timer("track"):
-                small = cv2.resize(
-                    cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), THUMBNAIL, interpolation=cv2.INTER_AREA
-                )
-                small = small.astype(np.float32)
+                # Every 4th pixel is plenty for a 32x18 thumbnail, and 16 times less to read on HD frames.
+                small = cv2.resize(frame[::4, ::4], THUMBNAIL, interpolation=cv2.INTER_AREA)
+                small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float32)
                 cut = (
                     scene_cut > 0
                     and thumbnail is not None

@@ -98,9 +98,9 @@ def bundle_spec(estimator, model_files: list[str]) -> dict:
                 "fractions of the box, probabilities (N, 2)",
             },
             "steps": [
-                "If the photo's longer side exceeds max_side, search a copy downscaled to it (area) and "
-                "divide boxes and landmarks by the factor afterwards; min_face shrinks with the copy, down "
-                "to 20.",
+                "Search a copy of the photo scaled (area) by f = min(1, 20 / min_face), and further down "
+                "to max_side if its longer side is still larger; divide boxes and landmarks by f "
+                "afterwards. On the copy, min_face becomes max(min_face f, min(min_face, 20)).",
                 "Pyramid: scales 12 / min_face * 0.709^k for k < round(log(min_side / 12) / log(1 / 0.709) "
                 "- 1), keeping levels whose shorter side is >= 12; each level is the photo area-resampled to "
                 "(int(W s), int(H s)) in float32.",

@@ -104,9 +104,11 @@ def refine(rows: list, image: np.ndarray, network: Network, size: int, threshold
 def detect_once(photo: np.ndarray, d: dict, nets: dict, min_score: float) -> list:
     """MTCNN as bundle.json's detector steps say: rows (x1, y1, x2, y2, score, lx1..lx5, ly1..ly5)."""
     height, width = photo.shape[:2]
-    factor, min_face = 1.0, float(d["min_face"])
-    if d["max_side"] and max(height, width) > d["max_side"]:
+    min_face = float(d["min_face"])
+    factor = min(1.0, 20.0 / min_face)
+    if d["max_side"] and max(height, width) * factor > d["max_side"]:
         factor = d["max_side"] / max(height, width)
+    if factor < 1.0:
         size = (max(round(width * factor), 1), max(round(height * factor), 1))
         photo = cv2.resize(photo, size, interpolation=cv2.INTER_AREA)
         factor = size[0] / width

@@ -13,6 +13,17 @@ SHARED = REPO.parent / "shared"
 LEGACY_WEIGHTS = SHARED / "weights" / "legacy"
 
 
+def build_wheel(source: Path, out_dir: Path) -> Path:
+    """``pip wheel`` of the project at ``source`` into ``out_dir`` (no dependencies, no build isolation)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w"]
+    subprocess.run([*command, str(out_dir), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = Path(out_dir).glob("c3ae-*.whl")
+    return wheel
+
+
 @pytest.fixture(scope="session")
 def legacy_weights() -> Path:
     if not LEGACY_WEIGHTS.is_dir():

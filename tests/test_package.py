@@ -6,7 +6,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, build_wheel
 
 import c3ae
 from c3ae.cli import main
@@ -28,24 +28,7 @@ def test_subpackages_import_under_c3ae():
 
 def test_wheel_maps_folders_into_the_c3ae_namespace(tmp_path):
     """preprocessing/ and export/ must land as c3ae/preprocessing and c3ae/export, never top level."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    (wheel,) = tmp_path.glob("c3ae-*.whl")
+    wheel = build_wheel(REPO, tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "c3ae/preprocessing/__init__.py" in names and "c3ae/export/tflite.py" in names
     assert "c3ae/models/c3ae.py" in names and "c3ae/layers.py" in names

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, build_wheel
 
 OBAMA = REPO / "assets" / "obama.jpg"
 HEAVY = ("tensorflow", "keras", "pandas", "pyarrow", "tf2onnx", "onnx", "onnxruntime", "mtcnn", "absl")
@@ -80,23 +80,7 @@ def runtime_venv(tmp_path_factory) -> Path:
             ".git", ".venv*", ".ci-venv", "build", "dist", "*.egg-info", "__pycache__"
         ),
     )
-    built = _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(root),
-            ".",
-        ],
-        cwd=source,
-    )
-    assert built.returncode == 0, built.stderr
-    (wheel,) = root.glob("c3ae-*.whl")
+    wheel = build_wheel(source, root)
     venv = root / "venv"
     assert _run([sys.executable, "-m", "venv", str(venv)], cwd=root).returncode == 0
     installed = _run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], cwd=root, timeout=900)

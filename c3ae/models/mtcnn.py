@@ -53,15 +53,19 @@ def _dense_head(x, units: int, name: str):
     return layers.PReLU(name=f"prelu{name}")(x)
 
 
+def _refinement_trunk(inputs, filters: tuple[int, int, int], last_kernel: int):
+    """R- and O-Net's first three blocks: conv + PReLU, 3x3/2 'same' pool, conv, 3x3/2 pool, conv."""
+    x = _conv_prelu(inputs, filters[0], 3, "1")
+    x = layers.MaxPooling2D(3, 2, padding="same", name="pool1")(x)
+    x = _conv_prelu(x, filters[1], 3, "2")
+    x = layers.MaxPooling2D(3, 2, padding="valid", name="pool2")(x)
+    return _conv_prelu(x, filters[2], last_kernel, "3")
+
+
 def build_rnet() -> keras.Model:
     """Refinement network on 24x24 patches; 100,178 parameters."""
     inputs = keras.Input((24, 24, 3), name="image")
-    x = _conv_prelu(inputs, 28, 3, "1")
-    x = layers.MaxPooling2D(3, 2, padding="same", name="pool1")(x)
-    x = _conv_prelu(x, 48, 3, "2")
-    x = layers.MaxPooling2D(3, 2, padding="valid", name="pool2")(x)
-    x = _conv_prelu(x, 64, 2, "3")
-    x = _dense_head(x, 128, "4")
+    x = _dense_head(_refinement_trunk(inputs, (28, 48, 64), 2), 128, "4")
     outputs = {
         "offsets": layers.Dense(4, name="offsets")(x),
         "probabilities": layers.Dense(2, activation="softmax", name="probabilities")(x),
@@ -72,14 +76,9 @@ def build_rnet() -> keras.Model:
 def build_onet() -> keras.Model:
     """Output network on 48x48 patches, with 5 landmarks; 389,040 parameters."""
     inputs = keras.Input((48, 48, 3), name="image")
-    x = _conv_prelu(inputs, 32, 3, "1")
-    x = layers.MaxPooling2D(3, 2, padding="same", name="pool1")(x)
-    x = _conv_prelu(x, 64, 3, "2")
-    x = layers.MaxPooling2D(3, 2, padding="valid", name="pool2")(x)
-    x = _conv_prelu(x, 64, 3, "3")
+    x = _refinement_trunk(inputs, (32, 64, 64), 3)
     x = layers.MaxPooling2D(2, 2, padding="same", name="pool3")(x)
-    x = _conv_prelu(x, 128, 2, "4")
-    x = _dense_head(x, 256, "5")
+    x = _dense_head(_conv_prelu(x, 128, 2, "4"), 256, "5")
     outputs = {
         "offsets": layers.Dense(4, name="offsets")(x),
         "landmarks": layers.Dense(10, name="landmarks")(x),
