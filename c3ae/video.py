@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -97,7 +99,8 @@ def temporary_name(path: Path) -> Path:
 
 
 class _Output:
-    """The annotated video: written to a temporary name, renamed by :meth:`close`."""
+    """The annotated video: written to a temporary name, renamed by :meth:`close`. Frames are encoded on a
+    thread of their own (OpenCV releases the GIL), so encoding overlaps detection on another core."""
 
     def __init__(self, path: Path, fps: float, size: tuple[int, int]):
         suffix = path.suffix.lower()
@@ -113,19 +116,80 @@ class _Output:
             self.temporary.unlink(missing_ok=True)
             raise VideoError(f"--output {path}: OpenCV cannot write this video type here.")
         self.frames = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._encode, name="c3ae-video-encoder", daemon=True)
+        self._thread.start()
+
+    def _encode(self) -> None:
+        while (frame := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.write(frame)
+                except BaseException as error:  # reported by close(), in the caller's thread
+                    self._error = error
 
     def write(self, frame: np.ndarray) -> None:
+        """Queue ``frame`` (not to be modified afterwards) for encoding."""
         if (frame.shape[1], frame.shape[0]) != self.size:
             frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
-        self.writer.write(frame)
+        self._queue.put(frame)
         self.frames += 1
 
     def close(self, keep: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
         self.writer.release()
+        if self._error is not None:
+            self.temporary.unlink(missing_ok=True)
+            raise VideoError(f"--output {self.path}: encoding failed: {self._error}") from self._error
         if keep and self.frames:
             os.replace(self.temporary, self.path)
         else:
             self.temporary.unlink(missing_ok=True)
+
+
+class _Prefetch:
+    """``capture.read()`` on a thread of its own, a few frames ahead (OpenCV decodes without the GIL), so
+    decoding overlaps detection; :meth:`read` returns the same (ok, frame) sequence as the capture would."""
+
+    def __init__(self, capture: cv2.VideoCapture, depth: int = 4):
+        self._capture = capture
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, name="c3ae-video-decoder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set() and failures <= MAX_CONSECUTIVE_FAILURES:
+            ok, frame = self._capture.read()
+            failures = 0 if ok and frame is not None else failures + 1
+            self._put((ok, frame))
+        self._put(None)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        if self._ended:
+            return False, None
+        item = self._queue.get()
+        if item is None:
+            self._ended = True
+            return False, None
+        return item
+
+    def close(self) -> None:
+        """Stop reading ahead; the capture is free to release afterwards."""
+        self._stop.set()
+        self._thread.join()
 
 
 class _Lines:
@@ -248,6 +312,7 @@ def process_video(
     thumbnail = None
     interrupted = False
     start = None
+    frames: _Prefetch | None = None
     try:
         if show:
             try:
@@ -271,12 +336,13 @@ def process_video(
             bar = tqdm(total=total, unit="frame", file=sys.stderr, dynamic_ncols=True, leave=True)
         start = time.perf_counter()
         frame = first
+        frames = _Prefetch(capture)
         while True:
             if frame is None:
                 if max_frames is not None and index + pending >= max_frames:
                     break
                 with timer("decode"):
-                    ok, frame = capture.read()
+                    ok, frame = frames.read()
                 if not ok or frame is None:
                     frame = None
                     more = total is None or index + pending + 1 < total
@@ -355,6 +421,8 @@ def process_video(
         interrupted = True
     finally:
         elapsed = time.perf_counter() - start if start is not None else 0.0
+        if frames is not None:
+            frames.close()
         capture.release()
         if bar is not None:
             bar.close()
