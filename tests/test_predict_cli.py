@@ -138,3 +138,31 @@ def test_empty_folder_is_a_user_mistake(tmp_path, capsys):
     (tmp_path / "readme.txt").write_text("no photos here")
     assert main(["predict", str(tmp_path)]) == 2
     assert "No images found" in capsys.readouterr().err
+
+
+def huge_jpeg_header(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims width x height pixels: refused from the header alone."""
+    import struct
+
+    ok, encoded = cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))
+    data = bytearray(encoded.tobytes())
+    at = 2
+    while data[at + 1] not in (0xC0, 0xC2):  # walk the markers to the frame header
+        at += 2 + struct.unpack(">H", data[at + 2 : at + 4])[0]
+    data[at + 5 : at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("size", [(20000, 20000), (11000, 10000)], ids=["400MP", "110MP"])
+def test_a_photo_of_hundreds_of_megapixels_is_refused_and_the_batch_goes_on(tmp_path, capsys, size):
+    """400 MP trips PIL's own bomb check at open, 110 MP our limit: both before any pixel is decoded."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(OBAMA, folder / "obama.jpg")
+    (folder / "huge.jpg").write_bytes(huge_jpeg_header(*size))
+    assert main(["predict", str(folder), "--json", str(tmp_path / "faces.json")]) == 0
+    err = capsys.readouterr().err
+    assert "huge.jpg: too large" in err and "over the limit of 100 megapixels" in err
+    assert "skipped 1: too large 1" in err
+    (record,) = json.loads((tmp_path / "faces.json").read_text())
+    assert record["path"].endswith("obama.jpg") and len(record["faces"]) == 1
