@@ -58,14 +58,31 @@ def pyramid_scales(width: int, height: int, min_face: float = MIN_FACE) -> np.nd
     return scales[np.floor(min_dim * scales) >= CELL]
 
 
+_RESAMPLERS = None
+
+
+def _resampler():
+    """Threads for the pyramid's resampling: OpenCV's area resize runs on one core, and releases the GIL."""
+    global _RESAMPLERS
+    if _RESAMPLERS is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _RESAMPLERS = ThreadPoolExecutor(
+            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="c3ae-pyramid"
+        )
+    return _RESAMPLERS
+
+
 def pyramid(image: np.ndarray, scales: np.ndarray):
     """Yield (scale, level) for each scale: the float32 image area-resampled to (int(W s), int(H s)), the
     package's (truncated) sizes, each level from the photo itself (resampling from the previous level is
-    5 times cheaper but moves P-Net's scores enough to change which proposals survive NMS)."""
+    5 times cheaper but moves P-Net's scores enough to change which proposals survive NMS). All levels are
+    resampled in parallel threads, in the background of P-Net's work on the earlier ones."""
     height, width = image.shape[:2]
-    for scale in scales:
-        size = (int(width * scale), int(height * scale))
-        yield scale, cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    sizes = [(int(width * scale), int(height * scale)) for scale in scales]
+    levels = [_resampler().submit(cv2.resize, image, size, interpolation=cv2.INTER_AREA) for size in sizes]
+    for scale, level in zip(scales, levels, strict=True):
+        yield scale, level.result()
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray, method: str = "union") -> np.ndarray:
