@@ -202,6 +202,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from c3ae.bundled import ModelNotFoundError, load_model, trained_context
     from c3ae.evaluate import evaluate, write_report
 
+    inputs = [p for p in (args.model, args.data) if Path(p).exists()]
+    _check_output(args.json, "--json", inputs, ("json",))
+    _check_output(args.report, "--report", inputs, ("image",))
+    for option, value in (("--json", args.json), ("--report", args.report)):
+        if value and not Path(value).resolve().parent.is_dir():
+            raise UserError(f"{option} {value}: the folder {Path(value).parent} does not exist.")
     try:
         model = load_model(args.model)
     except ModelNotFoundError as error:
@@ -214,7 +220,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        _write_atomic(args.json, text + "\n")
     if args.report:
         write_report(metrics, predictions, args.report, title=f"{args.model} on {args.split}")
     return 0
@@ -258,12 +264,21 @@ def _make_estimator(args: argparse.Namespace, **options):
 
 
 def _write_atomic(path: str, text: str) -> None:
-    from pathlib import Path
+    from c3ae.files import atomic_write_text
 
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.partial")
-    temporary.write_text(text)
-    os.replace(temporary, target)
+    atomic_write_text(path, text)
+
+
+def _check_output(path, option: str, inputs=(), replaceable=(), folder: bool = False) -> None:
+    """The one rule for outputs (``c3ae.files.check_output``), as a one-line user error."""
+    if path is None or str(path) == "-":
+        return
+    from c3ae.files import OutputError, check_output
+
+    try:
+        check_output(path, option, inputs, replaceable, folder)
+    except OutputError as error:
+        raise UserError(str(error)) from error
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -281,6 +296,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UserError(f"{option} {value}: the folder {Path(value).parent} does not exist.")
     if args.csv == "-" and args.json == "-":
         raise UserError("--json - and --csv - cannot both write to stdout; give one of them a file name.")
+    _check_output(args.json, "--json", args.paths, ("json",))
+    _check_output(args.csv, "--csv", args.paths, ("text",))
+    _check_output(args.output_dir, "--output-dir", args.paths, folder=True)
     if args.output_dir:
         try:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -309,6 +327,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         bar.update(1)
 
     start = time.perf_counter()
+    interrupted = False
     try:
         for result in predict_files(estimator, files, args.output_dir, on_skip=on_skip):
             results.append(result)
@@ -316,6 +335,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if stdout_free:
                 labels = ", ".join(face.label for face in result["faces"]) or "no face"
                 tqdm.write(f"{result['path']}: {labels}", file=sys.stdout)
+    except KeyboardInterrupt:  # the images finished so far are results too: written below
+        interrupted = True
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -341,6 +362,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         + (f"; skipped {sum(skipped.values())}: {reasons}" if skipped else ""),
         file=sys.stderr,
     )
+    if interrupted:
+        written = " and ".join(f"{o} {v}" for o, v in (("--json", args.json), ("--csv", args.csv)) if v)
+        print(
+            f"interrupted after {len(results)} of {len(files)} image(s)"
+            + (f"; their results are in {written}" if written else ""),
+            file=sys.stderr,
+        )
+        return 130
     return 0 if results or not skipped else 1
 
 
@@ -354,6 +383,9 @@ def cmd_video(args: argparse.Namespace) -> int:
     source = args.camera if args.camera is not None else args.input
     if args.output and Path(args.output).suffix.lower() not in FOURCC:
         raise UserError(f"--output {args.output}: use a file name ending in {', '.join(FOURCC)}.")
+    inputs = [args.input] if args.input is not None else []
+    _check_output(args.output, "--output", inputs, ("video",))
+    _check_output(args.jsonl, "--jsonl", inputs, ("json", "text"))
     try:
         open_capture(source).release()  # fail before loading the model
     except VideoError as error:
@@ -418,10 +450,15 @@ def _estimator_options(parser: argparse.ArgumentParser, min_face: int) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
+    from pathlib import Path
+
+    inputs = [args.model] if Path(args.model).exists() else []
     if args.bundle:
+        _check_output(args.bundle, "--bundle", inputs, folder=True)
         return _export_bundle(args)
     if not args.output:
         raise UserError("Give -o/--output for the artifact, or --bundle DIR for a deployable folder.")
+    _check_output(args.output, "-o", inputs, ("tflite", "binary", "folder"))
     from c3ae.export.verify import ExportError, export_model, report_path
 
     try:
@@ -482,8 +519,8 @@ def _export_bundle(args: argparse.Namespace) -> int:
 
 def cmd_bench_models(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
+    _check_output(args.json, "--json", (), ("json",))
     import json
-    from pathlib import Path
 
     from c3ae.bench import bench_models, format_bench_table
     from c3ae.bundled import ModelNotFoundError, available_models
@@ -505,11 +542,12 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from error
     print(format_bench_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        _write_atomic(args.json, json.dumps({"rows": rows}, indent=2) + "\n")
     return 0
 
 
 def cmd_bench_runtime(args: argparse.Namespace) -> int:
+    _check_output(args.json, "--json", (), ("json",))
     import json
     from pathlib import Path
 
@@ -528,6 +566,8 @@ def cmd_bench_runtime(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_mtcnn(args: argparse.Namespace) -> int:
+    _quiet_tensorflow()
+    _check_output(args.json, "--json", (), ("json",))
     import json
     import random
     from pathlib import Path

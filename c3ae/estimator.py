@@ -109,7 +109,7 @@ class AgeGenderEstimator:
             name's shipped TFLite file when there is one; Keras otherwise). See ``c3ae.runtime.load_backend``.
         detector: ``"mtcnn"`` (5 landmarks, the training pipeline's) or ``"haar"`` (faster, frontal only).
         min_face: faces narrower or shorter than this many pixels are ignored. With MTCNN, values above 20
-            also make detection faster: its image pyramid starts at 12 / min_face.
+            also make detection faster: it searches a copy shrunk by 20 / min_face.
         gender_model: a separate gender model (same forms as ``model``); None = the bundled ``X-gender``
             pairing above; False = none.
         threads: CPU threads for the TFLite / ONNX runtimes.

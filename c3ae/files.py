@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -34,3 +34,88 @@ def atomic_write_bytes(target: str | Path, data: bytes) -> Path:
 def atomic_write_text(target: str | Path, text: str) -> Path:
     """Write UTF-8 ``text`` to ``target`` atomically; returns ``target`` as a Path."""
     return atomic_write_bytes(target, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------- the rule for outputs
+class OutputError(ValueError):
+    """An output path that would overwrite an input, sit inside an input folder, or replace a file of
+    another kind; the message names the option, the path and the fix."""
+
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "image"),
+    (b"\x89PNG", "image"),
+    (b"GIF8", "image"),
+    (b"BM", "image"),
+    (b"II*\x00", "image"),
+    (b"MM\x00*", "image"),
+    (b"PK\x03\x04", "archive"),  # .keras, .zip, .mlpackage parts
+    (b"\x1aE\xdf\xa3", "video"),  # Matroska / WebM
+)
+
+
+def file_kind(path: str | Path) -> str:
+    """What an existing file holds, from its first bytes: ``"empty"``, ``"image"``, ``"video"``,
+    ``"tflite"``, ``"archive"``, ``"json"``, ``"text"`` or ``"binary"``; ``"folder"`` for a directory."""
+    path = Path(path)
+    if path.is_dir():
+        return "folder"
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if not head:
+        return "empty"
+    if head[4:8] == b"TFL3":
+        return "tflite"
+    if head[4:8] == b"ftyp" or (head[:4] == b"RIFF" and head[8:12] in (b"AVI ", b"WEBP")):
+        return "image" if head[8:12] == b"WEBP" else "video"
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary"
+    if "\x00" in text:
+        return "binary"
+    return "json" if text.lstrip()[:1] in ("[", "{") else "text"
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_output(
+    path: str | Path,
+    option: str,
+    inputs: Iterable[str | Path] = (),
+    replaceable: Iterable[str] = ("empty",),
+    folder: bool = False,
+) -> Path:
+    """Refuse (``OutputError``) an output that is an input (symlinks and hard links followed), lies inside
+    an input folder, holds an input folder (``folder=True`` outputs: files mirrored into it could land on
+    the inputs), or would replace an existing file whose :func:`file_kind` is not in ``replaceable`` (the
+    kinds this output writes). Returns the path."""
+    target = _resolved(path)
+    for given in inputs:
+        source = _resolved(given)
+        same = target == source or (target.exists() and source.exists() and os.path.samefile(target, source))
+        if same and source.is_dir():
+            raise OutputError(f"{option} {path} is the input folder {given}; write outside it.")
+        if same:
+            raise OutputError(
+                f"{option} {path} is an input; choose another name (inputs are never overwritten)."
+            )
+        if source.is_dir() and target.is_relative_to(source):
+            raise OutputError(f"{option} {path} is inside the input folder {given}; write it outside.")
+        if folder and source.is_dir() and source.is_relative_to(target):
+            raise OutputError(f"{option} {path} holds the input {given}; choose a folder outside the inputs.")
+    if not folder and target.exists():
+        kind = file_kind(target)
+        if kind not in {*replaceable, "empty"}:
+            article = "an" if kind[0] in "aeiou" else "a"
+            holds = "a folder" if kind == "folder" else f"{article} {kind} file"
+            raise OutputError(
+                f"{option} {path} already exists and holds {holds}, not what this command writes; "
+                "remove it or choose another name."
+            )
+    return Path(path)

@@ -123,7 +123,7 @@ def test_no_face_is_an_empty_list(estimator):
 def test_faces_below_min_face_are_ignored(model, obama_faces):
     width = obama_faces[0].box[2]
     assert AgeGenderEstimator(model, min_face=int(width) + 10).predict(OBAMA) == []
-    # Larger min_face values start MTCNN's pyramid smaller (mtcnn 1.0 finds nothing when asked for a
+    # Larger min_face values search a shrunk copy (mtcnn 1.0 finds nothing when asked for a
     # min_face_size above 20), and must still find a face just above the limit.
     kept = AgeGenderEstimator(model, min_face=int(width * 0.8)).predict(OBAMA)
     assert len(kept) == 1 and abs(kept[0].box[2] - width) < 0.1 * width

@@ -215,7 +215,8 @@ def test_nan_weights_are_refused_naming_the_layer(tmp_path, capsys):
 
 def test_tolerance_failure_leaves_no_valid_artifact(model_path, manifest, tmp_path, capsys):
     output = tmp_path / "tight.onnx"
-    output.write_bytes(b"an older export")  # must not survive next to a report saying "failed"
+    # An older export (binary, as ONNX protobufs are) must not survive next to a report saying "failed".
+    output.write_bytes(b"\x08\x07\x12\x00\x00an older export")
     code = run_cli(
         model_path, "--format", "onnx", "--calibration", manifest, "--tolerance", "1e-12", "-o", output
     )

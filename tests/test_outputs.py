@@ -1,0 +1,156 @@
+"""The one rule for outputs: never an input, never inside an input folder, never over a file of another
+kind; and an interrupted batch keeps what it finished. Each case checks the exit code, the one-line error,
+and that every input is intact."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from conftest import REPO
+
+from c3ae.cli import main
+from c3ae.files import OutputError, check_output, file_kind
+
+OBAMA = REPO / "assets" / "obama.jpg"
+
+
+def digests(folder) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def album(tmp_path):
+    root = tmp_path / "album"
+    root.mkdir()
+    shutil.copy(OBAMA, root / "obama.jpg")
+    shutil.copy(REPO / "assets" / "astronaut.jpg", root / "astronaut.jpg")
+    return root
+
+
+@pytest.fixture
+def clip(tmp_path):
+    path = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (320, 240))
+    face = cv2.resize(cv2.imread(str(OBAMA)), (160, 200))
+    for index in range(6):
+        frame = np.full((240, 320, 3), 80, np.uint8)
+        frame[20:220, 40 + 4 * index : 200 + 4 * index] = face
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def refused(capsys, *args) -> str:
+    before = capsys.readouterr()  # noqa: F841  (drop earlier output)
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("option", ["--json", "--csv"])
+def test_predict_never_writes_over_its_photo(album, capsys, option):
+    before = digests(album)
+    photo = album / "obama.jpg"
+    err = refused(capsys, "predict", str(photo), option, str(photo))
+    assert f"{option} {photo} is an input" in err
+    assert digests(album) == before
+
+
+def test_predict_follows_symlinks_to_an_input(album, tmp_path, capsys):
+    before = digests(album)
+    link = tmp_path / "faces.json"
+    os.symlink(album / "obama.jpg", link)
+    err = refused(capsys, "predict", str(album / "obama.jpg"), "--json", str(link))
+    assert "is an input" in err
+    assert digests(album) == before
+
+
+def test_predict_refuses_outputs_inside_the_folder_it_reads(album, capsys):
+    before = digests(album)
+    err = refused(capsys, "predict", str(album), "--json", str(album / "faces.json"))
+    assert "inside the input folder" in err
+    err = refused(capsys, "predict", str(album), "--output-dir", str(album / "annotated"))
+    assert "inside the input folder" in err
+    err = refused(capsys, "predict", str(album), "--output-dir", str(album))
+    assert "is the input folder" in err
+    err = refused(capsys, "predict", str(album), "--output-dir", str(album.parent))
+    assert "holds the input" in err
+    assert digests(album) == before
+
+
+def test_predict_replaces_its_own_json_but_not_a_photo_of_another_name(album, tmp_path, capsys):
+    old = tmp_path / "faces.json"
+    old.write_text("[]\n")
+    assert main(["predict", str(album / "obama.jpg"), "--json", str(old)]) == 0
+    assert len(json.loads(old.read_text())[0]["faces"]) == 1
+    other = shutil.copy(OBAMA, tmp_path / "holiday.json")  # a photo under a JSON name: not replaced
+    err = refused(capsys, "predict", str(album / "obama.jpg"), "--json", str(other))
+    assert "already exists and holds an image file" in err
+    assert (tmp_path / "holiday.json").read_bytes() == OBAMA.read_bytes()
+
+
+@pytest.mark.parametrize("option", ["--output", "--jsonl"])
+def test_video_never_writes_over_its_input(clip, capsys, option):
+    data = clip.read_bytes()
+    target = clip if option == "--jsonl" else clip
+    err = refused(capsys, "video", str(clip), option, str(target))
+    assert "is an input" in err
+    assert clip.read_bytes() == data
+
+
+def test_export_never_writes_over_its_model(tmp_path, capsys):
+    model = tmp_path / "model.keras"
+    shutil.copy(REPO / "c3ae" / "weights" / "c3ae-utk.keras", model)
+    data = model.read_bytes()
+    err = refused(capsys, "export", str(model), "--format", "tflite", "-o", str(model))
+    assert "-o" in err and "is an input" in err
+    assert model.read_bytes() == data
+
+
+def test_interrupted_predict_keeps_the_finished_images(album, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first image: its JSON and CSV rows are written, and the command says so."""
+    from c3ae import estimator as estimator_module
+
+    original = estimator_module.AgeGenderEstimator.predict_many
+    calls = []
+
+    def interrupt_second_call(self, images):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return original(self, images)
+
+    monkeypatch.setattr(estimator_module.AgeGenderEstimator, "predict_many", interrupt_second_call)
+    photos = tmp_path / "many"
+    photos.mkdir()
+    for index in range(10):
+        shutil.copy(OBAMA, photos / f"{index:02d}.jpg")
+    out_json, out_csv = tmp_path / "faces.json", tmp_path / "faces.csv"
+    assert main(["predict", str(photos), "--json", str(out_json), "--csv", str(out_csv)]) == 130
+    err = capsys.readouterr().err
+    records = json.loads(out_json.read_text())
+    assert 1 <= len(records) < 10
+    assert f"interrupted after {len(records)} of 10 image(s)" in err and "--json" in err
+    assert len(out_csv.read_text().splitlines()) == len(records) + 1
+
+
+def test_check_output_and_file_kinds(tmp_path):
+    photo = shutil.copy(OBAMA, tmp_path / "a.jpg")
+    assert file_kind(photo) == "image"
+    (tmp_path / "t.json").write_text('{"a": 1}')
+    assert file_kind(tmp_path / "t.json") == "json"
+    (tmp_path / "t.bin").write_bytes(b"\x00\x01\x02")
+    assert file_kind(tmp_path / "t.bin") == "binary"
+    assert file_kind(REPO / "c3ae" / "weights" / "c3ae-utk.tflite") == "tflite"
+    with pytest.raises(OutputError, match="is an input"):
+        check_output(tmp_path / "." / "a.jpg", "-o", [photo])
+    hard = tmp_path / "hard.json"
+    os.link(photo, hard)
+    with pytest.raises(OutputError, match="is an input"):
+        check_output(hard, "--json", [photo], ("json",))
+    assert check_output(tmp_path / "new.json", "--json", [photo], ("json",)) == tmp_path / "new.json"
