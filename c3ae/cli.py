@@ -101,6 +101,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         raise UserError(f"Unknown dataset {args.dataset!r}; choose one of: {', '.join(sorted(READERS))}.")
     if not Path(args.root).is_dir():
         raise UserError(f"--root {args.root} is not a folder; point it at the dataset's images.")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; give a folder for the shards and manifest.")
+    _check_output(args.out, "--out", [args.root], folder=True)
     fractions = _parse_fractions(args.split)
     try:
         manifest = preprocess(
@@ -183,6 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as error:
         raise UserError(str(error)) from error
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the run (checkpoints, logs, config).")
     from c3ae.train import TrainingError, train
 
     try:
@@ -267,6 +272,30 @@ def _write_atomic(path: str, text: str) -> None:
     from c3ae.files import atomic_write_text
 
     atomic_write_text(path, text)
+
+
+_ENVIRONMENT_FIXES = {
+    "EACCES": "check its permissions",
+    "EPERM": "check its permissions",
+    "ENOSPC": "free some space or write elsewhere",
+    "EDQUOT": "free some space or write elsewhere",
+    "EROFS": "the file system is read-only; write elsewhere",
+    "ENAMETOOLONG": "use a shorter name",
+    "EISDIR": "give a file, not a folder",
+    "ENOTDIR": "a part of the path is a file, not a folder",
+}
+
+
+def _environment_error(error: OSError) -> str | None:
+    """One sentence for an OSError caused by the machine (permissions, a full or read-only disk), or None
+    for any other OSError (a bug, shown with its traceback)."""
+    import errno
+
+    name = errno.errorcode.get(error.errno or 0, "")
+    if name not in _ENVIRONMENT_FIXES:
+        return None
+    where = error.filename or "a file"
+    return f"{where}: {error.strerror or name}; {_ENVIRONMENT_FIXES[name]}."
 
 
 def _check_output(path, option: str, inputs=(), replaceable=(), folder: bool = False) -> None:
@@ -860,14 +889,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from c3ae.detector import DetectorFileError
+    from c3ae.estimator import ModelOutputError
 
     try:
         return int(args.func(args) or 0)
     except UserError as error:
         print(f"c3ae {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except DetectorFileError as error:  # a broken install: an environment error, not the user's mistake
+    except (DetectorFileError, ModelOutputError) as error:  # a broken install or model file, not a mistake
         print(f"c3ae {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        message = _environment_error(error)
+        if message is None:
+            raise
+        print(f"c3ae {args.command}: error: {message}", file=sys.stderr)
         return 1
     except ImportError as error:
         from c3ae.extras import missing_extra

@@ -34,6 +34,12 @@ from c3ae.faces import (
 )
 
 DEFAULT_MODEL = "c3ae-utk"
+
+
+class ModelOutputError(RuntimeError):
+    """A model whose outputs are not finite numbers (broken weights): no estimate beats a wrong one."""
+
+
 GENDER_SUFFIX = "-gender"  # a bundled age-only model "x" may come with a gender model "x-gender"
 
 
@@ -168,7 +174,15 @@ class AgeGenderEstimator:
         return self.predict_many([image])[0]
 
     def predict_many(self, images: Iterable) -> list[list[Face]]:
-        """The faces of each image; the faces of all images are estimated in batched model calls."""
+        """The faces of each image; the faces of all images are estimated in batched model calls.
+
+        ``images`` is a list of paths or arrays, or an (N, H, W, 3) array of N images; a single image
+        is :meth:`predict`'s (a lone H x W [x 3] array here raises ``ValueError``)."""
+        if isinstance(images, np.ndarray) and images.ndim < 4:
+            raise ValueError(
+                f"predict_many takes a list of images or an (N, H, W, 3) array; got one array of shape "
+                f"{images.shape}: use predict(image) for a single image."
+            )
         pictures = [self.read(image) for image in images]
         aligned = [self.align(picture, self.detect(picture)) for picture in pictures]
         flat = self.estimate_aligned([face for faces in aligned for face in faces])
@@ -217,6 +231,12 @@ class AgeGenderEstimator:
                     parts.setdefault(name, []).append(np.asarray(value, dtype=np.float64)[: len(crops)])
             for name, chunks in parts.items():
                 outputs.setdefault(name, np.concatenate(chunks))  # the main model wins over a companion
+        broken = sorted(n for n in ("age", "gender") if n in outputs and not np.all(np.isfinite(outputs[n])))
+        if broken:
+            raise ModelOutputError(
+                f"The model {self.model_name} gave non-finite {' and '.join(broken)} (NaN or Inf): its "
+                "weights are broken; re-export it, or reinstall c3ae for a bundled model."
+            )
         return [self._face(i, face, outputs) for i, face in enumerate(faces)]
 
     # ------------------------------------------------------------------------------------------- helpers

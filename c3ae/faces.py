@@ -70,11 +70,18 @@ def read_image(source: str | Path | bytes | np.ndarray, max_pixels: int | None =
     name = "bytes" if isinstance(source, bytes) else str(source)
     if not isinstance(source, bytes):
         path = Path(source)
+        if path.is_dir():
+            raise ImageReadError(path, "is_a_folder", "give an image file")
         if not path.is_file():
             raise ImageReadError(path, "missing_file")
         if path.stat().st_size == 0:
             raise ImageReadError(path, "empty_file")
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except PermissionError as error:
+            raise ImageReadError(path, "permission_denied", "check the file's permissions") from error
+        except OSError as error:
+            raise ImageReadError(path, "unreadable_file", error.strerror or str(error)) from error
     else:
         data = source
     try:
@@ -142,12 +149,26 @@ def _pil_to_bgr(image) -> np.ndarray:
     return pixels.reshape(image.height, image.width, 3)
 
 
+def _warn_if_unit_range(array: np.ndarray) -> None:
+    """A float image whose values all lie in [0, 1] would turn black as uint8 [0, 255]: say so once."""
+    import warnings
+
+    if np.issubdtype(array.dtype, np.floating) and float(np.nanmax(array)) <= 1.0:
+        warnings.warn(
+            "The image is float with values in [0, 1]; c3ae takes uint8 BGR pixels in [0, 255] (H x W x 3, "
+            "what cv2.imread returns): multiply by 255 and convert to uint8 first.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def _array_to_bgr(array: np.ndarray, name: str) -> np.ndarray:
     if array.size == 0:
         raise ImageReadError(name, "empty_image")
     if array.dtype == np.uint16:
         array = (array.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8)
     elif array.dtype != np.uint8:
+        _warn_if_unit_range(array)
         array = np.clip(array, 0, 255).astype(np.uint8)
     if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
         return cv2.cvtColor(array.reshape(array.shape[:2]), cv2.COLOR_GRAY2BGR)

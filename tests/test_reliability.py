@@ -1,0 +1,110 @@
+"""The user's environment and mistakes: one sentence and a non-zero exit, never a traceback; silent
+nonsense becomes a warning or an error. Faults are made by the tests themselves."""
+
+import errno
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from conftest import REPO
+
+from c3ae.cli import main
+from c3ae.estimator import AgeGenderEstimator, ModelOutputError
+from c3ae.faces import ImageReadError, read_image
+
+OBAMA = REPO / "assets" / "obama.jpg"
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("c3ae ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_photo_we_may_not_read_is_skipped_with_its_reason(tmp_path, capsys, monkeypatch):
+    """Root reads mode-000 files, so the refusal is simulated where the library reads the bytes."""
+    from pathlib import Path
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(OBAMA, folder / "ok.jpg")
+    locked = shutil.copy(OBAMA, folder / "locked.jpg")
+    real_read = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "locked.jpg":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(ImageReadError, match="permission denied"):
+        read_image(locked)
+    assert main(["predict", str(folder), "--json", str(tmp_path / "faces.json")]) == 0
+    assert "skipped 1: permission denied 1" in capsys.readouterr().err
+
+
+def test_a_folder_where_a_photo_is_expected_says_so(tmp_path):
+    with pytest.raises(ImageReadError, match="is a folder"):
+        read_image(tmp_path)
+
+
+def test_a_full_disk_is_one_sentence_and_exit_1(tmp_path, capsys, monkeypatch):
+    import c3ae.files
+
+    def no_space(target, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(c3ae.files, "atomic_write_bytes", no_space)
+    assert main(["predict", str(OBAMA), "--json", str(tmp_path / "faces.json")]) == 1
+    line = one_line(capsys)
+    assert "faces.json: No space left on device; free some space or write elsewhere." in line
+
+
+def test_a_model_with_nan_weights_is_an_error_not_a_question_mark(tmp_path, capsys):
+    from c3ae.models import build_c3ae
+
+    model = build_c3ae(se=True, gender=True)
+    layer = next(layer for layer in model.layers if layer.weights and layer.name.startswith("age"))
+    weights = layer.get_weights()
+    weights[0][...] = np.nan
+    layer.set_weights(weights)
+    path = tmp_path / "broken.keras"
+    model.save(path)
+    with pytest.raises(ModelOutputError, match="non-finite"):
+        AgeGenderEstimator(str(path), backend="keras").predict(OBAMA)
+    assert main(["predict", str(OBAMA), "--model", str(path), "--backend", "keras"]) == 1
+    assert "non-finite" in one_line(capsys)
+
+
+def test_a_float_image_in_0_1_gets_a_warning_naming_the_convention():
+    image = cv2.imread(str(OBAMA)).astype(np.float32) / 255.0
+    with pytest.warns(UserWarning, match=r"uint8 BGR pixels in \[0, 255\]"):
+        read_image(image)
+
+
+def test_predict_many_on_one_array_says_to_use_predict():
+    estimator = AgeGenderEstimator()
+    image = cv2.imread(str(OBAMA))
+    with pytest.raises(ValueError, match="use predict"):
+        estimator.predict_many(image)
+    assert len(estimator.predict_many(np.stack([image, image]))) == 2
+
+
+def test_train_out_naming_a_file_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "run"
+    blocker.write_text("not a folder")
+    assert main(["train", "c3ae", "--out", str(blocker)]) == 2
+    assert "is a file" in one_line(capsys)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_preprocess_out_inside_its_root_is_refused(tmp_path, capsys):
+    root = tmp_path / "faces"
+    root.mkdir()
+    shutil.copy(OBAMA, root / "51_0_0_20170101000000000.jpg")
+    assert main(["preprocess", "--dataset", "utkface", "--root", str(root), "--out", str(root / "prep")]) == 2
+    assert "inside the input folder" in one_line(capsys)
+    assert sorted(p.name for p in root.iterdir()) == ["51_0_0_20170101000000000.jpg"]
