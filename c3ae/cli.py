@@ -888,31 +888,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from c3ae.detector import DetectorFileError
-    from c3ae.estimator import ModelOutputError
-
     try:
         return int(args.func(args) or 0)
-    except UserError as error:
-        print(f"c3ae {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except (DetectorFileError, ModelOutputError) as error:  # a broken install or model file, not a mistake
-        print(f"c3ae {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        message = _environment_error(error)
-        if message is None:
-            raise
-        print(f"c3ae {args.command}: error: {message}", file=sys.stderr)
-        return 1
-    except ImportError as error:
-        from c3ae.extras import missing_extra
-
-        extra = missing_extra(error)
-        if extra is None:
-            raise
-        print(f"c3ae {args.command}: error: {extra}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         resumable = (
             " Finished work is kept; rerun the same command to resume."
@@ -921,6 +898,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"c3ae {args.command}: interrupted.{resumable}", file=sys.stderr)
         return 130
+    except Exception as error:
+        known = _known_error(error)
+        if known is None:
+            import traceback
+
+            traceback.print_exc()
+            print(
+                f"c3ae {args.command}: this is a bug in c3ae {__version__}; please report it with the "
+                "traceback above and the command you ran.",
+                file=sys.stderr,
+            )
+            return 1
+        message, code = known
+        print(f"c3ae {args.command}: error: {message}", file=sys.stderr)
+        return code
+
+
+def _known_error(error: Exception) -> tuple[str, int] | None:
+    """(one sentence, exit code) for the errors a user can act on: their mistakes (2), a missing extra (2),
+    a broken install, model file or environment (1); None for anything else, which is a bug."""
+    from c3ae.detector import DetectorFileError
+    from c3ae.estimator import ModelOutputError
+    from c3ae.extras import missing_extra
+
+    if isinstance(error, UserError):
+        return str(error), 2
+    if isinstance(error, (DetectorFileError, ModelOutputError)):
+        return str(error), 1
+    if isinstance(error, OSError):
+        message = _environment_error(error)
+        return (message, 1) if message else None
+    if isinstance(error, ImportError):
+        extra = missing_extra(error)
+        return (str(extra), 2) if extra else None
+    return None
 
 
 if __name__ == "__main__":

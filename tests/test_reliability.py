@@ -108,3 +108,23 @@ def test_preprocess_out_inside_its_root_is_refused(tmp_path, capsys):
     assert main(["preprocess", "--dataset", "utkface", "--root", str(root), "--out", str(root / "prep")]) == 2
     assert "inside the input folder" in one_line(capsys)
     assert sorted(p.name for p in root.iterdir()) == ["51_0_0_20170101000000000.jpg"]
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(capsys, monkeypatch):
+    import c3ae.cli
+
+    def broken(args):
+        raise RuntimeError("an internal invariant failed")
+
+    build = c3ae.cli.build_parser  # the parser binds each subcommand's function when it is built
+    monkeypatch.setattr(c3ae.cli, "build_parser", lambda: _with_predict(build(), broken))
+    assert main(["predict", str(OBAMA)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: an internal invariant failed" in err
+    assert "this is a bug in c3ae" in err
+
+
+def _with_predict(parser, func):
+    for action in parser._subparsers._group_actions:
+        action.choices["predict"].set_defaults(func=func)
+    return parser
