@@ -220,6 +220,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path} is not valid YAML: {error}.") from error
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{path} holds a YAML {type(data).__name__}; a config is a mapping of sections "
+                "(model:, data:, train:), as in 'c3ae/configs/c3ae.yaml'."
+            )
     return config_from_dict(apply_overrides(data, overrides or []))
 
 

@@ -271,7 +271,10 @@ def train(config: Config, out: str | Path) -> dict:
     out = Path(out)
     if not config.data.manifest:
         raise ConfigError("data.manifest is empty; set it to a manifest.json from 'c3ae preprocess'.")
-    manifest = read_manifest(config.data.manifest)
+    try:
+        manifest = read_manifest(config.data.manifest)
+    except ValueError as error:  # not JSON, or not a c3ae manifest: the data key names the file
+        raise TrainingError(f"data.manifest: {error}") from error
     if split_size(manifest, "train") == 0:
         raise TrainingError(f"Manifest {config.data.manifest} has no training rows.")
     out.mkdir(parents=True, exist_ok=True)

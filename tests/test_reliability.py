@@ -128,3 +128,14 @@ def _with_predict(parser, func):
     for action in parser._subparsers._group_actions:
         action.choices["predict"].set_defaults(func=func)
     return parser
+
+
+def test_a_manifest_that_is_not_json_and_a_config_that_is_a_list_are_named(tmp_path, capsys):
+    bad = tmp_path / "manifest.json"
+    bad.write_text("not json")
+    assert main(["train", "c3ae", f"data.manifest={bad}", "--out", str(tmp_path / "run")]) == 2
+    assert "data.manifest:" in one_line(capsys) and not (tmp_path / "run").exists()
+    config = tmp_path / "list.yaml"
+    config.write_text("- a\n- b\n")
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "holds a YAML list" in one_line(capsys)
