@@ -144,9 +144,25 @@ class _Output:
             self.temporary.unlink(missing_ok=True)
             raise VideoError(f"--output {self.path}: encoding failed: {self._error}") from self._error
         if keep and self.frames:
+            readable = _frames_in(self.temporary)
+            if readable < self.frames:  # OpenCV only logs "Failed to write frame" (a full disk, say)
+                self.temporary.unlink(missing_ok=True)
+                raise VideoError(
+                    f"--output {self.path}: only {readable} of {self.frames} frames could be written (is the "
+                    "disk full?); nothing was kept."
+                )
             os.replace(self.temporary, self.path)
         else:
             self.temporary.unlink(missing_ok=True)
+
+
+def _frames_in(path: Path) -> int:
+    """Frames a written video holds, as its container says (0 when it cannot be opened)."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        return int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if capture.isOpened() else 0
+    finally:
+        capture.release()
 
 
 class _Prefetch:

@@ -139,3 +139,39 @@ def test_a_manifest_that_is_not_json_and_a_config_that_is_a_list_are_named(tmp_p
     config.write_text("- a\n- b\n")
     assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
     assert "holds a YAML list" in one_line(capsys)
+
+
+def test_a_video_whose_frames_cannot_all_be_written_fails_loudly(tmp_path, capsys, monkeypatch):
+    """As on a full disk, where OpenCV only logs "Failed to write frame": the count is checked."""
+    import c3ae.video
+
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (320, 240))
+    face = cv2.resize(cv2.imread(str(OBAMA)), (160, 200))
+    for index in range(6):
+        frame = np.full((240, 320, 3), 80, np.uint8)
+        frame[20:220, 40 + 4 * index : 200 + 4 * index] = face
+        writer.write(frame)
+    writer.release()
+    real_writer = cv2.VideoWriter
+
+    class FillingDisk:
+        def __init__(self, *args):
+            self.inner, self.count = real_writer(*args), 0
+
+        def isOpened(self):
+            return self.inner.isOpened()
+
+        def write(self, frame):
+            self.count += 1
+            if self.count <= 2:
+                self.inner.write(frame)
+
+        def release(self):
+            self.inner.release()
+
+    monkeypatch.setattr(c3ae.video.cv2, "VideoWriter", FillingDisk)
+    assert main(["video", str(clip), "--output", str(tmp_path / "out.mp4")]) == 2
+    line = one_line(capsys)
+    assert "only 2 of 6 frames could be written" in line
+    assert not (tmp_path / "out.mp4").exists() and len(list(tmp_path.glob(".out*"))) == 0
