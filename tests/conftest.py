@@ -13,6 +13,24 @@ SHARED = REPO.parent / "shared"
 LEGACY_WEIGHTS = SHARED / "weights" / "legacy"
 
 
+def face_clip(path: Path, frames: int = 6, size: tuple[int, int] = (320, 240), fps: float = 10.0) -> Path:
+    """An mp4v clip of the bundled Obama photo sliding across a grey frame."""
+    import cv2
+    import numpy as np
+
+    width, height = size
+    face = cv2.resize(cv2.imread(str(REPO / "assets" / "obama.jpg")), (width // 2, height * 5 // 6))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    top, step = height // 12, max(width // 80, 1)
+    for index in range(frames):
+        frame = np.full((height, width, 3), 80, np.uint8)
+        left = width // 16 + step * index
+        frame[top : top + face.shape[0], left : left + face.shape[1]] = face
+        writer.write(frame)
+    writer.release()
+    return path
+
+
 def build_wheel(source: Path, out_dir: Path) -> Path:
     """``pip wheel`` of the project at ``source`` into ``out_dir`` (no dependencies, no build isolation)."""
     import subprocess

@@ -7,10 +7,8 @@ import json
 import os
 import shutil
 
-import cv2
-import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, face_clip
 
 from c3ae.cli import main
 from c3ae.files import OutputError, check_output, file_kind
@@ -33,15 +31,7 @@ def album(tmp_path):
 
 @pytest.fixture
 def clip(tmp_path):
-    path = tmp_path / "clip.mp4"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (320, 240))
-    face = cv2.resize(cv2.imread(str(OBAMA)), (160, 200))
-    for index in range(6):
-        frame = np.full((240, 320, 3), 80, np.uint8)
-        frame[20:220, 40 + 4 * index : 200 + 4 * index] = face
-        writer.write(frame)
-    writer.release()
-    return path
+    return face_clip(tmp_path / "clip.mp4")
 
 
 def refused(capsys, *args) -> str:

@@ -7,7 +7,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, face_clip
 
 from c3ae.cli import main
 from c3ae.estimator import AgeGenderEstimator, ModelOutputError
@@ -145,14 +145,7 @@ def test_a_video_whose_frames_cannot_all_be_written_fails_loudly(tmp_path, capsy
     """As on a full disk, where OpenCV only logs "Failed to write frame": the count is checked."""
     import c3ae.video
 
-    clip = tmp_path / "clip.mp4"
-    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (320, 240))
-    face = cv2.resize(cv2.imread(str(OBAMA)), (160, 200))
-    for index in range(6):
-        frame = np.full((240, 320, 3), 80, np.uint8)
-        frame[20:220, 40 + 4 * index : 200 + 4 * index] = face
-        writer.write(frame)
-    writer.release()
+    clip = face_clip(tmp_path / "clip.mp4")
     real_writer = cv2.VideoWriter
 
     class FillingDisk:

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
-from conftest import REPO, build_wheel
+from conftest import REPO, build_wheel, face_clip
 
 OBAMA = REPO / "assets" / "obama.jpg"
 HEAVY = ("tensorflow", "keras", "pandas", "pyarrow", "tf2onnx", "onnx", "onnxruntime", "mtcnn", "absl")
@@ -23,16 +22,7 @@ STARTUP_NOISE = ("tensorflow", "absl", "All log messages before", "cpu_feature_g
 
 
 def make_clip(path: Path, frames: int = 24) -> Path:
-    """A 640x360 mp4v clip of the bundled photo sliding across a grey frame."""
-    face = cv2.resize(cv2.imread(str(OBAMA)), (240, 300))
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 24.0, (640, 360))
-    for index in range(frames):
-        frame = np.full((360, 640, 3), 90, np.uint8)
-        x = 20 + 8 * index
-        frame[30:330, x : x + 240] = face
-        writer.write(frame)
-    writer.release()
-    return path
+    return face_clip(path, frames, size=(640, 360), fps=24.0)
 
 
 def _environment() -> dict:
