@@ -260,8 +260,28 @@ def _strategy(config: Config):
     return tf.distribute.get_strategy()
 
 
+def check_run_folder(config: Config, out: str | Path) -> None:
+    """Refuse (``TrainingError``) a run folder that holds another model's run: resuming it would load the
+    wrong weights, and its ``config.yaml`` would be overwritten."""
+    import yaml
+
+    previous = Path(out) / "config.yaml"
+    if not previous.is_file():
+        return
+    try:
+        earlier = (yaml.safe_load(previous.read_text()) or {}).get("model")
+    except (yaml.YAMLError, AttributeError, OSError):
+        earlier = None
+    if earlier is not None and earlier != config.to_dict()["model"]:
+        raise TrainingError(
+            f"{out} holds a run of another model ({earlier.get('name')!r}, its config.yaml); resume it with "
+            "the same model settings, or give another --out."
+        )
+
+
 def train(config: Config, out: str | Path) -> dict:
     """Train ``config`` into the folder ``out`` (resuming if it holds a killed run); returns the summary."""
+    check_run_folder(config, out)
     if config.train.strategy == "multiworker":  # the strategy must start before any TensorFlow op
         from c3ae.distributed import train_multiworker
 

@@ -168,3 +168,15 @@ def test_a_video_whose_frames_cannot_all_be_written_fails_loudly(tmp_path, capsy
     line = one_line(capsys)
     assert "only 2 of 6 frames could be written" in line
     assert not (tmp_path / "out.mp4").exists() and len(list(tmp_path.glob(".out*"))) == 0
+
+
+def test_a_run_folder_of_another_model_is_refused_and_left_alone(tmp_path, capsys):
+    from c3ae.config import dump_config, load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(load_config("ssrnet"), run / "config.yaml")
+    before = (run / "config.yaml").read_text()
+    assert main(["train", "c3ae", "--out", str(run)]) == 2
+    assert "holds a run of another model ('ssrnet'" in one_line(capsys)
+    assert (run / "config.yaml").read_text() == before
