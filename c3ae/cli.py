@@ -101,10 +101,10 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         raise UserError(f"Unknown dataset {args.dataset!r}; choose one of: {', '.join(sorted(READERS))}.")
     if not Path(args.root).is_dir():
         raise UserError(f"--root {args.root} is not a folder; point it at the dataset's images.")
+    fractions = _parse_fractions(args.split)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file; give a folder for the shards and manifest.")
     _check_output(args.out, "--out", [args.root], folder=True)
-    fractions = _parse_fractions(args.split)
     try:
         manifest = preprocess(
             args.dataset,

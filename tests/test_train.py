@@ -33,11 +33,14 @@ FAMILIES = {
         "train.lr=0.001",
     ],
     "dldl": ["model.name=dldl", "model.options={gender: true, width: 8}"],
+    # No BatchNormalization and unscaled (mean-subtracted) pixels: its logits start saturated, and with
+    # dropout on 16 units at lr 1e-4 the epoch losses were a coin toss (CI saw 2.35 -> 4.53). Without
+    # dropout at lr 1e-5, seeds 0-3 went 0.35 -> 0.06, 0.84 -> 0.08, 0.33 -> 0.10, 3.18 -> 0.13.
     "levi_hassner": [
         "model.name=levi_hassner",
-        "model.options={task: gender, fc_units: [16]}",
+        "model.options={task: gender, fc_units: [16], dropout: 0.0}",
         "data.input_size=64",
-        "train.lr=1e-4",  # no BatchNormalization: Adam above 1e-4 diverges
+        "train.lr=1e-5",
     ],
 }
 
