@@ -244,6 +244,11 @@ def _row_signature(tf):
     }
 
 
+def _whole_jpeg(data) -> bool:
+    """Starts with JPEG's start-of-image marker and ends with its end-of-image marker."""
+    return isinstance(data, bytes) and data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
+
+
 def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool):
     """Yield one shard's rows in chunks of dict-of-arrays (``from_generator``'s generator)."""
     import pyarrow as pa
@@ -271,6 +276,17 @@ def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool):
     else:
         group = np.full(len(age), -1, dtype=np.int32)
     keep = np.array([isinstance(b, bytes) and len(b) > 0 for b in images], dtype=bool)
+    whole = np.array([_whole_jpeg(b) for b in images], dtype=bool)
+    broken = np.flatnonzero(keep & ~whole)
+    if len(broken):  # TensorFlow's decoder would stop the whole run with an error naming neither
+        shown = ", ".join(str(int(i)) for i in broken[:10]) + (", ..." if len(broken) > 10 else "")
+        logger.warning(
+            "Skipping %d row(s) of shard %s whose image is not a whole JPEG (rows %s).",
+            len(broken),
+            path,
+            shown,
+        )
+    keep &= whole
     if need_group:
         keep &= group >= 0
     elif need_age:

@@ -361,3 +361,29 @@ def test_bench_data_smoke(data):
     assert result["images_per_s_median"] > 0 and result["images_per_s_overall"] > 0
     table = format_bench_table([result])
     assert table.startswith("|") and "images_per_s_median" in table
+
+
+def test_corrupt_image_rows_are_skipped_and_named(data, tmp_path, caplog):
+    """A truncated or garbled JPEG in a shard row: the row is dropped with its shard and index named,
+    instead of TensorFlow's decoder stopping the run ("jpeg::Uncompress failed")."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    info = json.loads(data["manifest"].read_text())
+    for shard in info["shards"]:
+        shard["file"] = str(data["folder"] / shard["file"])
+    first = next(s for s in info["shards"] if s["split"] == "train")
+    table = feather.read_table(first["file"])
+    images = table.column("image").to_pylist()
+    images[1] = images[1][: len(images[1]) // 2]  # truncated
+    images[2] = b"\xff\xd8 not really a JPEG"  # garbled
+    table = table.set_column(table.column_names.index("image"), "image", pa.array(images, pa.binary()))
+    feather.write_feather(table, tmp_path / "damaged.feather")
+    first["file"] = str(tmp_path / "damaged.feather")
+    (tmp_path / "manifest.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING, logger="c3ae.data"):
+        _, targets = _collect(make_dataset(tmp_path, batch_size=8, seed=1, outputs=["gender"]))
+        _, intact = _collect(make_dataset(data["manifest"], batch_size=8, seed=1, outputs=["gender"]))
+    assert len(targets["gender"]) == len(intact["gender"]) - 2
+    assert "Skipping 2 row(s) of shard" in caplog.text and "damaged.feather" in caplog.text
+    assert "(rows 1, 2)" in caplog.text
