@@ -396,19 +396,15 @@ def _annotated_name(target: Path, used: set[Path]) -> Path:
 
 def _write_image(target: Path, image: np.ndarray, faces: Sequence[Face]) -> None:
     """The annotated copy, written to a temporary name and renamed."""
-    import os
-
     import cv2
 
     from c3ae.annotate import draw_faces
+    from c3ae.files import atomic_write_bytes
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     ok, encoded = cv2.imencode(target.suffix.lower(), draw_faces(image, faces))
     if not ok:
         raise OSError(f"OpenCV could not encode {target}.")
-    temporary = target.with_name(f".{target.name}.partial")
-    temporary.write_bytes(encoded.tobytes())
-    os.replace(temporary, target)
+    atomic_write_bytes(target, encoded.tobytes())
 
 
 def csv_rows(results: Iterable[dict]) -> list[dict]:

@@ -3,7 +3,6 @@ MAE per age band, and a one-page PNG report."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import keras
@@ -150,8 +149,8 @@ def write_report(metrics: dict, predictions: dict, png: str | Path, title: str =
         axis.text(0.5, 0.5, "no gender output", ha="center", va="center")
     figure.suptitle(f"{title}  (n = {metrics['count']})")
     figure.tight_layout()
-    png = Path(png)
-    temporary = png.with_name(f".{png.name}.tmp.png")
-    figure.savefig(temporary, dpi=90)
+    from c3ae.files import atomic_path
+
+    with atomic_path(png) as temporary:
+        figure.savefig(temporary, dpi=90)
     plt.close(figure)
-    os.replace(temporary, png)

@@ -430,7 +430,8 @@ def plot_curves(log_csv: Path, png: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    temporary = png.with_name(f".{png.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
+    from c3ae.files import atomic_path
+
+    with atomic_path(png) as temporary:
+        figure.savefig(temporary, dpi=100)
     plt.close(figure)
-    os.replace(temporary, png)

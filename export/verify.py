@@ -417,9 +417,9 @@ def _size(path: Path) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(temporary, path)
+    from c3ae.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value):

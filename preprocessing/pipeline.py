@@ -26,6 +26,7 @@ from pathlib import Path
 
 from c3ae._version import __version__
 from c3ae.faces import DEFAULT_CHIP, ChipSpec, FacePipeline, ImageReadError, read_image
+from c3ae.files import atomic_write_text
 from c3ae.preprocessing.readers import Reject, Sample, get_reader, scan_dataset
 from c3ae.preprocessing.shards import COLUMNS, MAX_ROWS_PER_SHARD, write_shard
 
@@ -173,9 +174,7 @@ def _process_in_worker(sample: Sample, fallback_full_image: bool):
 
 # ------------------------------------------------------------------------------------------------ the run
 def _write_json_atomically(path: Path, payload: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def _summary_path(out: Path, plan: ShardPlan) -> Path:
