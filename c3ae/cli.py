@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from c3ae._version import __version__
+from c3ae.files import atomic_write_text
 
 
 class UserError(Exception):
@@ -225,7 +226,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:
-        _write_atomic(args.json, text + "\n")
+        atomic_write_text(args.json, text + "\n")
     if args.report:
         write_report(metrics, predictions, args.report, title=f"{args.model} on {args.split}")
     return 0
@@ -266,12 +267,6 @@ def _make_estimator(args: argparse.Namespace, **options):
         raise UserError(
             f"{error} (--model takes a bundled model's name or a .keras/.tflite/.onnx file)"
         ) from error
-
-
-def _write_atomic(path: str, text: str) -> None:
-    from c3ae.files import atomic_write_text
-
-    atomic_write_text(path, text)
 
 
 _ENVIRONMENT_FIXES = {
@@ -374,7 +369,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json == "-":
         sys.stdout.write(text)
     elif args.json:
-        _write_atomic(args.json, text)
+        atomic_write_text(args.json, text)
     if args.csv:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
@@ -383,7 +378,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.csv == "-":
             sys.stdout.write(buffer.getvalue())
         else:
-            _write_atomic(args.csv, buffer.getvalue())
+            atomic_write_text(args.csv, buffer.getvalue())
     faces = sum(len(r["faces"]) for r in results)
     reasons = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in sorted(skipped.items()))
     print(
@@ -412,9 +407,6 @@ def cmd_video(args: argparse.Namespace) -> int:
     source = args.camera if args.camera is not None else args.input
     if args.output and Path(args.output).suffix.lower() not in FOURCC:
         raise UserError(f"--output {args.output}: use a file name ending in {', '.join(FOURCC)}.")
-    inputs = [args.input] if args.input is not None else []
-    _check_output(args.output, "--output", inputs, ("video",))
-    _check_output(args.jsonl, "--jsonl", inputs, ("json", "text"))
     try:
         open_capture(source).release()  # fail before loading the model
     except VideoError as error:
@@ -571,7 +563,7 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from error
     print(format_bench_table(rows))
     if args.json:
-        _write_atomic(args.json, json.dumps({"rows": rows}, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps({"rows": rows}, indent=2) + "\n")
     return 0
 
 
@@ -588,8 +580,6 @@ def cmd_bench_runtime(args: argparse.Namespace) -> int:
     rows = bench_runtime(args.photo, args.video, runs=args.runs)
     print(format_bench_table(rows))
     if args.json:
-        from c3ae.files import atomic_write_text
-
         atomic_write_text(args.json, json.dumps({"rows": rows}, indent=2) + "\n")
     return 0
 
@@ -616,8 +606,6 @@ def cmd_bench_mtcnn(args: argparse.Namespace) -> int:
     result = compare_with_mtcnn_package(files)
     print(json.dumps(result, indent=1))
     if args.json:
-        from c3ae.files import atomic_write_text
-
         atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
     return 0
 

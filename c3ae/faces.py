@@ -27,6 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from c3ae.detector import DEFAULT_MAX_SIDE
+
 EXIF_ORIENTATION = 0x0112
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 NOSE = LANDMARK_NAMES.index("nose")
@@ -211,18 +213,14 @@ class MTCNNDetector:
         self,
         min_face: int = 20,
         min_score: float = 0.9,
-        max_side: int | None = None,
+        max_side: int | None = DEFAULT_MAX_SIDE,
         threads: int | None = None,
     ):
-        from c3ae.detector import DEFAULT_MAX_SIDE, MTCNN
+        from c3ae.detector import MTCNN
 
         self.min_face = int(min_face)
         self.min_score = float(min_score)
-        self._mtcnn = MTCNN(
-            min_face=self.min_face,
-            max_side=DEFAULT_MAX_SIDE if max_side is None else max_side,
-            threads=threads,
-        )
+        self._mtcnn = MTCNN(min_face=self.min_face, max_side=max_side, threads=threads)
 
     @property
     def max_side(self) -> int | None:
@@ -534,17 +532,15 @@ class FacePipeline:
         min_face: int = 20,
         pad_retry: float = 0.25,
         retry_min_score: float = 0.8,
-        max_side: int | None = None,
+        max_side: int | None = DEFAULT_MAX_SIDE,
     ):
-        from c3ae.detector import DEFAULT_MAX_SIDE
-
         self.detector_name = detector
         self.spec = spec
         self.min_face = int(min_face)
         self.pad_retry = float(pad_retry)
         self.retry_min_score = float(retry_min_score)
-        # MTCNN searches photos whose longer side exceeds this on a downscaled copy.
-        self.max_side = DEFAULT_MAX_SIDE if max_side is None else int(max_side)
+        # MTCNN searches photos whose longer side exceeds this on a downscaled copy (None: never).
+        self.max_side = None if max_side is None else int(max_side)
         self._detector = None
 
     @property

@@ -103,7 +103,7 @@ def check_output(
             raise OutputError(f"{option} {path} is the input folder {given}; write outside it.")
         if same:
             raise OutputError(
-                f"{option} {path} is an input; choose another name (inputs are never overwritten)."
+                f"{option} {path} is the input {given}; choose another name (inputs are never overwritten)."
             )
         if source.is_dir() and target.is_relative_to(source):
             raise OutputError(f"{option} {path} is inside the input folder {given}; write it outside.")

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from c3ae.annotate import COLORS, draw_box, face_label
+from c3ae.files import OutputError, check_output
 from c3ae.tracking import IoUTracker
 
 STAGES = ("decode", "detect", "align", "estimate", "track", "draw", "encode")
@@ -235,13 +236,6 @@ class _Lines:
         os.replace(self.temporary, self.path)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
 def _track_record(track) -> dict:
     x, y, w, h = track.xywh()
     return {
@@ -306,10 +300,14 @@ def process_video(
     detect_every = int(detect_every)
     tracker = IoUTracker(smooth=smooth)
     is_camera = isinstance(source, int)
-    if output is not None:
-        output = Path(output)
-        if not is_camera and _same_file(Path(source), output):
-            raise VideoError(f"--output {output} is the input video; choose another file name.")
+    inputs = [] if is_camera else [source]
+    try:  # the one rule for outputs (c3ae.files): never the input, never over a file of another kind
+        if output is not None:
+            output = check_output(output, "--output", inputs, ("video",))
+        if jsonl is not None and str(jsonl) != "-":
+            check_output(jsonl, "--jsonl", inputs, ("json", "text"))
+    except OutputError as error:
+        raise VideoError(str(error)) from error
     capture = open_capture(source)
     timer = StageTimer()
     fps_in = capture.get(cv2.CAP_PROP_FPS)

@@ -47,7 +47,7 @@ def test_predict_never_writes_over_its_photo(album, capsys, option):
     before = digests(album)
     photo = album / "obama.jpg"
     err = refused(capsys, "predict", str(photo), option, str(photo))
-    assert f"{option} {photo} is an input" in err
+    assert f"{option} {photo} is the input" in err
     assert digests(album) == before
 
 
@@ -56,7 +56,7 @@ def test_predict_follows_symlinks_to_an_input(album, tmp_path, capsys):
     link = tmp_path / "faces.json"
     os.symlink(album / "obama.jpg", link)
     err = refused(capsys, "predict", str(album / "obama.jpg"), "--json", str(link))
-    assert "is an input" in err
+    assert "is the input" in err
     assert digests(album) == before
 
 
@@ -89,7 +89,7 @@ def test_video_never_writes_over_its_input(clip, capsys, option):
     data = clip.read_bytes()
     target = clip if option == "--jsonl" else clip
     err = refused(capsys, "video", str(clip), option, str(target))
-    assert "is an input" in err
+    assert "is the input" in err
     assert clip.read_bytes() == data
 
 
@@ -98,7 +98,7 @@ def test_export_never_writes_over_its_model(tmp_path, capsys):
     shutil.copy(REPO / "c3ae" / "weights" / "c3ae-utk.keras", model)
     data = model.read_bytes()
     err = refused(capsys, "export", str(model), "--format", "tflite", "-o", str(model))
-    assert "-o" in err and "is an input" in err
+    assert "-o" in err and "is the input" in err
     assert model.read_bytes() == data
 
 
@@ -137,10 +137,10 @@ def test_check_output_and_file_kinds(tmp_path):
     (tmp_path / "t.bin").write_bytes(b"\x00\x01\x02")
     assert file_kind(tmp_path / "t.bin") == "binary"
     assert file_kind(REPO / "c3ae" / "weights" / "c3ae-utk.tflite") == "tflite"
-    with pytest.raises(OutputError, match="is an input"):
+    with pytest.raises(OutputError, match="is the input"):
         check_output(tmp_path / "." / "a.jpg", "-o", [photo])
     hard = tmp_path / "hard.json"
     os.link(photo, hard)
-    with pytest.raises(OutputError, match="is an input"):
+    with pytest.raises(OutputError, match="is the input"):
         check_output(hard, "--json", [photo], ("json",))
     assert check_output(tmp_path / "new.json", "--json", [photo], ("json",)) == tmp_path / "new.json"
