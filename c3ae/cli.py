@@ -480,7 +480,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.output:
         raise UserError("Give -o/--output for the artifact, or --bundle DIR for a deployable folder.")
     _check_output(args.output, "-o", inputs, ("tflite", "binary", "folder"))
-    from c3ae.export.verify import ExportError, export_model, report_path
+    from c3ae.export.verify import ConverterError, ExportError, export_model, report_path
 
     try:
         report = export_model(
@@ -492,6 +492,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             opset=args.opset,
         )
+    except ConverterError:
+        raise  # the converter failed, not the user: exit 1 (_known_error)
     except ExportError as error:
         raise UserError(str(error)) from error
     verification = report["verification"]
@@ -908,11 +910,12 @@ def _known_error(error: Exception) -> tuple[str, int] | None:
     a broken install, model file or environment (1); None for anything else, which is a bug."""
     from c3ae.detector import DetectorFileError
     from c3ae.estimator import ModelOutputError
+    from c3ae.export.checks import ConverterError
     from c3ae.extras import missing_extra
 
     if isinstance(error, UserError):
         return str(error), 2
-    if isinstance(error, (DetectorFileError, ModelOutputError)):
+    if isinstance(error, (DetectorFileError, ModelOutputError, ConverterError)):
         return str(error), 1
     if isinstance(error, OSError):
         message = _environment_error(error)

@@ -4,23 +4,73 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+TEMPORARY_MARK = ".partial-"
+
+
+def temporary_path(target: str | Path) -> Path:
+    """The hidden sibling of ``target`` it is written to before the rename: ``.<stem>.partial-<pid><suffix>``
+    (the suffix is kept for writers that insist on one, such as Keras, OpenCV's muxers and Arrow)."""
+    target = Path(target)
+    return target.with_name(f".{target.stem}{TEMPORARY_MARK}{os.getpid()}{target.suffix}")
+
+
+def remove_path(path: str | Path) -> None:
+    """Delete a file, a symlink or a folder tree; nothing when ``path`` does not exist."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class AtomicOutput:
+    """A temporary path beside ``target`` for writers that outlive one ``with`` block (a video encoder, a
+    JSON-lines stream): write to :attr:`path`, then :meth:`commit` (rename onto the target) or
+    :meth:`discard` (delete). A folder (a SavedModel) replaces a folder of the same name."""
+
+    def __init__(self, target: str | Path, fsync: bool = False):
+        self.target = Path(target)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = temporary_path(self.target)
+        self.fsync = fsync
+        remove_path(self.path)  # left by a killed run of this process id
+
+    def commit(self) -> Path:
+        """Rename the written temporary onto the target (``fsync`` first when asked); returns the target.
+        A temporary the writer already moved elsewhere (a failed export kept under another name) is not
+        an error: nothing is published."""
+        if not (self.path.exists() or self.path.is_symlink()):
+            return self.target
+        if self.fsync and self.path.is_file():
+            with open(self.path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if self.path.is_dir() and self.target.is_dir() and not self.target.is_symlink():
+            shutil.rmtree(self.target)  # os.replace cannot replace a non-empty folder
+        os.replace(self.path, self.target)
+        return self.target
+
+    def discard(self) -> None:
+        """Delete the temporary (a file or a folder); the target is left as it was."""
+        remove_path(self.path)
+
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target`` with the same suffix (writers that insist on one, such as
-    Keras and OpenCV, accept it); rename it onto ``target`` when the block succeeds, delete it when the block
-    raises (Ctrl-C included)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.stem}.partial-{os.getpid()}{target.suffix}")
+def atomic_path(target: str | Path, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` with the same suffix (:func:`temporary_path`); rename it onto
+    ``target`` when the block succeeds (``fsync`` first: a shard must survive a power cut), delete it when
+    the block raises (Ctrl-C included); an ``OSError`` then names ``target``. See :class:`AtomicOutput`."""
+    output = AtomicOutput(target, fsync)
     try:
-        yield temporary
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+        yield output.path
+        output.commit()
+    except BaseException as error:
+        output.discard()
+        if isinstance(error, OSError) and str(error.filename) in ("None", str(output.path)):
+            error.filename = str(output.target)  # a full disk names the user's file, not our temporary
         raise
 
 
@@ -34,6 +84,28 @@ def atomic_write_bytes(target: str | Path, data: bytes) -> Path:
 def atomic_write_text(target: str | Path, text: str) -> Path:
     """Write UTF-8 ``text`` to ``target`` atomically; returns ``target`` as a Path."""
     return atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries (:func:`temporary_path`) that killed processes left in ``folder``, not those
+    of a live one (this one included); returns them."""
+    removed = []
+    for path in Path(folder).glob(f".*{TEMPORARY_MARK}*"):
+        pid = path.name.split(TEMPORARY_MARK, 1)[1].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            remove_path(path)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------------- the rule for outputs

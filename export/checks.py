@@ -9,6 +9,11 @@ class ExportError(ValueError):
     """An export that cannot be done as asked (bad model, format, quantisation, data or output path)."""
 
 
+class ConverterError(ExportError):
+    """A converter that crashed or hung in its child process (:mod:`c3ae.export.convert`): the tool failed,
+    not the user; the CLI exits 1."""
+
+
 class NonFiniteWeightsError(ExportError):
     """A model whose weights hold NaN or Inf: exporting it would ship a model that outputs NaN."""
 

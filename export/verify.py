@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -37,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from c3ae.diagnostics import constant_layers
-from c3ae.export.checks import ExportError, NonFiniteWeightsError, check_finite
+from c3ae.export.checks import ConverterError, ExportError, NonFiniteWeightsError, check_finite
+from c3ae.files import atomic_path, remove_path
 
 FORMATS = ("tflite", "onnx", "saved_model", "coreml")
 FORMAT_QUANTS = {
@@ -58,6 +58,7 @@ CALIBRATION_LIMIT = 200
 FAILED_SUFFIX = ".failed"
 
 __all__ = [
+    "ConverterError",
     "DEFAULT_TOLERANCE",
     "ExportError",
     "FORMATS",
@@ -403,13 +404,6 @@ def _check_output(output: Path, format: str) -> None:
         )
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -431,32 +425,17 @@ def _json_default(value):
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
-def _write_artifact(model, format: str, quant: str, path: Path, calibration: dict | None, opset: int) -> dict:
-    """Convert and write to ``path``; returns format-specific facts for the report."""
-    facts: dict = {}
-    if format == "tflite":
-        from c3ae.export.tflite import float_ops, to_tflite, weight_bytes
+def _write_artifact(
+    model, source, format: str, quant: str, path: Path, calibration: dict | None, opset: int, timeout
+) -> dict:
+    """Convert and write to ``path``; returns format-specific facts for the report. The converters run in
+    a child process (:mod:`c3ae.export.convert`); a SavedModel is TensorFlow's own format, written here."""
+    from c3ae.export.convert import convert, write_artifact
 
-        representative = [calibration["inputs"]] if quant == "int8" else None
-        data = to_tflite(model, quant, representative)
-        path.write_bytes(data)
-        facts["weight_bytes"] = weight_bytes(data)
-        if quant == "int8":
-            facts["float_ops"] = float_ops(data)
-    elif format == "onnx":
-        from c3ae.export.onnx import to_onnx
-
-        path.write_bytes(to_onnx(model, opset=opset))
-        facts["opset"] = int(opset)
-    elif format == "saved_model":
-        from c3ae.export.saved_model import to_saved_model
-
-        to_saved_model(model, path)
-    elif format == "coreml":
-        from c3ae.export.coreml import to_coreml
-
-        to_coreml(model, quant).save(str(path))
-    return facts
+    if format == "saved_model":
+        return write_artifact(model, format, quant, path)
+    inputs = calibration["inputs"] if calibration is not None else None
+    return convert(model, format, quant, path, inputs, opset, source=source, timeout=timeout)
 
 
 _XNNPACK_PROBE = """
@@ -577,6 +556,38 @@ def _check_coreml(path: Path, model) -> dict:
     }
 
 
+def _verify(model, format: str, quant: str, path: Path, verify_data: dict, tolerance: float | None) -> dict:
+    """Run the artifact at ``path`` on the verification crops and compare it with Keras (CoreML: checked
+    structurally); returns the report's ``verification`` section."""
+    if format == "coreml":
+        verification = _check_coreml(path, model)
+    else:
+        xnnpack = probe_xnnpack(path) if format == "tflite" else None
+        expected = _predict_keras(model, verify_data["inputs"])
+        actual, runtime = _run_artifact(
+            format, path, verify_data["inputs"], None if xnnpack is None or xnnpack["passed"] else False
+        )
+        checked = compare(expected, actual, quant, tolerance, verify_data["labels"])
+        verification = {"runtime": runtime, **checked}
+        if xnnpack is not None:
+            verification["xnnpack"] = xnnpack
+            verification["checks"].append(
+                {
+                    "check": "runs on LiteRT's default XNNPACK delegate (as phones run it)",
+                    "value": None if xnnpack["passed"] else xnnpack["error"],
+                    "limit": None,
+                    "passed": xnnpack["passed"],
+                }
+            )
+            verification["passed"] = verification["passed"] and xnnpack["passed"]
+        dead = constant_layers(model, verify_data["inputs"])
+        if dead:  # not a failure in itself; it explains odd int8 scales and weak models
+            verification["constant_layers"] = dead
+    verification["data"] = verify_data["source"]
+    verification["crops"] = int(len(next(iter(verify_data["inputs"].values()), [])))
+    return verification
+
+
 # ---------------------------------------------------------------------------------------------- export
 def _check_model_exists(model) -> None:
     """Fail fast, before TensorFlow starts, on a model that is neither a file nor a bundled name."""
@@ -619,6 +630,7 @@ def export_model(
     opset: int = 17,
     verify_limit: int = VERIFY_LIMIT,
     calibration_limit: int = CALIBRATION_LIMIT,
+    convert_timeout: float | None = None,
 ) -> dict:
     """Export ``model`` (a ``keras.Model``, a ``.keras`` path or a bundled model's name) to ``output`` and
     verify it against Keras; returns the report, also written to ``<output>.report.json``.
@@ -631,11 +643,14 @@ def export_model(
             verified on its test split (unaugmented crops with labels). Without one, both use crops of the
             bundled photos (see :func:`asset_crops`).
         tolerance: overrides the default gate of ``quant`` (module docstring).
+        convert_timeout: seconds the converter's child process may take (default
+            :data:`c3ae.export.convert.CONVERT_TIMEOUT`, 600).
 
     Raises:
         ExportError: a bad model, format, quantisation, manifest or output path (nothing is written);
             :class:`NonFiniteWeightsError` for weights holding NaN or Inf; :class:`VerificationError` when the
-            artifact differs from Keras beyond the tolerance (it is left as ``<output>.failed``).
+            artifact differs from Keras beyond the tolerance (it is left as ``<output>.failed``);
+            :class:`ConverterError` when the converter raised, crashed or hung (its child was stopped).
     """
     if format not in FORMATS:
         raise ExportError(f"Unknown format {format!r}; choose one of: {', '.join(FORMATS)}.")
@@ -656,6 +671,7 @@ def export_model(
             _coremltools()
         except CoreMLUnavailableError as error:
             raise ExportError(str(error)) from error
+    given = model if isinstance(model, (str, Path)) else None  # the child loads the same
     model, source = _load(model)
     check_finite(model)
 
@@ -673,9 +689,6 @@ def export_model(
             else asset_crops(model, seed=1)
         )
 
-    suffix = SUFFIXES[format]
-    stem = output.name[: -len(suffix)] if suffix and output.name.endswith(suffix) else output.name
-    temporary = output.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
     failed = output.with_name(output.name + FAILED_SUFFIX)
     report = {
         "status": "failed",
@@ -688,72 +701,43 @@ def export_model(
     }
     started = time.perf_counter()
     try:
-        _remove(temporary)
-        facts = _write_artifact(model, format, quant, temporary, calibration_data, opset)
-        converted = time.perf_counter()
-        report.update(facts)
-        report["size_bytes"] = _size(temporary)
-        if calibration_data is not None:
-            report["calibration"] = {
-                "data": calibration_data["source"],
-                "crops": int(len(next(iter(calibration_data["inputs"].values())))),
-            }
-        if format == "coreml":
-            verification = _check_coreml(temporary, model)
-        else:
-            xnnpack = probe_xnnpack(temporary) if format == "tflite" else None
-            expected = _predict_keras(model, verify_data["inputs"])
-            actual, runtime = _run_artifact(
-                format,
-                temporary,
-                verify_data["inputs"],
-                None if xnnpack is None or xnnpack["passed"] else False,
+        with atomic_path(output) as temporary:  # renamed onto output only if it passes
+            facts = _write_artifact(
+                model, given, format, quant, temporary, calibration_data, opset, convert_timeout
             )
-            verification = {
-                "runtime": runtime,
-                **compare(expected, actual, quant, tolerance, verify_data["labels"]),
+            converted = time.perf_counter()
+            report.update(facts)
+            report["size_bytes"] = _size(temporary)
+            if calibration_data is not None:
+                report["calibration"] = {
+                    "data": calibration_data["source"],
+                    "crops": int(len(next(iter(calibration_data["inputs"].values())))),
+                }
+            verification = _verify(model, format, quant, temporary, verify_data, tolerance)
+            report["verification"] = verification
+            report["seconds"] = {
+                "convert": round(converted - started, 2),
+                "verify": round(time.perf_counter() - converted, 2),
             }
-            if xnnpack is not None:
-                verification["xnnpack"] = xnnpack
-                verification["checks"].append(
-                    {
-                        "check": "runs on LiteRT's default XNNPACK delegate (as phones run it)",
-                        "value": None if xnnpack["passed"] else xnnpack["error"],
-                        "limit": None,
-                        "passed": xnnpack["passed"],
-                    }
-                )
-                verification["passed"] = verification["passed"] and xnnpack["passed"]
-            dead = constant_layers(model, verify_data["inputs"])
-            if dead:  # not a failure in itself; it explains odd int8 scales and weak models
-                verification["constant_layers"] = dead
-        verification["data"] = verify_data["source"]
-        verification["crops"] = int(len(next(iter(verify_data["inputs"].values()), [])))
-        report["verification"] = verification
-        report["seconds"] = {
-            "convert": round(converted - started, 2),
-            "verify": round(time.perf_counter() - converted, 2),
-        }
-        _remove(failed)
-        if verification["passed"]:
-            report["status"] = "passed"
-            if output.exists() or output.is_symlink():
-                _remove(output)
-            os.replace(temporary, output)
-        else:
-            report["artifact"] = str(failed)
-            os.replace(temporary, failed)
-            if output.exists() or output.is_symlink():  # an older export would not match this report
-                _remove(output)
-    except BaseException as error:
-        _remove(temporary)
-        if not isinstance(error, (ExportError, KeyboardInterrupt)):
-            report["error"] = f"{type(error).__name__}: {error}"
-            if output.exists() or output.is_symlink():  # an older export would not match this report
-                _remove(output)
-            _write_report(output, report)
-            raise ExportError(f"Converting to {format} failed: {type(error).__name__}: {error}") from error
+            remove_path(failed)
+            if verification["passed"]:
+                report["status"] = "passed"
+            else:  # kept for inspection under a name that does not look valid; nothing is published
+                report["artifact"] = str(failed)
+                os.replace(temporary, failed)
+                remove_path(output)  # an older export would not match this report
+    except ConverterError as error:
+        report["error"] = str(error)
+        remove_path(output)  # an older export would not match this report
+        _write_report(output, report)
         raise
+    except (ExportError, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        report["error"] = f"{type(error).__name__}: {error}"
+        remove_path(output)  # an older export would not match this report
+        _write_report(output, report)
+        raise ExportError(f"Converting to {format} failed: {type(error).__name__}: {error}") from error
     _write_report(output, report)
     if report["status"] != "passed":
         failing = [c for c in report["verification"]["checks"] if not c["passed"]]

@@ -180,3 +180,68 @@ def test_a_run_folder_of_another_model_is_refused_and_left_alone(tmp_path, capsy
     assert main(["train", "c3ae", "--out", str(run)]) == 2
     assert "holds a run of another model ('ssrnet'" in one_line(capsys)
     assert (run / "config.yaml").read_text() == before
+
+
+FAULTY_CONVERTERS = """
+import os
+import time
+
+
+def aborts(job):
+    print("terminate called without an active exception", flush=True)
+    os.abort()
+
+
+def hangs(job):
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def faulty_converters(tmp_path, monkeypatch) -> str:
+    """A module of converters that abort or hang, importable by the export's converter child."""
+    folder = tmp_path / "converters"
+    folder.mkdir()
+    (folder / "faulty_converters.py").write_text(FAULTY_CONVERTERS)
+    monkeypatch.syspath_prepend(str(folder))
+    return "faulty_converters"
+
+
+def test_a_converter_that_aborts_is_one_sentence_and_exit_1(faulty_converters, tmp_path, capsys, monkeypatch):
+    """As the int8 calibrator did on a corrupt shard row (exit 134): the child dies, the export does not."""
+    import json
+
+    import c3ae.export.convert
+
+    monkeypatch.setattr(c3ae.export.convert, "CONVERTER", f"{faulty_converters}:aborts")
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["export", "c3ae-utk", "--format", "tflite", "--quant", "int8", "-o", str(out / "m.tflite")]
+    assert main(argv) == 1
+    line = one_line(capsys)
+    assert "Converting to tflite (int8) failed: the converter process was killed by SIGABRT" in line
+    assert "terminate called without an active exception" in line  # the child's last words, quoted
+    assert sorted(p.name for p in out.iterdir()) == ["m.tflite.report.json"]
+    report = json.loads((out / "m.tflite.report.json").read_text())
+    assert report["status"] == "failed" and "SIGABRT" in report["error"]
+
+
+def test_a_converter_that_hangs_is_stopped_at_its_timeout(faulty_converters, tmp_path):
+    import time
+
+    from c3ae.export.convert import convert
+    from c3ae.export.verify import ConverterError
+
+    started = time.monotonic()
+    with pytest.raises(ConverterError, match=r"Converting to onnx did not finish within 2 s"):
+        convert(
+            None,
+            "onnx",
+            "none",
+            tmp_path / "m.onnx",
+            source="c3ae-utk",
+            timeout=2,
+            converter=f"{faulty_converters}:hangs",
+        )
+    assert time.monotonic() - started < 30
+    assert list(tmp_path.iterdir()) == [tmp_path / "converters"]
