@@ -172,13 +172,12 @@ def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "
     The card records the data, the split, the face pipeline (preprocessing), the metrics (this split and the
     run's best validation value), the training time and the license note. Refuses weights with NaN or Inf.
     """
-    import os
-
     import yaml
 
     from c3ae._version import __version__
     from c3ae.data import read_manifest
     from c3ae.evaluate import evaluate
+    from c3ae.files import atomic_path
 
     run_dir = Path(run_dir)
     model = load_model(run_dir / "best.keras")
@@ -221,8 +220,6 @@ def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "
         (".keras", lambda path: model.save(path)),
         (".json", lambda path: path.write_text(json.dumps(card, indent=2) + "\n")),
     ):
-        target = WEIGHTS_DIR / f"{name}{suffix}"
-        temporary = target.with_name(f".tmp-{target.name}")  # same suffix: Keras insists on ".keras"
-        write(temporary)
-        os.replace(temporary, target)
+        with atomic_path(WEIGHTS_DIR / f"{name}{suffix}") as temporary:  # Keras insists on ".keras"
+            write(temporary)
     return card

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from c3ae.annotate import COLORS, draw_box, face_label
-from c3ae.files import OutputError, check_output
+from c3ae.files import AtomicOutput, OutputError, check_output
 from c3ae.tracking import IoUTracker
 
 STAGES = ("decode", "detect", "align", "estimate", "track", "draw", "encode")
@@ -94,11 +94,6 @@ def open_capture(source) -> cv2.VideoCapture:
     return capture
 
 
-def temporary_name(path: Path) -> Path:
-    """A sibling of ``path`` to write to before renaming; keeps the suffix (the muxer depends on it)."""
-    return path.with_name(f".{path.stem}.partial{path.suffix}")
-
-
 class _Output:
     """The annotated video: written to a temporary name, renamed by :meth:`close`. Frames are encoded on a
     thread of their own (OpenCV releases the GIL), so encoding overlaps detection on another core."""
@@ -111,10 +106,11 @@ class _Output:
             raise VideoError(f"--output {path}: the folder {path.parent} does not exist.")
         self.path = path
         self.size = size
-        self.temporary = temporary_name(path)
+        self.staged = AtomicOutput(path)  # keeps the suffix: the muxer depends on it
+        self.temporary = self.staged.path
         self.writer = cv2.VideoWriter(str(self.temporary), cv2.VideoWriter_fourcc(*FOURCC[suffix]), fps, size)
         if not self.writer.isOpened():
-            self.temporary.unlink(missing_ok=True)
+            self.staged.discard()
             raise VideoError(f"--output {path}: OpenCV cannot write this video type here.")
         self.frames = 0
         self._queue: queue.Queue = queue.Queue(maxsize=8)
@@ -142,19 +138,19 @@ class _Output:
         self._thread.join()
         self.writer.release()
         if self._error is not None:
-            self.temporary.unlink(missing_ok=True)
+            self.staged.discard()
             raise VideoError(f"--output {self.path}: encoding failed: {self._error}") from self._error
         if keep and self.frames:
             readable = _frames_in(self.temporary)
             if readable < self.frames:  # OpenCV only logs "Failed to write frame" (a full disk, say)
-                self.temporary.unlink(missing_ok=True)
+                self.staged.discard()
                 raise VideoError(
                     f"--output {self.path}: only {readable} of {self.frames} frames could be written (is the "
                     "disk full?); nothing was kept."
                 )
-            os.replace(self.temporary, self.path)
+            self.staged.commit()
         else:
-            self.temporary.unlink(missing_ok=True)
+            self.staged.discard()
 
 
 def _frames_in(path: Path) -> int:
@@ -220,8 +216,8 @@ class _Lines:
         self.path = Path(target)
         if not self.path.parent.is_dir():
             raise VideoError(f"--jsonl {self.path}: the folder {self.path.parent} does not exist.")
-        self.temporary = self.path.with_name(f".{self.path.name}.partial")
-        self.handle = open(self.temporary, "w")
+        self.staged = AtomicOutput(self.path)
+        self.handle = open(self.staged.path, "w")
 
     def write(self, record: dict) -> None:
         self.handle.write(json.dumps(record) + "\n")
@@ -232,8 +228,12 @@ class _Lines:
         if self.stdout:
             self.handle.flush()
             return
-        self.handle.close()
-        os.replace(self.temporary, self.path)
+        try:
+            self.handle.close()  # a full disk shows here, when the last lines are flushed
+        except BaseException:
+            self.staged.discard()
+            raise
+        self.staged.commit()
 
 
 def _track_record(track) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from c3ae._version import __version__
 from c3ae.faces import DEFAULT_CHIP, ChipSpec, FacePipeline, ImageReadError, read_image
-from c3ae.files import atomic_write_text
+from c3ae.files import atomic_path, atomic_write_text, remove_stale_temporaries
 from c3ae.preprocessing.readers import Reject, Sample, get_reader, scan_dataset
 from c3ae.preprocessing.shards import COLUMNS, MAX_ROWS_PER_SHARD, write_shard
 
@@ -236,6 +236,8 @@ def preprocess(
     if out.exists() and not out.is_dir():
         raise PreprocessError(f"--out {out} is a file; give a folder (it is created if missing).")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(out):  # a killed run's half-written shard or summary
+        log.info("removed %s, left by an interrupted run", stale.name)
 
     samples, scan_rejects = scan_dataset(dataset, root, **(reader_options or {}))
     if limit is not None:
@@ -428,13 +430,10 @@ def _manifest(
 
 
 def _write_rejects_csv(out: Path, scan_rejects: Iterable[Reject], summaries: Iterable[ShardSummary]) -> None:
-    path = out / "rejects.csv"
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", newline="") as handle:
+    with atomic_path(out / "rejects.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason", "detail"])
         for reject in scan_rejects:
             writer.writerow([reject.path, reject.reason, getattr(reject, "detail", "")])
         for summary in summaries:
             writer.writerows(summary.rejects)
-    os.replace(temporary, path)

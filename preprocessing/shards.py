@@ -20,13 +20,14 @@ One row per kept face. Columns:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
+
+from c3ae.files import atomic_path
 
 MAX_ROWS_PER_SHARD = 5000
 
@@ -75,15 +76,8 @@ def write_shard(path: str | Path, rows: Sequence[dict]) -> int:
     if len(rows) > MAX_ROWS_PER_SHARD:
         raise ValueError(f"A shard holds at most {MAX_ROWS_PER_SHARD} rows, got {len(rows)}.")
     table = rows_to_table(rows) if rows else SCHEMA.empty_table()
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path, fsync=True) as temporary:
         feather.write_feather(table, temporary, compression="zstd")
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     return table.num_rows
 
 

@@ -102,7 +102,7 @@ def test_shards_hold_at_most_the_limit_and_round_trip(prepared):
         assert chip.shape == (160, 160, 3)
         total += table.num_rows
     assert total == manifest["counts"]["kept"]
-    assert not list(out.glob(".*.tmp-*")) and not list(out.glob("*.tmp-*"))
+    assert not list(out.glob(".*partial*"))
 
 
 def test_split_is_deterministic_and_by_identity():
@@ -151,7 +151,7 @@ def test_interrupted_run_leaves_no_half_shard_and_resumes(utk_layout, tmp_path, 
     assert sorted(p.name for p in out.glob("*.feather")) == (
         [summaries[0]["file"]] if summaries[0]["rows"] else []
     )
-    assert not (out / "manifest.json").exists() and not list(out.glob(".*tmp*"))
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*partial*"))
     monkeypatch.setattr(pipeline_module, "process_sample", original)
     manifest = preprocess("utkface", utk_layout, out, rows_per_shard=2, progress=False)
     assert manifest["counts"]["kept"] == 7
