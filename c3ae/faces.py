@@ -20,7 +20,11 @@ All boxes are (x1, y1, x2, y2) in pixels; all images are BGR uint8; crops fed to
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -98,7 +102,9 @@ def read_image(source: str | Path | bytes | np.ndarray, max_pixels: int | None =
             if _whole_jpeg(image, data):
                 # OpenCV decodes straight to BGR (and applies the EXIF orientation): a third of PIL's time
                 # and memory for camera photos, the same pixels (both are libjpeg-turbo).
-                decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+                decoded, warning = _imdecode_jpeg(data)
+                if warning is not None:
+                    raise ImageReadError(name, "corrupt_image", warning)
                 if decoded is not None:
                     return decoded
             image.load()
@@ -121,6 +127,56 @@ def _whole_jpeg(image, data: bytes) -> bool:
     """A colour or grey JPEG that ends with its end-of-image marker (OpenCV would decode a truncated one
     without a word; PIL reports it)."""
     return image.format == "JPEG" and image.mode in ("RGB", "L") and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
+
+
+# libjpeg's warnings for scan data that does not decode as written (jerror.h): it prints the first one to
+# stderr and decodes on, filling the rest of the photo with grey or garbage. Stray bytes before a marker
+# ("extraneous bytes") and odd metadata are not among them: some cameras write those in good photos.
+_CORRUPT_JPEG = re.compile(
+    r"Corrupt JPEG data: (premature end of data segment|bad Huffman code|bad arithmetic code|found marker)"
+    r"|Premature end of JPEG file"
+)
+_STDERR_LOCK = threading.Lock()
+_CAPTURE: dict[int, object] = {}  # process id -> the temporary file libjpeg's stderr goes to
+
+
+def _imdecode_jpeg(data: bytes) -> tuple[np.ndarray | None, str | None]:
+    """``cv2.imdecode`` of a JPEG and libjpeg's corrupt-data warning, if it gave one.
+
+    OpenCV decodes a JPEG damaged in its middle without a word (libjpeg prints its warning to the process's
+    stderr), so file descriptor 2 goes to a temporary file during the call (under a lock) and whatever else
+    was written there meanwhile is passed on.
+    """
+    buffer = np.frombuffer(data, np.uint8)
+    with _STDERR_LOCK:
+        try:
+            capture = _CAPTURE.get(os.getpid())
+            if capture is None:
+                capture = _CAPTURE[os.getpid()] = tempfile.TemporaryFile()
+            capture.seek(0)
+            capture.truncate()
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no usable stderr (a daemon): decode without the check
+            return cv2.imdecode(buffer, cv2.IMREAD_COLOR), None
+        try:
+            os.dup2(capture.fileno(), 2)
+            decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        text = capture.read().decode("utf-8", "replace")
+    warning = None
+    passed_on = []
+    for line in text.splitlines(keepends=True):
+        if warning is None and _CORRUPT_JPEG.search(line):
+            warning = line.strip()
+        else:
+            passed_on.append(line)
+    if passed_on:
+        os.write(2, "".join(passed_on).encode())
+    return decoded, warning
 
 
 def _too_large(name: str, pixels: str, limit: int) -> ImageReadError:

@@ -57,6 +57,12 @@ class AtomicOutput:
         """Delete the temporary (a file or a folder); the target is left as it was."""
         remove_path(self.path)
 
+    def named(self, error: BaseException) -> None:
+        """Make ``error``, an ``OSError`` met while writing (a full disk), name the target rather than the
+        temporary or nothing."""
+        if isinstance(error, OSError) and str(error.filename) in ("None", str(self.path)):
+            error.filename = str(self.target)
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path, fsync: bool = False) -> Iterator[Path]:
@@ -69,8 +75,7 @@ def atomic_path(target: str | Path, fsync: bool = False) -> Iterator[Path]:
         output.commit()
     except BaseException as error:
         output.discard()
-        if isinstance(error, OSError) and str(error.filename) in ("None", str(output.path)):
-            error.filename = str(output.target)  # a full disk names the user's file, not our temporary
+        output.named(error)
         raise
 
 
@@ -84,6 +89,22 @@ def atomic_write_bytes(target: str | Path, data: bytes) -> Path:
 def atomic_write_text(target: str | Path, text: str) -> Path:
     """Write UTF-8 ``text`` to ``target`` atomically; returns ``target`` as a Path."""
     return atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def probe_writable(target: str | Path, size: int = 1 << 16) -> None:
+    """Write ``size`` bytes beside ``target`` and delete them: raises the ``OSError`` (naming ``target``) of a
+    full or read-only disk or a folder we may not write, for writers that only say "cannot open" (OpenCV)."""
+    probe = temporary_path(target)
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(bytes(size))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        error.filename = str(target)
+        raise
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from c3ae.annotate import COLORS, draw_box, face_label
-from c3ae.files import AtomicOutput, OutputError, check_output
+from c3ae.files import AtomicOutput, OutputError, check_output, probe_writable
 from c3ae.tracking import IoUTracker
 
 STAGES = ("decode", "detect", "align", "estimate", "track", "draw", "encode")
@@ -111,6 +111,7 @@ class _Output:
         self.writer = cv2.VideoWriter(str(self.temporary), cv2.VideoWriter_fourcc(*FOURCC[suffix]), fps, size)
         if not self.writer.isOpened():
             self.staged.discard()
+            probe_writable(path)  # a full or read-only disk is an environment error naming the file
             raise VideoError(f"--output {path}: OpenCV cannot write this video type here.")
         self.frames = 0
         self._queue: queue.Queue = queue.Queue(maxsize=8)
@@ -220,20 +221,36 @@ class _Lines:
         self.handle = open(self.staged.path, "w")
 
     def write(self, record: dict) -> None:
-        self.handle.write(json.dumps(record) + "\n")
+        try:
+            self.handle.write(json.dumps(record) + "\n")
+        except OSError as error:  # a full disk, when the buffer is flushed
+            if not self.stdout:
+                self.staged.named(error)
+            raise
         if self.stdout:
             self.handle.flush()
 
     def close(self) -> None:
+        """Publish the file (flush stdout); a file that cannot be written whole is deleted, not kept."""
         if self.stdout:
             self.handle.flush()
             return
         try:
             self.handle.close()  # a full disk shows here, when the last lines are flushed
-        except BaseException:
-            self.staged.discard()
+        except BaseException as error:
+            self.discard()
+            self.staged.named(error)
             raise
         self.staged.commit()
+
+    def discard(self) -> None:
+        if self.stdout:
+            return
+        try:
+            self.handle.close()
+        except OSError:
+            pass  # what could not be flushed is deleted anyway
+        self.staged.discard()
 
 
 def _track_record(track) -> dict:
@@ -440,8 +457,12 @@ def process_video(
         capture.release()
         if bar is not None:
             bar.close()
+        failures = []  # each output is finalised before the first failure is raised
         if writer is not None:
-            writer.close(keep=written > 0)
+            try:
+                writer.close(keep=written > 0)
+            except BaseException as error:
+                failures.append(error)
         if show:
             try:
                 cv2.destroyAllWindows()
@@ -464,8 +485,14 @@ def process_video(
             "output": str(output) if writer is not None and written else None,
         }
         if lines is not None:
-            lines.write({"summary": summary})
-            lines.close()
+            try:
+                lines.write({"summary": summary})
+                lines.close()
+            except BaseException as error:
+                lines.discard()
+                failures.append(error)
+        if failures:
+            raise failures[0]
     return summary
 
 

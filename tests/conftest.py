@@ -31,6 +31,31 @@ def face_clip(path: Path, frames: int = 6, size: tuple[int, int] = (320, 240), f
     return path
 
 
+def utk_faces(root: Path) -> Path:
+    """Six UTKFace-style face crops in ``root`` (created): the two bundled photos at 240 px, flipped and
+    trimmed, aged 48-53, genders alternating."""
+    import cv2
+
+    root.mkdir(parents=True, exist_ok=True)
+    faces = []
+    for name in ("obama.jpg", "astronaut.jpg"):
+        image = cv2.imread(str(REPO / "assets" / name))
+        scale = 240 / max(image.shape[:2])
+        faces.append(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
+    variants = [
+        faces[0],
+        faces[1],
+        cv2.flip(faces[0], 1),
+        cv2.flip(faces[1], 1),
+        faces[0][10:],
+        faces[1][:, 5:],
+    ]
+    for i, image in enumerate(variants):
+        age, gender = [51, 50, 52, 49, 53, 48][i], i % 2
+        cv2.imwrite(str(root / f"{age}_{gender}_0_2017011{i}000000000.jpg.chip.jpg"), image)
+    return root
+
+
 def build_wheel(source: Path, out_dir: Path) -> Path:
     """``pip wheel`` of the project at ``source`` into ``out_dir`` (no dependencies, no build isolation)."""
     import subprocess

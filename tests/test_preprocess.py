@@ -8,7 +8,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, utk_faces
 
 import c3ae.preprocessing.pipeline as pipeline_module
 from c3ae.faces import FacePipeline, crop, model_crops, read_image
@@ -29,24 +29,12 @@ def small_face(path, side=240) -> np.ndarray:
 def utk_layout(tmp_path_factory):
     """A tiny UTKFace-style folder: 6 real faces (flips and crops of the two assets), one corrupt file,
     one photo without a face, one malformed name."""
-    root = tmp_path_factory.mktemp("utk")
-    faces = [small_face(p) for p in FACES]
-    variants = [
-        faces[0],
-        faces[1],
-        cv2.flip(faces[0], 1),
-        cv2.flip(faces[1], 1),
-        faces[0][10:],
-        faces[1][:, 5:],
-    ]
-    for i, image in enumerate(variants):
-        age, gender = [51, 50, 52, 49, 53, 48][i], i % 2
-        cv2.imwrite(str(root / f"{age}_{gender}_0_2017011{i}000000000.jpg.chip.jpg"), image)
+    root = utk_faces(tmp_path_factory.mktemp("utk"))
     (root / "30_1_0_20170110000000001.jpg.chip.jpg").write_bytes(
         b"\xff\xd8\xff\xe0 a JPEG header and nothing else"
     )
     cv2.imwrite(str(root / "40_0_0_20170110000000002.jpg.chip.jpg"), np.full((200, 200, 3), 127, np.uint8))
-    cv2.imwrite(str(root / "abc_def.jpg.chip.jpg"), faces[0])
+    cv2.imwrite(str(root / "abc_def.jpg.chip.jpg"), small_face(FACES[0]))
     return root
 
 

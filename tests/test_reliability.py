@@ -2,18 +2,24 @@
 nonsense becomes a warning or an error. Faults are made by the tests themselves."""
 
 import errno
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, face_clip
+from conftest import REPO, face_clip, utk_faces
 
 from c3ae.cli import main
 from c3ae.estimator import AgeGenderEstimator, ModelOutputError
 from c3ae.faces import ImageReadError, read_image
 
 OBAMA = REPO / "assets" / "obama.jpg"
+ASTRONAUT = REPO / "assets" / "astronaut.jpg"
 
 
 def one_line(capsys) -> str:
@@ -209,8 +215,6 @@ def faulty_converters(tmp_path, monkeypatch) -> str:
 
 def test_a_converter_that_aborts_is_one_sentence_and_exit_1(faulty_converters, tmp_path, capsys, monkeypatch):
     """As the int8 calibrator did on a corrupt shard row (exit 134): the child dies, the export does not."""
-    import json
-
     import c3ae.export.convert
 
     monkeypatch.setattr(c3ae.export.convert, "CONVERTER", f"{faulty_converters}:aborts")
@@ -245,3 +249,216 @@ def test_a_converter_that_hangs_is_stopped_at_its_timeout(faulty_converters, tmp
         )
     assert time.monotonic() - started < 30
     assert list(tmp_path.iterdir()) == [tmp_path / "converters"]
+
+
+def _snapshot(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _photos(folder):
+    folder.mkdir()
+    for photo in (OBAMA, ASTRONAUT):
+        shutil.copy(photo, folder / photo.name)
+    return folder
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 2 MB tmpfs filled to its last byte; skips where this user may not mount one."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({error}); it needs root or CAP_SYS_ADMIN")
+    if done.returncode != 0:
+        why = done.stderr.strip() or f"exit {done.returncode}"
+        pytest.skip(f"cannot mount a small tmpfs to fill ({why}); it needs root or CAP_SYS_ADMIN")
+    try:
+        with open(mount / "filler", "wb", buffering=0) as handle:
+            with pytest.raises(OSError) as caught:
+                while True:
+                    handle.write(bytes(1 << 16))
+        assert caught.value.errno == errno.ENOSPC and shutil.disk_usage(mount).free == 0
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def _left_on(disk) -> list[str]:
+    return sorted(str(p.relative_to(disk)) for p in disk.rglob("*") if not p.is_dir())
+
+
+def test_predict_onto_a_full_disk_is_one_sentence_and_leaves_nothing(full_disk, tmp_path, capsys):
+    photos = _photos(tmp_path / "in")
+    before = _snapshot(photos)
+    assert main(["predict", str(photos), "--json", str(full_disk / "faces.json")]) == 1
+    assert f"{full_disk / 'faces.json'}: No space left on device; free some space" in one_line(capsys)
+    assert main(["predict", str(photos), "--output-dir", str(full_disk / "annotated")]) == 1
+    line = one_line(capsys)
+    assert "No space left on device" in line and str(full_disk / "annotated") in line
+    assert _left_on(full_disk) == ["filler"]  # no temporary, no half-written file
+    assert _snapshot(photos) == before
+
+
+def test_video_onto_a_full_disk_fails_and_keeps_nothing(full_disk, tmp_path, capsys):
+    clip = face_clip(tmp_path / "clip.mp4")
+    before = clip.read_bytes()
+    assert main(["video", str(clip), "--output", str(full_disk / "out.mp4")]) == 1
+    assert f"{full_disk / 'out.mp4'}: No space left on device" in one_line(capsys)
+    assert main(["video", str(clip), "--jsonl", str(full_disk / "tracks.jsonl")]) == 1
+    assert f"{full_disk / 'tracks.jsonl'}: No space left on device" in one_line(capsys)
+    assert _left_on(full_disk) == ["filler"] and clip.read_bytes() == before
+
+
+def _damaged_in_the_middle(data: bytes, how: str) -> bytes:
+    """``data`` (a JPEG) with its scan data zeroed, cut or garbled half-way; SOI and EOI are kept."""
+    start = data.index(b"\xff\xda")  # start of scan
+    middle = (start + len(data)) // 2
+    damaged = bytearray(data)
+    if how == "zeroed":
+        damaged[middle : middle + 2000] = bytes(2000)
+    elif how == "cut":
+        del damaged[middle : middle + 20000]
+    else:
+        damaged[middle : middle + 2000] = np.random.default_rng(0).integers(0, 256, 2000, np.uint8).tobytes()
+    assert damaged[:2] == b"\xff\xd8" and damaged[-2:] == b"\xff\xd9"
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize("how", ["zeroed", "cut", "garbled"])
+def test_a_jpeg_damaged_in_its_middle_is_refused(how):
+    """OpenCV decodes it without a word (libjpeg only prints a warning to stderr) into a half-grey photo."""
+    with pytest.raises(ImageReadError, match="corrupt image: Corrupt JPEG data"):
+        read_image(_damaged_in_the_middle(OBAMA.read_bytes(), how))
+
+
+def test_predict_skips_a_jpeg_damaged_in_its_middle_and_reports_the_others(tmp_path, capfd):
+    photos = _photos(tmp_path / "in")
+    (photos / "damaged.jpg").write_bytes(_damaged_in_the_middle(OBAMA.read_bytes(), "cut"))
+    before = _snapshot(photos)
+    output = tmp_path / "faces.json"
+    assert main(["predict", str(photos), "--json", str(output)]) == 0  # skipped photos are not failures
+    records = json.loads(output.read_text())
+    assert sorted(os.path.basename(r["path"]) for r in records) == ["astronaut.jpg", "obama.jpg"]
+    assert all(len(r["faces"]) == 1 for r in records)
+    err = capfd.readouterr().err
+    assert "damaged.jpg: corrupt image: Corrupt JPEG data: premature end of data segment" in err
+    assert "skipped 1: corrupt image 1" in err and "Traceback" not in err
+    assert "\nCorrupt JPEG data" not in "\n" + err  # libjpeg's own line, which names no file, is not shown
+    assert _snapshot(photos) == before
+
+
+KILLABLE_PREPROCESS = """
+import sys
+import threading
+from pathlib import Path
+
+import c3ae.preprocessing.pipeline as pipeline
+from c3ae.cli import main
+
+marker = Path(sys.argv[1])
+original = pipeline.process_sample
+calls = []
+
+
+def process_sample(sample, face_pipeline=None, fallback_full_image=False):
+    calls.append(sample)
+    if len(calls) == 3:  # two samples are done, so at least one shard is written: wait to be killed
+        marker.write_text("waiting")
+        threading.Event().wait()
+    return original(sample, face_pipeline, fallback_full_image)
+
+
+pipeline.process_sample = process_sample
+pipeline.preprocess.__kwdefaults__["rows_per_shard"] = 2
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_preprocess_killed_mid_run_resumes_to_the_same_manifest(tmp_path, monkeypatch, capsys):
+    """kill -9 while the run waits inside its third sample (made to wait there, so the kill always lands
+    mid-run); the rerun keeps the finished shards, redoes the rest, and matches an uninterrupted run."""
+    import c3ae.preprocessing.pipeline as pipeline
+
+    root = utk_faces(tmp_path / "utk")
+    out, marker = tmp_path / "prep", tmp_path / "waiting"
+    argv = ["preprocess", "--dataset", "utkface", "--root", str(root), "--out", str(out)]
+    with open(tmp_path / "child.log", "wb") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-c", KILLABLE_PREPROCESS, str(marker), *argv], stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert child.poll() is None, (tmp_path / "child.log").read_text()
+            assert time.monotonic() < deadline, "the preprocess child never reached its third sample"
+            time.sleep(0.05)
+        child.kill()
+        assert child.wait(timeout=60) == -9
+    finished = sorted(p.name for p in out.glob(".*.feather.json"))
+    assert finished and not (out / "manifest.json").exists()
+    stale = out / f".train-00009.partial-{child.pid}.feather"  # what a kill during a write leaves
+    stale.write_bytes(b"half a shard")
+
+    monkeypatch.setitem(pipeline.preprocess.__kwdefaults__, "rows_per_shard", 2)
+    assert main(argv) == 0
+    resumed = json.loads((out / "manifest.json").read_text())
+    assert resumed["timing"]["processed_samples"] < resumed["counts"]["samples"]  # finished shards kept
+    assert not stale.exists() and not list(out.glob(".*partial*"))
+    fresh = tmp_path / "fresh"
+    assert main([*argv[:-1], str(fresh)]) == 0
+    uninterrupted = json.loads((fresh / "manifest.json").read_text())
+    assert resumed["counts"] == uninterrupted["counts"] and resumed["counts"]["kept"] == 6
+    assert [(s["file"], s["rows"]) for s in resumed["shards"]] == [
+        (s["file"], s["rows"]) for s in uninterrupted["shards"]
+    ]
+
+
+def _without_root_file_access() -> list[str]:
+    """A command prefix under which a child cannot read a mode-000 file: none for a normal user, setpriv
+    dropping CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH for root (who reads every file); skips otherwise."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, which reads mode-000 files, and setpriv (util-linux) is not installed")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def test_predict_without_permission_skips_the_photo_and_names_the_output(tmp_path):
+    """Real permission errors (not simulated ones), in a child: a mode-000 photo, a read-only folder."""
+    photos = _photos(tmp_path / "in")
+    locked = photos / "obama.jpg"
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    prefix = _without_root_file_access()
+    predict = [*prefix, sys.executable, "-m", "c3ae.cli", "predict", str(photos)]
+    locked.chmod(0)
+    readonly.chmod(0o555)
+    try:
+        probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(locked)!r})"], capture_output=True)
+        if probe.returncode == 0:
+            pytest.skip("this machine does not let a child give up root's power to read any file")
+        read = subprocess.run([*predict, "--json", "-"], capture_output=True, text=True, timeout=300)
+        write = subprocess.run(
+            [*predict, "--csv", str(readonly / "faces.csv")], capture_output=True, text=True, timeout=300
+        )
+    finally:
+        locked.chmod(0o644)
+        readonly.chmod(0o755)
+    assert read.returncode == 0 and "Traceback" not in read.stderr, read.stderr
+    assert f"skipped {locked}: permission denied" in read.stderr
+    assert "skipped 1: permission denied 1" in read.stderr
+    records = json.loads(read.stdout)  # the photo it could read is reported
+    assert [os.path.basename(r["path"]) for r in records] == ["astronaut.jpg"]
+    assert write.returncode == 1 and "Traceback" not in write.stderr, write.stderr
+    errors = [line for line in write.stderr.splitlines() if line.startswith("c3ae ")]
+    assert len(errors) == 1, write.stderr
+    assert errors[0].startswith(f"c3ae predict: error: {readonly / 'faces.csv'}: Permission denied; ")
+    assert not list(readonly.iterdir())
