@@ -57,13 +57,16 @@ def draw_box(
     )
 
 
-def draw_faces(image: np.ndarray, faces: Iterable) -> np.ndarray:
-    """A copy of a BGR uint8 image with every face's box and ``"34 F"`` label drawn.
+def draw_faces(image: np.ndarray, faces: Iterable, copy: bool = True) -> np.ndarray:
+    """A copy of a BGR uint8 image with every face's box and ``"34 F"`` label drawn (``copy=False``: drawn
+    on ``image`` itself when it is contiguous, which saves a full-size copy of a large photo).
 
     ``faces`` are :class:`c3ae.estimator.Face` objects, or anything with ``box`` (x, y, w, h), ``age`` and
     ``gender`` attributes.
     """
-    canvas = np.ascontiguousarray(image).copy()
+    canvas = np.ascontiguousarray(image)
+    if copy and canvas is image:
+        canvas = canvas.copy()
     for face in faces:
         draw_box(canvas, face.box, face_label(face.age, face.gender), COLORS.get(face.gender, COLORS[None]))
     return canvas

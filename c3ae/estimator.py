@@ -305,6 +305,7 @@ def _chip_spec(model, backend) -> ChipSpec:
 
 # ------------------------------------------------------------------------------------------------- batches
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+CHUNK_PIXELS = 32_000_000  # predict_files adds no photo to a batch once it holds this many decoded pixels
 WRITABLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CSV_COLUMNS = (
     "path",
@@ -352,7 +353,9 @@ def predict_files(
     on_skip=None,
 ):
     """Yield ``{"path": str, "faces": [Face, ...]}`` for each readable image of ``files`` (from
-    :func:`collect_images`), ``chunk`` images per batched model call; with ``output_dir`` also write an
+    :func:`collect_images`), up to ``chunk`` images per batched model call (fewer once they hold
+    :data:`CHUNK_PIXELS` pixels: 36-megapixel photos, about 110 MB each decoded, are held one at a time, not
+    eight); with ``output_dir`` also write an
     annotated copy (box and "34 F" label) there, under the file's name (folders mirrored), never over an
     input. Unreadable images are skipped: ``on_skip(path, reason, message)`` is called and nothing is
     yielded for them."""
@@ -361,14 +364,19 @@ def predict_files(
     output_dir = Path(output_dir) if output_dir is not None else None
     inputs = {file.resolve() for file, _ in files}
     used: set[Path] = set()
-    for start in range(0, len(files), max(int(chunk), 1)):
-        batch = []
-        for file, name in files[start : start + chunk]:
+    pending = list(files)
+    while pending:
+        batch, pixels = [], 0
+        while pending and len(batch) < max(int(chunk), 1) and pixels < CHUNK_PIXELS:
+            file, name = pending.pop(0)
             try:
-                batch.append((file, name, read_image(file)))
+                image = read_image(file)
             except ImageReadError as error:
                 if on_skip is not None:
                     on_skip(file, error.reason, str(error))
+                continue
+            batch.append((file, name, image))
+            pixels += image.shape[0] * image.shape[1]
         if not batch:
             continue
         results = estimator.predict_many([image for _, _, image in batch])
@@ -381,6 +389,7 @@ def predict_files(
                 else:
                     _write_image(target, image, faces)
             yield {"path": str(file), "faces": faces}
+        batch = image = None  # released before the next batch is decoded, not after
 
 
 def _annotated_name(target: Path, used: set[Path]) -> Path:
@@ -395,16 +404,17 @@ def _annotated_name(target: Path, used: set[Path]) -> Path:
 
 
 def _write_image(target: Path, image: np.ndarray, faces: Sequence[Face]) -> None:
-    """The annotated copy, written to a temporary name and renamed."""
+    """The annotated copy, written to a temporary name and renamed. Draws on ``image`` itself (the caller
+    is done with it): no second full-size copy of a large photo."""
     import cv2
 
     from c3ae.annotate import draw_faces
     from c3ae.files import atomic_write_bytes
 
-    ok, encoded = cv2.imencode(target.suffix.lower(), draw_faces(image, faces))
+    ok, encoded = cv2.imencode(target.suffix.lower(), draw_faces(image, faces, copy=False))
     if not ok:
         raise OSError(f"OpenCV could not encode {target}.")
-    atomic_write_bytes(target, encoded.tobytes())
+    atomic_write_bytes(target, encoded.data)
 
 
 def csv_rows(results: Iterable[dict]) -> list[dict]:

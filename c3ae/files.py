@@ -79,8 +79,8 @@ def atomic_path(target: str | Path, fsync: bool = False) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(target: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``target`` atomically; returns ``target`` as a Path."""
+def atomic_write_bytes(target: str | Path, data: bytes | memoryview) -> Path:
+    """Write ``data`` (any bytes-like object) to ``target`` atomically; returns ``target`` as a Path."""
     with atomic_path(target) as temporary:
         temporary.write_bytes(data)
     return Path(target)
