@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 
 CONVERT_TIMEOUT = 600.0  # seconds; the C3AE models convert in under a minute, int8 calibration included
 CONVERTER = "c3ae.export.convert:convert_job"  # module:function the child calls with the job
+
+# The child's TensorFlow logs little (unless the caller says otherwise) and sees no GPU: converting needs
+# none, and a second process initialising one would claim memory the parent's TensorFlow may hold.
+_QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+_NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
 
 # Runs in the child: the parent's import path first (a source checkout, a test folder), then the job.
 _BOOTSTRAP = (
@@ -102,6 +108,7 @@ def convert(
                     stdout=handle,
                     stderr=subprocess.STDOUT,
                     timeout=timeout,
+                    env=_QUIET | dict(os.environ) | _NO_GPU,
                 )
             except subprocess.TimeoutExpired:
                 _log_tail(log_file)
