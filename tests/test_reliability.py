@@ -316,6 +316,17 @@ def test_video_onto_a_full_disk_fails_and_keeps_nothing(full_disk, tmp_path, cap
     assert _left_on(full_disk) == ["filler"] and clip.read_bytes() == before
 
 
+def test_preprocess_onto_a_full_disk_is_one_sentence_and_leaves_no_shard(full_disk, tmp_path, capsys):
+    root = utk_faces(tmp_path / "utk")
+    before = _snapshot(root)
+    assert (
+        main(["preprocess", "--dataset", "utkface", "--root", str(root), "--out", str(full_disk / "p")]) == 1
+    )
+    line = one_line(capsys)
+    assert str(full_disk / "p") in line and "No space left on device" in line
+    assert _left_on(full_disk) == ["filler"] and _snapshot(root) == before
+
+
 def _damaged_in_the_middle(data: bytes, how: str) -> bytes:
     """``data`` (a JPEG) with its scan data zeroed, cut or garbled half-way; SOI and EOI are kept."""
     start = data.index(b"\xff\xda")  # start of scan
