@@ -12,6 +12,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from c3ae.errors import UsageError
+
 
 def _cpu_count() -> int:
     try:
@@ -57,7 +59,7 @@ def bench_data(
     from c3ae.data import make_dataset
 
     if batches < 1 or warmup < 0:
-        raise ValueError(f"Need batches >= 1 and warmup >= 0, got {batches} and {warmup}.")
+        raise UsageError(f"Need batches >= 1 and warmup >= 0, got {batches} and {warmup}.")
     dataset = make_dataset(
         manifest, split=split, model=model, batch_size=batch_size, augment=augment, seed=0
     ).repeat()
@@ -146,7 +148,7 @@ def bench_train_step(
     from c3ae.models import build_variant
 
     if steps < 1 or warmup < 0:
-        raise ValueError(f"Need steps >= 1 and warmup >= 0, got {steps} and {warmup}.")
+        raise UsageError(f"Need steps >= 1 and warmup >= 0, got {steps} and {warmup}.")
     model = build_variant(model_name)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_simple_losses(model))
     inputs, targets = _random_batch(model, int(batch_size), np.random.default_rng(seed))
@@ -268,16 +270,16 @@ def bench_models(
     from c3ae.runtime import BACKENDS, KerasBackend, load_backend
 
     if runs < 1 or warmup < 0:
-        raise ValueError(f"Need runs >= 1 and warmup >= 0, got {runs} and {warmup}.")
+        raise UsageError(f"Need runs >= 1 and warmup >= 0, got {runs} and {warmup}.")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
-        raise ValueError(f"Unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}.")
+        raise UsageError(f"Unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}.")
     if not all(_is_artifact(model) for model in models):  # conversions ahead: they need TensorFlow
         from c3ae.export.tflite import QUANT_TYPES
 
         unknown = [q for q in quants if q not in QUANT_TYPES]
         if unknown:
-            raise ValueError(f"Unknown quantisation {unknown[0]!r}; choose from {', '.join(QUANT_TYPES)}.")
+            raise UsageError(f"Unknown quantisation {unknown[0]!r}; choose from {', '.join(QUANT_TYPES)}.")
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
     for model in models:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from c3ae.errors import C3AEError, DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -12,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(C3AEError, ValueError):
     """Neither a bundled model's name nor a readable .keras file."""
 
 
@@ -76,6 +79,8 @@ def _load_legacy(path: Path) -> keras.Model:
 LICENSE_NOTES = {
     "utkface": "Trained on UTKFace, which is provided for non-commercial research purposes only; the "
     "copyright of its pictures belongs to their owners. This model inherits that restriction.",
+    "asia": "Trained on All-Age-Faces (Cheng et al.), for non-commercial research; the copyright of its "
+    "pictures belongs to their owners. This model inherits that restriction.",
 }
 
 
@@ -104,7 +109,7 @@ def _finite_weights(model: keras.Model) -> None:
     for layer in model.layers:
         for weight in layer.weights:
             if not np.all(np.isfinite(keras.ops.convert_to_numpy(weight))):
-                raise ValueError(
+                raise DataError(
                     f"Layer {layer.name!r} holds NaN or Inf in {weight.path}; refusing to publish it."
                 )
 
@@ -166,33 +171,76 @@ def _initial_weights_note(lineage: list[dict]) -> str:
     return f" Initialised from the original authors' weights {Path(source).name} ({terms})."
 
 
-def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "test") -> dict:
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])(?:~|[A-Za-z]:)?[/\\](?:[^/\\\s,;:'\"]+[/\\])+([^/\\\s,;:'\"]+)")
+
+
+def without_machine_paths(value):
+    """``value`` (a card, a config, an export report) with every absolute path, alone or inside a text,
+    replaced by its file name, so that nothing published names a folder of the machine that made it."""
+    if isinstance(value, dict):
+        return {key: without_machine_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_machine_paths(item) for item in value]
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(r"\1", value)
+    return value
+
+
+def _card_sources(config: dict, manifest) -> list[tuple[str, dict, float]]:
+    """(name, manifest, weight) of what the card evaluates: ``manifest`` when given, else the run's
+    ``data.sources`` (or ``data.manifest``)."""
+    from c3ae.data import Source, read_manifest, read_sources
+
+    if manifest is not None:
+        info = read_manifest(manifest)
+        return [(str(info.get("dataset") or "data"), info, 1.0)]
+    data = config.get("data") or {}
+    entries = data.get("sources") or ([{"manifest": data["manifest"]}] if data.get("manifest") else [])
+    if not entries:
+        raise DataError("The run's config.yaml names no data; pass the manifest it was trained on.")
+    return read_sources([Source(e["manifest"], e.get("weight", 1.0), e.get("name", "")) for e in entries])
+
+
+def publish(
+    run_dir: str | Path,
+    name: str,
+    manifest: str | Path | None = None,
+    split: str = "test",
+    recipe: str | Path | None = None,
+    cross_source: dict | None = None,
+) -> dict:
     """Copy a run's ``best.keras`` into the package as ``name`` with its model card, evaluated on ``split``.
 
-    The card records the data, the split, the face pipeline (preprocessing), the metrics (this split and the
-    run's best validation value), the training time and the license note. Refuses weights with NaN or Inf.
+    The card records the data (counts per source), the split, the face pipeline (preprocessing), the
+    metrics (this split, per source and their mean for several sources, and the run's best validation
+    value), the recipe's text, the cross-source check when given, the training time and the license note.
+    Without ``manifest`` the sources come from the run's ``config.yaml``. No machine path is kept. Refuses
+    weights with NaN or Inf.
     """
     import yaml
 
     from c3ae._version import __version__
-    from c3ae.data import read_manifest
-    from c3ae.evaluate import evaluate
+    from c3ae.evaluate import evaluate, evaluate_sources
     from c3ae.files import atomic_path
 
     run_dir = Path(run_dir)
     model = load_model(run_dir / "best.keras")
     _finite_weights(model)
-    info = read_manifest(manifest)
     config = (
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     )
+    sources = _card_sources(config, manifest)
     context = float((config.get("data") or {}).get("context", 0.0) or 0.0)
-    metrics, _ = evaluate(model, info, split, context=context)
+    if len(sources) == 1:
+        metrics, _ = evaluate(model, sources[0][1], split, context=context)
+    else:
+        metrics, _ = evaluate_sources(model, [(n, info) for n, info, _ in sources], split, context=context)
+    info = sources[0][1]
     preprocessing = json.loads(json.dumps(info.get("face_pipeline", {})))
     preprocessing.setdefault("chip", {})["context"] = context
     lineage = _training_lineage(run_dir)
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else {}
-    dataset = info.get("dataset", "")
+    datasets = [str(i.get("dataset", "")) for _, i, _ in sources]
     card = {
         "name": name,
         "c3ae_version": __version__,
@@ -201,19 +249,37 @@ def publish(run_dir: str | Path, name: str, manifest: str | Path, split: str = "
         "inputs": {t.name: list(t.shape[1:]) for t in model.inputs},
         "outputs": list(model.output_names),
         "input_convention": "float32 BGR crops, raw pixels in [0, 255]",
-        "data": {"dataset": dataset, "counts": info.get("counts", {})},
+        "data": (
+            {"dataset": datasets[0], "counts": info.get("counts", {})}
+            if len(sources) == 1
+            else {
+                "sources": [
+                    {"name": n, "dataset": i.get("dataset", ""), "weight": w, "counts": i.get("counts", {})}
+                    for n, i, w in sources
+                ]
+            }
+        ),
         "split": {**info.get("split", {}), "evaluated": split},
         "preprocessing": preprocessing,
         "metrics": {split: metrics, "best_validation": best},
+        **({"cross_source": cross_source} if cross_source else {}),
+        **(
+            {"recipe": {"file": f"recipes/{Path(recipe).name}", "text": Path(recipe).read_text()}}
+            if recipe
+            else {}
+        ),
         "training": {
             "config": config,
             "seconds": lineage[0]["seconds"],
             "total_seconds": round(sum(stage["seconds"] or 0.0 for stage in lineage), 1),
             "stages": lineage,
         },
-        "license": LICENSE_NOTES.get(dataset, "See the training data's terms.")
+        "license": " ".join(
+            dict.fromkeys(LICENSE_NOTES.get(d, "See the training data's terms.") for d in datasets)
+        )
         + _initial_weights_note(lineage),
     }
+    card = without_machine_paths(card)
     WEIGHTS_DIR.mkdir(exist_ok=True)
     for suffix, write in (
         # The model alone (loaded without its optimizer): a third of the checkpoint's size.

@@ -10,12 +10,14 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from c3ae._version import __version__
+from c3ae.errors import C3AEError
 from c3ae.files import atomic_write_text
 
 
-class UserError(Exception):
+class UserError(C3AEError):
     """A mistake the user can fix; printed as one line, exit code 2."""
 
 
@@ -25,9 +27,9 @@ def _quiet_tensorflow() -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
-    from c3ae.models import VARIANTS, build_variant
-
     if args.name:
+        from c3ae.models import VARIANTS, build_variant
+
         if args.name not in VARIANTS:
             raise UserError(f"Unknown model {args.name!r}; run 'c3ae models' to list the known models.")
         model = build_variant(args.name)
@@ -44,21 +46,19 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"parameters: {model.count_params():,}")
         return 0
 
-    rows = []
-    for variant in VARIANTS.values():
-        model = variant.build()
-        inputs = ",".join(model.input) if isinstance(model.input, dict) else model.inputs[0].name
-        size = model.inputs[0].shape[1]
-        rows.append(
-            (
-                variant.name,
-                variant.family,
-                f"{inputs} {size}x{size}",
-                ",".join(model.output_names),
-                f"{model.count_params():,}",
-                variant.description,
-            )
+    from c3ae.models.catalog import VARIANTS
+
+    rows = [
+        (
+            facts.name,
+            facts.family,
+            f"{','.join(facts.inputs)} {facts.input_size}x{facts.input_size}",
+            ",".join(facts.outputs),
+            f"{facts.parameters:,}",
+            facts.description,
         )
+        for facts in VARIANTS.values()
+    ]
     _print_table(("model", "family", "inputs", "outputs", "params", "description"), rows)
     from c3ae.bundled import available_models, model_card
 
@@ -66,7 +66,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in available_models():
         card = model_card(name)
         test = (card.get("metrics") or {}).get("test") or {}
+        test = test.get("mean", test)  # several sources: their mean
         mae, accuracy = test.get("mae"), test.get("gender_accuracy")
+        data = card.get("data") or {}
+        trained_on = (
+            "+".join(s["name"] for s in data["sources"]) if "sources" in data else data.get("dataset", "")
+        )
         bundled.append(
             (
                 name,
@@ -74,11 +79,14 @@ def cmd_models(args: argparse.Namespace) -> int:
                 f"{card.get('parameters', 0):,}",
                 f"{mae:.2f}" if mae is not None else "-",
                 f"{accuracy:.3f}" if accuracy is not None else "-",
-                (card.get("data") or {}).get("dataset", ""),
+                trained_on,
             )
         )
     if bundled:
-        print("\nbundled pretrained models (offline; metrics on their test split, from the model cards):")
+        print(
+            "\nbundled pretrained models (offline; metrics on their test split, the mean over sources for "
+            "several, from the model cards):"
+        )
         _print_table(("name", "family", "params", "test MAE", "gender acc", "trained on"), bundled)
     return 0
 
@@ -94,7 +102,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from c3ae.preprocessing.pipeline import PreprocessError, preprocess
+    from c3ae.preprocessing.pipeline import preprocess
     from c3ae.preprocessing.readers import READERS
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -119,7 +127,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             min_face=args.min_face,
             fallback=args.fallback,
         )
-    except (PreprocessError, ValueError) as error:
+    except C3AEError as error:
         raise UserError(str(error)) from error
     counts, timing = manifest["counts"], manifest["timing"]
     rejects = ", ".join(f"{reason} {n}" for reason, n in manifest["rejects"].items()) or "none"
@@ -158,7 +166,7 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
                 manifest, model=args.model, batch_size=args.batch_size, batches=args.batches, augment=False
             ),
         ]
-    except (ValueError, FileNotFoundError) as error:
+    except (C3AEError, FileNotFoundError) as error:
         raise UserError(str(error)) from error
     rows.append(bench_train_step(args.train_model, batch_size=args.batch_size, steps=args.steps))
     print(format_bench_table(rows))
@@ -173,42 +181,69 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
+    import logging
     from pathlib import Path
 
-    from c3ae.config import ConfigError, load_config
+    from c3ae.config import ConfigError, load_stages
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(args.overrides)
     if args.strategy:
         overrides.append(f"train.strategy={args.strategy}")
     if args.precision:
         overrides.append(f"train.precision={args.precision}")
     try:
-        config = load_config(args.config, overrides)
+        stages = load_stages(args.config, overrides)
     except ConfigError as error:
         raise UserError(str(error)) from error
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run (checkpoints, logs, config).")
-    from c3ae.train import TrainingError, train
+    from c3ae.train import TrainingError, train_stages
 
     try:
-        summary = train(config, out)
+        summaries = train_stages(stages, out)
     except (ConfigError, TrainingError, FileNotFoundError) as error:
         raise UserError(str(error)) from error
-    best = summary["best"]
-    print(f"best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}; model: {out / 'best.keras'}")
+    for index, ((name, _), summary) in enumerate(zip(stages, summaries, strict=True)):
+        best = summary["best"]
+        folder = out / f"{index + 1}-{name}" if name else out
+        label = f"stage {name}: " if name else ""
+        print(
+            f"{label}best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}; "
+            f"model: {folder / 'best.keras'}"
+        )
     return 0
+
+
+def _named_sources(values: list[str]) -> list[tuple[str, str]]:
+    """``--data`` values, ``NAME=MANIFEST`` or ``MANIFEST`` (named by its dataset), as (name, manifest)."""
+    from c3ae.data import read_manifest
+
+    sources = []
+    for value in values:
+        name, _, path = value.rpartition("=") if "=" in value else ("", "", value)
+        if not name:
+            try:
+                name = str(read_manifest(path).get("dataset") or Path(path).stem)
+            except (OSError, C3AEError) as error:
+                raise UserError(f"--data {value}: {error}") from error
+        sources.append((name, path))
+    names = [name for name, _ in sources]
+    if len(set(names)) < len(names):
+        raise UserError(f"--data names a source twice ({', '.join(names)}); name them: --data NAME=MANIFEST.")
+    return sources
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     import json
-    from pathlib import Path
 
     from c3ae.bundled import ModelNotFoundError, load_model, trained_context
-    from c3ae.evaluate import evaluate, write_report
+    from c3ae.evaluate import evaluate, evaluate_sources, write_report
 
-    inputs = [p for p in (args.model, args.data) if Path(p).exists()]
+    sources = _named_sources(args.data)
+    inputs = [p for p in (args.model, *(path for _, path in sources)) if Path(p).exists()]
     _check_output(args.json, "--json", inputs, ("json",))
     _check_output(args.report, "--report", inputs, ("image",))
     for option, value in (("--json", args.json), ("--report", args.report)):
@@ -219,37 +254,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except ModelNotFoundError as error:
         raise UserError(str(error)) from error
     try:
-        context = trained_context(args.model)
-        metrics, predictions = evaluate(model, args.data, args.split, args.batch_size, context)
-    except (ValueError, FileNotFoundError) as error:
+        context = trained_context(args.model) if args.context is None else args.context
+        options = {"batch_size": args.batch_size, "context": context, "flip": args.flip}
+        if len(sources) == 1:
+            metrics, predictions = evaluate(model, sources[0][1], args.split, **options)
+            reports = {"": (metrics, predictions)}
+        else:
+            metrics, predictions = evaluate_sources(model, sources, args.split, **options)
+            reports = {name: (metrics["sources"][name], predictions[name]) for name, _ in sources}
+    except (C3AEError, FileNotFoundError) as error:
         raise UserError(str(error)) from error
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:
         atomic_write_text(args.json, text + "\n")
     if args.report:
-        write_report(metrics, predictions, args.report, title=f"{args.model} on {args.split}")
+        report = Path(args.report)
+        for name, (source_metrics, source_predictions) in reports.items():
+            png = report.with_name(f"{report.stem}-{name}{report.suffix}") if name else report
+            title = f"{args.model} on {name + ' ' if name else ''}{args.split}"
+            write_report(source_metrics, source_predictions, png, title=title)
     return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
-    from pathlib import Path
+    import json
 
-    from c3ae.bundled import ModelNotFoundError, publish
+    from c3ae.bundled import publish
 
     if not (Path(args.run) / "best.keras").is_file():
         raise UserError(
             f"{args.run} holds no best.keras; give the --out folder of a finished 'c3ae train' run."
         )
+    for option, value in (("--recipe", args.recipe), ("--cross-source", args.cross_source)):
+        if value and not Path(value).is_file():
+            raise UserError(f"{option} {value} is not a file.")
     try:
-        card = publish(args.run, args.name, args.data, args.split)
-    except (ModelNotFoundError, ValueError, FileNotFoundError) as error:
+        cross = json.loads(Path(args.cross_source).read_text()) if args.cross_source else None
+        card = publish(args.run, args.name, args.data, args.split, recipe=args.recipe, cross_source=cross)
+    except (C3AEError, FileNotFoundError) as error:
         raise UserError(str(error)) from error
     metrics = card["metrics"][args.split]
+    headline = metrics.get("mean", metrics)
     print(
-        f"published {args.name}: {card['parameters']:,} parameters, {args.split} MAE {metrics['mae']}, "
-        f"gender accuracy {metrics['gender_accuracy']}"
+        f"published {args.name}: {card['parameters']:,} parameters, {args.split} MAE {headline['mae']}, "
+        f"gender accuracy {headline['gender_accuracy']}"
+        + (" (mean over sources)" if "mean" in metrics else "")
     )
     return 0
 
@@ -263,7 +314,7 @@ def _make_estimator(args: argparse.Namespace, **options):
         return AgeGenderEstimator(
             args.model, backend=args.backend, detector=args.detector, min_face=args.min_face, **options
         )
-    except (ValueError, FileNotFoundError) as error:  # ModelNotFoundError, BackendError are ValueErrors
+    except (C3AEError, FileNotFoundError) as error:
         raise UserError(
             f"{error} (--model takes a bundled model's name or a .keras/.tflite/.onnx file)"
         ) from error
@@ -400,32 +451,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_video(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from c3ae.video import FOURCC, VideoError, format_stages, open_capture, process_video
+    from c3ae.video import FOURCC, format_stages, open_capture, process_video
 
     if (args.input is None) == (args.camera is None):
         raise UserError("Give either a video file (INPUT) or --camera N, not both and not neither.")
     source = args.camera if args.camera is not None else args.input
     if args.output and Path(args.output).suffix.lower() not in FOURCC:
         raise UserError(f"--output {args.output}: use a file name ending in {', '.join(FOURCC)}.")
-    try:
-        open_capture(source).release()  # fail before loading the model
-    except VideoError as error:
-        raise UserError(str(error)) from error
+    open_capture(source).release()  # fail before loading the model
     estimator = _make_estimator(args, pad_retry=0.0)
-    try:
-        summary = process_video(
-            source,
-            estimator,
-            output=args.output,
-            jsonl=args.jsonl,
-            detect_every=args.detect_every,
-            smooth=args.smooth,
-            show=args.show,
-            progress=True,
-            max_frames=args.max_frames,
-        )
-    except VideoError as error:
-        raise UserError(str(error)) from error
+    summary = process_video(
+        source,
+        estimator,
+        output=args.output,
+        jsonl=args.jsonl,
+        detect_every=args.detect_every,
+        smooth=args.smooth,
+        show=args.show,
+        progress=True,
+        max_frames=args.max_frames,
+    )
     notes = []
     if summary["broken_frames"]:
         notes.append(f"{summary['broken_frames']} broken frame(s) skipped")
@@ -527,11 +572,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_bundle(args: argparse.Namespace) -> int:
-    from c3ae.export.bundle import BundleError, write_bundle
+    from c3ae.export.bundle import write_bundle
 
     try:
         spec = write_bundle(args.model, args.bundle)
-    except (BundleError, ValueError, FileNotFoundError) as error:  # ModelNotFoundError, BackendError
+    except (C3AEError, FileNotFoundError) as error:
         raise UserError(
             f"{error} (--bundle takes a bundled model's name or a .tflite/.keras file)"
         ) from error
@@ -546,8 +591,7 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
     import json
 
     from c3ae.bench import bench_models, format_bench_table
-    from c3ae.bundled import ModelNotFoundError, available_models
-    from c3ae.export.checks import ExportError
+    from c3ae.bundled import available_models
 
     models = args.models or available_models() or ["c3ae-se-gender"]
     try:
@@ -561,7 +605,7 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             calibration=args.calibration,
         )
-    except (ModelNotFoundError, ExportError, ValueError, argparse.ArgumentTypeError) as error:
+    except (C3AEError, argparse.ArgumentTypeError) as error:
         raise UserError(str(error)) from error
     print(format_bench_table(rows))
     if args.json:
@@ -709,8 +753,23 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="MAE, CA(3), CA(5), gender accuracy and MAE per age band on a split"
     )
     evaluate.add_argument("model", help="a .keras file or a bundled model's name")
-    evaluate.add_argument("--data", required=True, help="manifest.json written by 'c3ae preprocess'")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        metavar="[NAME=]MANIFEST",
+        help="manifest.json written by 'c3ae preprocess'; repeat for several sources: each is evaluated "
+        "apart and the JSON gives {sources: {NAME: metrics}, mean: ...} (--report writes one PNG each)",
+    )
     evaluate.add_argument("--split", default="test", help="split to evaluate (default test)")
+    evaluate.add_argument(
+        "--flip", action="store_true", help="average each face with its mirror image (test-time augmentation)"
+    )
+    evaluate.add_argument(
+        "--context",
+        type=float,
+        help="zero each chip beyond this many inner-box widths (default: what the model was trained with)",
+    )
     evaluate.add_argument("--json", help="write the metrics to this JSON file")
     evaluate.add_argument("--report", help="write a one-page PNG report here")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256)
@@ -721,7 +780,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish.add_argument("run", help="the --out folder of a finished 'c3ae train' run")
     publish.add_argument("--name", required=True, help="bundled model name, e.g. c3ae-utk")
-    publish.add_argument("--data", required=True, help="manifest.json of the data the model was trained on")
+    publish.add_argument(
+        "--data", help="manifest.json to evaluate on (default: every source of the run's config.yaml)"
+    )
+    publish.add_argument("--recipe", help="the recipe YAML that trained the run (its text goes on the card)")
+    publish.add_argument(
+        "--cross-source", metavar="JSON", help="a cross-source check (train without a source, test on it)"
+    )
     publish.add_argument("--split", default="test", help="split the card's metrics come from (default test)")
     publish.set_defaults(func=cmd_publish)
 
@@ -880,6 +945,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader of our output went away (`c3ae models | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         resumable = (
             " Finished work is kept; rerun the same command to resume."
@@ -906,17 +974,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _known_error(error: Exception) -> tuple[str, int] | None:
-    """(one sentence, exit code) for the errors a user can act on: their mistakes (2), a missing extra (2),
-    a broken install, model file or environment (1); None for anything else, which is a bug."""
-    from c3ae.detector import DetectorFileError
-    from c3ae.estimator import ModelOutputError
-    from c3ae.export.checks import ConverterError
+    """(one sentence, exit code) for the errors a user can act on: every :class:`C3AEError` (their
+    mistakes 2, a broken install or model file 1), a missing extra (2), the environment (1); None for
+    anything else, which is a bug."""
     from c3ae.extras import missing_extra
 
-    if isinstance(error, UserError):
+    if isinstance(error, C3AEError):
+        return error.cli_message(), error.exit_code
+    if isinstance(error, FileNotFoundError):  # a path the user gave that is not there
+        if error.errno and error.filename:
+            return f"{error.filename}: no such file or folder; check the path.", 2
         return str(error), 2
-    if isinstance(error, (DetectorFileError, ModelOutputError, ConverterError)):
-        return str(error), 1
     if isinstance(error, OSError):
         message = _environment_error(error)
         return (message, 1) if message else None

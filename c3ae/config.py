@@ -14,10 +14,12 @@ from typing import Any
 
 import yaml
 
+from c3ae.errors import C3AEError
+
 FAMILIES = ("c3ae", "ssrnet", "dldl", "levi_hassner")
 
 
-class ConfigError(ValueError):
+class ConfigError(C3AEError, ValueError):
     """A configuration that cannot be used; the message names the key."""
 
 
@@ -28,8 +30,17 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class SourceConfig:
     manifest: str = ""  # manifest.json written by `c3ae preprocess`
+    weight: float = 1.0  # share of the training samples, relative to the other sources' weights
+    name: str = ""  # name in the per-source metrics; default: the manifest's dataset
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""  # manifest.json written by `c3ae preprocess` (one source; or use `sources`)
+    # several preprocessed datasets mixed by weight, each validated and reported on its own
+    sources: list[SourceConfig] = field(default_factory=list)
     batch_size: int = 64
     augment: bool = True
     cache: bool = True  # keep the (small) shard rows in memory after the first epoch
@@ -37,6 +48,15 @@ class DataConfig:
     # Visible window around the face in inner-box widths (0: the whole chip); recorded on the model card
     # so that inference masks the same way (c3ae.faces.mask_context).
     context: float = 0.0
+    # weigh training rows by (age band, gender) cell: 0 none, 1 every cell weighs the same (see
+    # c3ae.data.balance_table); per source
+    balance: float = 0.0
+    # training augmentation parameters overriding c3ae.data.Augmentation's defaults, e.g. {blur: 0.2}
+    augmentation: dict[str, Any] = field(default_factory=dict)
+
+    def source_list(self) -> list[SourceConfig]:
+        """The training sources: ``sources``, or the one ``manifest``."""
+        return list(self.sources) or ([SourceConfig(manifest=self.manifest)] if self.manifest else [])
 
 
 @dataclass
@@ -86,6 +106,10 @@ class Config:
         checks = [
             (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
             (self.data.context >= 0, "data.context must be >= 0"),
+            (self.data.balance >= 0, "data.balance must be >= 0"),
+            (not (self.data.manifest and self.data.sources), "data: give manifest or sources, not both"),
+            (all(s.manifest for s in self.data.sources), "data.sources: every source needs a manifest"),
+            (all(s.weight > 0 for s in self.data.sources), "data.sources: weights must be positive numbers"),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
             (self.train.lr > 0, "train.lr must be > 0"),
             (
@@ -137,6 +161,15 @@ def _accepts(annotation: Any, kind: type) -> bool:
     return annotation is kind
 
 
+def _dataclass_item(annotation: Any):
+    """The dataclass ``X`` of a ``list[X]`` annotation, else None."""
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        if dataclasses.is_dataclass(item):
+            return item
+    return None
+
+
 def _float_or_same(text: str):
     try:
         return float(text)
@@ -159,6 +192,12 @@ def _build(cls, data: Any, prefix: str):
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
             values[name] = _build(annotation, value, key)
+            continue
+        item = _dataclass_item(annotation)
+        if item is not None:
+            if not isinstance(value, list):
+                raise ConfigError(f"Config key {key} must be a list, got {value!r} ({type(value).__name__}).")
+            values[name] = [_build(item, entry, f"{key}[{i}]") for i, entry in enumerate(value)]
             continue
         if _accepts(annotation, float) and isinstance(value, str):
             value = _float_or_same(value)  # YAML 1.1 reads "1e-3" as a string
@@ -204,28 +243,74 @@ def bundled_configs() -> list[str]:
     return sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml"))
 
 
+def _read_yaml(path: str | Path | None) -> tuple[dict, Path | None]:
+    """A config file's mapping (a path, or the name of a bundled config); ``({}, None)`` for ``None``."""
+    if path is None:
+        return {}, None
+    path = Path(path)
+    if not path.is_file() and (BUNDLED_CONFIGS / f"{path}.yaml").is_file():
+        path = BUNDLED_CONFIGS / f"{path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"Config file {path} not found; give a YAML path or one of: {', '.join(bundled_configs())}."
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}.") from error
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} holds a YAML {type(data).__name__}; a config is a mapping of sections "
+            "(model:, data:, train:), as in 'c3ae/configs/c3ae.yaml'."
+        )
+    return data, path
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (a path, or the name of a bundled one such as ``"c3ae"``; ``None`` starts from the
-    defaults) and apply overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file() and (BUNDLED_CONFIGS / f"{path}.yaml").is_file():
-            path = BUNDLED_CONFIGS / f"{path}.yaml"
-        if not path.is_file():
-            raise ConfigError(
-                f"Config file {path} not found; give a YAML path or one of: {', '.join(bundled_configs())}."
-            )
+    defaults) and apply overrides. A recipe with ``stages`` gives its first stage here; see
+    :func:`load_stages`."""
+    return load_stages(path, overrides)[0][1]
+
+
+def _merged(base: dict, update: dict) -> dict:
+    merged = {**base}
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_stages(path: str | Path | None, overrides: list[str] | None = None) -> list[tuple[str, Config]]:
+    """(stage name, config) for each stage of a recipe, in order; one ``("", config)`` for a plain config.
+
+    A recipe is a config with a ``stages:`` list (and optionally a ``recipe:`` mapping describing it, e.g.
+    ``{name: c3ae-utk-aaf}``). Each stage is a partial config with a ``name``, merged over the rest of the
+    file; overrides apply to every stage. A stage after the first starts from the previous stage's
+    ``best.keras`` unless it sets ``train.init_from`` itself (see ``c3ae.train.train_stages``).
+    """
+    data, where = _read_yaml(path)
+    data = {k: v for k, v in data.items() if k != "recipe"}
+    stages = data.pop("stages", None)
+    if stages is None:
+        return [("", config_from_dict(apply_overrides(data, overrides or [])))]
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise ConfigError(f"{where}: stages must be a non-empty list of mappings, each with a name.")
+    loaded, names = [], set()
+    for index, stage in enumerate(stages):
+        name = stage.get("name")
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum() or name in names:
+            raise ConfigError(f"stages[{index}].name must be a unique word (letters, digits, - or _).")
+        names.add(name)
+        body = {k: v for k, v in stage.items() if k != "name"}
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}.") from error
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{path} holds a YAML {type(data).__name__}; a config is a mapping of sections "
-                "(model:, data:, train:), as in 'c3ae/configs/c3ae.yaml'."
-            )
-    return config_from_dict(apply_overrides(data, overrides or []))
+            config = config_from_dict(apply_overrides(_merged(data, body), overrides or []))
+        except ConfigError as error:
+            raise ConfigError(f"stages[{index}] ({name}): {error}") from error
+        loaded.append((name, config))
+    return loaded
 
 
 def dump_config(config: Config, path: str | Path) -> None:

@@ -15,6 +15,8 @@ as a ``tf.data.Dataset`` of ``(inputs, targets)`` dicts named like a model's inp
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -27,6 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from c3ae.conventions import AGE_BANDS
+from c3ae.errors import DataError
 from c3ae.faces import CROP_NAMES, crop, mask_context, warp
 
 logger = logging.getLogger(__name__)
@@ -70,7 +74,7 @@ def read_manifest(manifest: str | Path | dict) -> dict:
     if isinstance(manifest, dict):
         if "manifest_path" in manifest and all("path" in s for s in manifest.get("shards", [])):
             return manifest
-        raise ValueError("A manifest dict must come from read_manifest().")
+        raise DataError("A manifest dict must come from read_manifest().")
     path = _manifest_path(manifest).absolute()
     if not path.is_file():
         raise FileNotFoundError(
@@ -79,25 +83,25 @@ def read_manifest(manifest: str | Path | dict) -> dict:
     try:
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not a readable JSON manifest ({error}).") from error
+        raise DataError(f"{path} is not a readable JSON manifest ({error}).") from error
     if not isinstance(info, dict) or info.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f'{path} is not a c3ae manifest (expected "format": "{MANIFEST_FORMAT}").')
+        raise DataError(f'{path} is not a c3ae manifest (expected "format": "{MANIFEST_FORMAT}").')
     if info.get("version") not in MANIFEST_VERSIONS:
-        raise ValueError(
+        raise DataError(
             f"{path} has manifest version {info.get('version')!r}; this c3ae reads versions "
             f"{', '.join(map(str, MANIFEST_VERSIONS))}."
         )
     shards = info.get("shards")
     if not isinstance(shards, list):
-        raise ValueError(f'{path} lists no shards ("shards" must be a list).')
+        raise DataError(f'{path} lists no shards ("shards" must be a list).')
     root = path.parent
     resolved = []
     for index, shard in enumerate(shards):
         if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or "split" not in shard:
-            raise ValueError(f'{path}: shard entry {index} needs "file" and "split", got {shard!r}.')
+            raise DataError(f'{path}: shard entry {index} needs "file" and "split", got {shard!r}.')
         rows = shard.get("rows")
         if rows is not None and (not isinstance(rows, int) or rows < 0):
-            raise ValueError(f"{path}: shard {shard['file']} has an invalid row count {rows!r}.")
+            raise DataError(f"{path}: shard {shard['file']} has an invalid row count {rows!r}.")
         resolved.append({**shard, "path": str((root / shard["file"]).absolute())})
     return {**info, "shards": resolved, "manifest_path": str(path), "root": str(root)}
 
@@ -112,10 +116,10 @@ def _split_shards(info: dict, split: str) -> list[dict]:
     splits = list(dict.fromkeys(str(s["split"]) for s in info["shards"]))
     if split not in splits and split not in STANDARD_SPLITS:
         known = ", ".join(repr(s) for s in splits) or "none"
-        raise ValueError(f"Unknown split {split!r}; manifest {info['manifest_path']} has the splits {known}.")
+        raise DataError(f"Unknown split {split!r}; manifest {info['manifest_path']} has the splits {known}.")
     shards = [s for s in info["shards"] if s["split"] == split]
     if not shards or all(s.get("rows") == 0 for s in shards):
-        raise ValueError(f"manifest {info['manifest_path']} has no rows in split {split!r}")
+        raise DataError(f"manifest {info['manifest_path']} has no rows in split {split!r}")
     return shards
 
 
@@ -181,7 +185,7 @@ def _readable_shards(info: dict, split: str) -> list[str]:
             "; ".join(skipped),
         )
     if not readable:
-        raise ValueError(
+        raise DataError(
             f"manifest {info['manifest_path']} has no readable shard in split {split!r} "
             f"({len(skipped)} unreadable): {'; '.join(skipped)}"
         )
@@ -241,6 +245,7 @@ def _row_signature(tf):
         "boxes": tf.TensorSpec((None, 3, 4), tf.float32),
         "single_box": tf.TensorSpec((None, 4), tf.float32),
         "age_group": tf.TensorSpec((None,), tf.int32),
+        "weight": tf.TensorSpec((None,), tf.float32),
     }
 
 
@@ -249,8 +254,46 @@ def _whole_jpeg(data) -> bool:
     return isinstance(data, bytes) and data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
 
 
-def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool):
-    """Yield one shard's rows in chunks of dict-of-arrays (``from_generator``'s generator)."""
+@functools.cache
+def _decode_check():
+    """A graph that decodes a batch of JPEGs as the pipeline does; it fails if any one cannot be decoded."""
+    import tensorflow as tf
+
+    def decodes(data):
+        return tf.size(tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")) > 0
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def check(images):
+        return tf.map_fn(decodes, images, fn_output_signature=tf.bool)
+
+    return check
+
+
+def _undecodable(images: Sequence[bytes], chunk: int = 512) -> list[int]:
+    """Indices of the JPEGs TensorFlow's decoder refuses (damaged in the middle of the scan: such a row would
+    stop a whole run with an error naming no shard or row). One graph call per chunk when all decode; the
+    chunk is bisected around a failure."""
+    import tensorflow as tf
+
+    check = _decode_check()
+
+    def refused(low: int, high: int) -> list[int]:
+        try:
+            check(tf.constant(list(images[low:high]), dtype=tf.string))
+            return []
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError):
+            if high - low == 1:
+                return [low]
+            middle = (low + high) // 2
+            return refused(low, middle) + refused(middle, high)
+
+    starts = range(0, len(images), chunk)
+    return [i for start in starts for i in refused(start, min(start + chunk, len(images)))]
+
+
+def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool, weights=None):
+    """Yield one shard's rows in chunks of dict-of-arrays (``from_generator``'s generator); ``weights`` is
+    a :func:`balance_table` giving each row's sample weight (default 1)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -277,11 +320,13 @@ def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool):
         group = np.full(len(age), -1, dtype=np.int32)
     keep = np.array([isinstance(b, bytes) and len(b) > 0 for b in images], dtype=bool)
     whole = np.array([_whole_jpeg(b) for b in images], dtype=bool)
+    candidates = np.flatnonzero(keep & whole)
+    whole[candidates[_undecodable(images[candidates])]] = False
     broken = np.flatnonzero(keep & ~whole)
     if len(broken):  # TensorFlow's decoder would stop the whole run with an error naming neither
         shown = ", ".join(str(int(i)) for i in broken[:10]) + (", ..." if len(broken) > 10 else "")
         logger.warning(
-            "Skipping %d row(s) of shard %s whose image is not a whole JPEG (rows %s).",
+            "Skipping %d row(s) of shard %s whose image is not a whole, decodable JPEG (rows %s).",
             len(broken),
             path,
             shown,
@@ -291,6 +336,9 @@ def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool):
         keep &= group >= 0
     elif need_age:
         keep &= np.isfinite(age)
+    weight = np.ones(len(age), dtype=np.float32)
+    if weights is not None:
+        weight = np.asarray(weights, dtype=np.float32).reshape(-1)[_cells(age, gender)]
     order = np.flatnonzero(keep)
     if permute:
         order = np.random.default_rng(int(np.int64(seed).view(np.uint64))).permutation(order)
@@ -303,23 +351,53 @@ def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool):
             "boxes": boxes[rows],
             "single_box": single[rows],
             "age_group": group[rows],
+            "weight": weight[rows],
         }
 
 
 # ------------------------------------------------------------------------------------------- augmentation
 @dataclass(frozen=True)
 class Augmentation:
-    """Training augmentation parameters (the defaults are the ones :func:`make_dataset` uses)."""
+    """Training augmentation parameters (the defaults are the ones :func:`make_dataset` uses).
+
+    The probabilities of the "real photo" changes (``context_mask``, ``grayscale``, ``colour``, ``gamma``,
+    ``blur``, ``downscale``, ``jpeg``) default to 0: a recipe turns them on with ``data.augmentation``.
+    """
 
     flip: float = 0.5  # probability of mirroring the chip (and its boxes)
     max_rotation: float = 15.0  # degrees, uniform in [-max, max], about the face centre, on the chip
-    shift: float = 0.05  # box shift, up to this fraction of the box size, per axis
+    shift: float = 0.05  # box shift, up to this fraction of the box size, per axis (detector noise)
     scale: float = 0.05  # box scale, uniform in [1 - scale, 1 + scale]
     contrast: tuple[float, float] = (0.7, 1.3)  # alpha of alpha * x + beta
     brightness: tuple[float, float] = (-25.0, 25.0)  # beta
-    erase: float = 0.2  # probability, per crop, of random erasing
+    erase: float = 0.2  # probability, per crop, of random erasing (occlusion)
     erase_area: tuple[float, float] = (0.06, 0.10)  # fraction of the crop area
     erase_aspect: tuple[float, float] = (0.5, 2.0)  # height / width of the erased rectangle
+    # probability of zeroing the chip outside a random window of inner-box widths (UTKFace-like black
+    # surroundings), so that one model works with and without context
+    context_mask: float = 0.0
+    context_window: tuple[float, float] = (0.55, 1.3)
+    grayscale: float = 0.0  # probability of a grey photo
+    colour: float = 0.0  # probability of a white-balance change: per-channel gains in [1 - 0.15, 1 + 0.15]
+    gamma: float = 0.0  # probability of a gamma change, gamma in ``gamma_range``
+    gamma_range: tuple[float, float] = (0.6, 1.6)
+    blur: float = 0.0  # probability of a Gaussian blur, sigma in ``blur_sigma`` chip pixels
+    blur_sigma: tuple[float, float] = (0.5, 2.0)
+    downscale: float = 0.0  # probability of a low-resolution photo: down by ``downscale_factor``, back up
+    downscale_factor: tuple[float, float] = (0.25, 0.6)
+    jpeg: float = 0.0  # probability of JPEG recompression at a quality in ``jpeg_quality``
+    jpeg_quality: tuple[int, int] = (20, 85)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> Augmentation:
+        """Defaults overridden by ``values`` (a config's ``data.augmentation``); lists become tuples.
+        Unknown names raise ValueError naming them."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DataError(f"Unknown augmentation {unknown[0]!r}; known: {', '.join(sorted(known))}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 DEFAULT_AUGMENTATION = Augmentation()
@@ -359,6 +437,37 @@ def _erase(image: np.ndarray, rng: np.random.Generator, area: tuple, aspect: tup
     )
 
 
+def photo_changes(chip: np.ndarray, rng: np.random.Generator, params: Augmentation) -> np.ndarray:
+    """What cameras and the web do to a BGR uint8 chip, each change drawn with its probability in ``params``:
+    grey, white balance, gamma, Gaussian blur, a low-resolution round trip and JPEG recompression."""
+    if rng.random() < params.grayscale:
+        chip = cv2.cvtColor(cv2.cvtColor(chip, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    if rng.random() < params.colour:
+        gains = rng.uniform(0.85, 1.15, size=3).astype(np.float32)
+        chip = np.clip(np.rint(chip.astype(np.float32) * gains), 0, 255).astype(np.uint8)
+    if rng.random() < params.gamma:
+        gamma = rng.uniform(*params.gamma_range)
+        table = np.clip(np.rint(255.0 * (np.arange(256) / 255.0) ** gamma), 0, 255).astype(np.uint8)
+        chip = cv2.LUT(chip, table)
+    if rng.random() < params.blur:
+        chip = cv2.GaussianBlur(chip, (0, 0), rng.uniform(*params.blur_sigma))
+    if rng.random() < params.downscale:
+        height, width = chip.shape[:2]
+        factor = rng.uniform(*params.downscale_factor)
+        small = cv2.resize(
+            chip,
+            (max(1, round(width * factor)), max(1, round(height * factor))),
+            interpolation=cv2.INTER_AREA,
+        )
+        chip = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < params.jpeg:
+        quality = int(rng.integers(params.jpeg_quality[0], params.jpeg_quality[1] + 1))
+        ok, data = cv2.imencode(".jpg", chip, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if ok:
+            chip = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    return np.ascontiguousarray(chip)
+
+
 def augment_crops(
     chip: np.ndarray,
     boxes,
@@ -372,8 +481,9 @@ def augment_crops(
     Chip-level changes are drawn once, so C3AE's three crops stay consistent: a left-right mirror (boxes
     mirrored with it) and a rotation about ``centre`` (the face centre; default the chip centre), zero
     border. Then, per box, a jitter (shift, scale) and :func:`c3ae.faces.crop` itself, so augmented crops
-    follow the face pipeline's conventions. Then one brightness/contrast change for the sample, and random
-    erasing with noise per crop.
+    follow the face pipeline's conventions. Before the crops, the chip gets :func:`photo_changes` (grey,
+    white balance, gamma, blur, low resolution, JPEG), each with its probability in ``params``. Then one
+    brightness/contrast change for the sample, and random erasing with noise per crop.
     """
     chip = np.asarray(chip)
     side_h, side_w = chip.shape[:2]
@@ -388,6 +498,7 @@ def augment_crops(
         # Box coordinates are pixel edges (see c3ae.faces.crop); cv2 works in pixel centres.
         rotation = cv2.getRotationMatrix2D((cx - 0.5, cy - 0.5), angle, 1.0)
         chip = warp(chip, rotation, (side_w, side_h))
+    chip = photo_changes(chip, rng, params)
     alpha = rng.uniform(*params.contrast)
     beta = rng.uniform(*params.brightness)
     crops = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
@@ -402,16 +513,28 @@ def augment_crops(
 
 
 def _crop_rows(
-    chip, boxes, single, seed, *, size: int, augment: bool, use_single: bool, context: float = 0.0
+    chip,
+    boxes,
+    single,
+    seed,
+    *,
+    size: int,
+    augment: bool,
+    use_single: bool,
+    context: float = 0.0,
+    params: Augmentation = DEFAULT_AUGMENTATION,
 ):
     """numpy_function body: (K, size, size, 3) uint8 crops of one decoded BGR chip."""
-    chip = mask_context(np.ascontiguousarray(chip), boxes.reshape(-1, 4)[2], context)
+    inner = boxes.reshape(-1, 4)[2]
+    chip = mask_context(np.ascontiguousarray(chip), inner, context)
     boxes = single.reshape(1, 4) if use_single else boxes.reshape(-1, 4)
     if not augment:
         return np.stack([crop(chip, box, size) for box in boxes])
     rng = np.random.default_rng(int(np.int64(seed).view(np.uint64)))
+    if rng.random() < params.context_mask:
+        chip = mask_context(chip, inner, rng.uniform(*params.context_window))
     centre = ((single[0] + single[2]) / 2, (single[1] + single[3]) / 2)
-    return augment_crops(chip, boxes, size, rng, centre=centre)
+    return augment_crops(chip, boxes, size, rng, centre=centre, params=params)
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -426,7 +549,7 @@ def _resolve_model(model: str) -> tuple[str, tuple[str, ...]]:
         variant = VARIANTS[name]
         triple = variant.family == "c3ae" and variant.kwargs.get("triple_box", True)
         return variant.family, CROP_NAMES if triple else ("image",)
-    raise ValueError(
+    raise DataError(
         f"Unknown model family {model!r}; expected one of {', '.join(FAMILIES)} (or a variant name: "
         f"{', '.join(VARIANTS)})."
     )
@@ -440,11 +563,11 @@ def _select_targets(family: str, outputs: Sequence[str] | None) -> tuple[str, ..
         outputs = [outputs]
     unknown = [o for o in outputs if o not in available]
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"Model family {family!r} has no outputs {unknown}; its targets are {', '.join(available)}."
         )
     if not outputs:
-        raise ValueError("outputs= names no target.")
+        raise DataError("outputs= names no target.")
     return tuple(dict.fromkeys(outputs))
 
 
@@ -469,68 +592,96 @@ def _make_targets(rows: dict, family: str, targets: Sequence[str]) -> dict:
     return made
 
 
-def make_dataset(
-    manifest: str | Path | dict,
-    split: str = "train",
-    model: str = "c3ae",
-    batch_size: int = 64,
-    augment: bool | None = None,
-    seed: int | None = None,
-    shuffle: bool | None = None,
-    outputs: Sequence[str] | None = None,
-    input_size: int | None = None,
-    drop_remainder: bool = False,
-    cache: bool | str = False,
-    context: float = 0.0,
-):
-    """A ``tf.data.Dataset`` of ``(inputs, targets)`` batches for one split of a preprocessed dataset.
+@dataclass(frozen=True)
+class Source:
+    """One preprocessed dataset in a training mix: its manifest, its share of the training samples
+    (``weight``, relative to the other sources') and the name its metrics are reported under (default: the
+    manifest's ``dataset``)."""
 
-    Args:
-        manifest: path of ``manifest.json`` or of its folder (or a dict from :func:`read_manifest`).
-        split: ``"train"``, ``"val"``, ``"test"`` or any split the manifest names.
-        model: family (``"c3ae"``, ``"ssrnet"``, ``"dldl"``, ``"levi_hassner"``) or a variant name. C3AE's
-            inputs are ``outer``/``middle``/``inner`` (the triple boxes), the others' ``image`` (single box).
-        batch_size: rows per batch.
-        augment: training augmentation; default on for ``"train"``, off otherwise.
-        seed: makes shuffling and augmentation reproducible: two datasets built with the same seed yield the
-            same batches, epoch after epoch, while each epoch differs from the previous one.
-        shuffle: shuffle shards, rows within shards and a 2048-row buffer; default on for ``"train"``.
-            Unshuffled, rows come in manifest order.
-        outputs: restrict the targets to these names (pass ``model.output_names``).
-        input_size: crop side; default 64 (227 for levi_hassner).
-        drop_remainder: drop the last, smaller batch.
-        cache: cache the shard rows (JPEG bytes and labels, before augmentation) in memory (True) or in the
-            file named by a string, after the first epoch.
-        context: zero each chip outside a window of this many inner-box widths before cropping
-            (``c3ae.faces.mask_context``; 0 keeps everything), as inference does for the same model.
+    manifest: str | Path | dict
+    weight: float = 1.0
+    name: str = ""
 
-    Targets (float32): ``age`` (N, 1) years; ``gender`` (N, 1) 1/0/-1 (unknown stays -1 for the masked
-    loss); ``age_bins`` (N, 12) two-point encoded for C3AE, the age (N, 1) for DLDL; ``age_group`` (N, 8)
-    one-hot over Adience's groups (from the row's label when it names a group, else from the age). Rows
-    without an age are dropped when an age-based target is requested.
-    """
-    import tensorflow as tf
+
+# The face-pipeline settings that decide what a crop looks like: sources mixed in one model must agree.
+CROP_SETTINGS = ("detector", "chip", "template_in_box", "box_aspect")
+
+
+def read_sources(sources: Sequence[Source | dict | str | Path]) -> list[tuple[str, dict, float]]:
+    """(name, manifest, weight) per source, checked before any data is read: every manifest readable, every
+    weight a positive number, names unique, and the same crop settings (``CROP_SETTINGS``) in all."""
+    if isinstance(sources, (str, Path, dict)) or not sources:
+        raise DataError("sources must be a non-empty list of manifests (or {manifest:, weight:} entries).")
+    resolved, names = [], set()
+    for index, entry in enumerate(sources):
+        if isinstance(entry, dict) and "manifest" in entry and "format" not in entry:
+            entry = Source(**entry)
+        source = entry if isinstance(entry, Source) else Source(entry)
+        weight = source.weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise DataError(f"source {index}: the mixing weight must be a positive number, got {weight!r}.")
+        info = read_manifest(source.manifest)
+        name = source.name or str(info.get("dataset") or f"source{index}")
+        if name in names:
+            raise DataError(f"Two sources are named {name!r}; give each a distinct name.")
+        names.add(name)
+        resolved.append((name, info, float(weight)))
+    first_name, first, _ = resolved[0]
+    for name, info, _ in resolved[1:]:
+        for key in CROP_SETTINGS:
+            mine, theirs = (m.get("face_pipeline", {}).get(key) for m in (info, first))
+            if mine != theirs:
+                raise DataError(
+                    f"Source {name!r} ({info['manifest_path']}) was preprocessed with face_pipeline.{key} = "
+                    f"{mine!r}, source {first_name!r} with {theirs!r}; preprocess both the same way."
+                )
+    return resolved
+
+
+def balance_table(manifest: str | Path | dict, split: str, strength: float) -> np.ndarray:
+    """Sample weights per (age band, gender) cell of a split, (len(AGE_BANDS) + 1, 3): rows are the bands
+    and a last row for unknown ages, columns female, male, unknown. A cell's weight is its share of the
+    split's rows, relative to an even spread over the non-empty cells, to the power ``-strength`` (0: all
+    ones, 1: every cell weighs the same in total), clipped to [0.1, 10] and normalised to a mean of 1 per
+    row."""
+    table = np.ones((len(AGE_BANDS) + 1, 3))
+    if not strength:
+        return table
+    from c3ae.preprocessing.shards import read_shard
 
     info = read_manifest(manifest)
-    family, input_names = _resolve_model(model)
-    targets = _select_targets(family, outputs)
-    shard_paths = _readable_shards(info, split)
-    size = int(input_size or DEFAULT_INPUT_SIZE[family])
-    if size < 1:
-        raise ValueError(f"input_size must be a positive number of pixels, got {input_size!r}.")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
-    augment = split == "train" if augment is None else bool(augment)
-    shuffle = split == "train" if shuffle is None else bool(shuffle)
-    deterministic = True if seed is not None or not shuffle else None
-    seeds = [None] * 4 if seed is None else [int(seed) * 4 + i for i in range(4)]
+    ages, genders = [], []
+    for shard in info["shards"]:
+        if shard["split"] == split and _check_shard(shard["path"]) is None:
+            columns = read_shard(shard["path"], ["age", "gender"])
+            ages.append(np.asarray(columns.column("age").to_numpy(zero_copy_only=False), dtype=np.float64))
+            genders.append(columns.column("gender").fill_null(-1).to_numpy().astype(np.int64))
+    if not ages:
+        return table
+    cells = _cells(np.concatenate(ages), np.concatenate(genders))
+    counts = np.bincount(cells, minlength=table.size).reshape(table.shape).astype(np.float64)
+    share = counts / counts.sum() * np.count_nonzero(counts)
+    with np.errstate(divide="ignore"):
+        table = np.where(counts > 0, np.clip(share ** (-float(strength)), 0.1, 10.0), 1.0)
+    return table / (table * counts).sum() * counts.sum()
 
-    generator = partial(
-        _shard_rows,
-        permute=shuffle,
-        need_age=any(t in ("age", "age_bins") for t in targets),
-        need_group="age_group" in targets,
-    )
+
+def _cells(age: np.ndarray, gender: np.ndarray) -> np.ndarray:
+    """Flat (band, gender) cell index per row: band by ``AGE_BANDS`` (a last one for unknown ages), gender
+    column 0 female, 1 male, 2 unknown."""
+    lows = np.array([low for _, low, _ in AGE_BANDS])
+    band = np.where(np.isfinite(age), np.searchsorted(lows, np.nan_to_num(age), side="right") - 1, len(lows))
+    band = np.clip(band, 0, len(lows))
+    column = np.where(gender == 1, 1, np.where(gender == 0, 0, 2))
+    return band * 3 + column
+
+
+def _row_stream(info: dict, split: str, generator, shuffle: bool, seeds: list, cache):
+    """The rows of one manifest's split as a dataset of dicts (shuffled and cached as asked)."""
+    import tensorflow as tf
+
+    shard_paths = _readable_shards(info, split)
+    deterministic = True if seeds[0] is not None or not shuffle else None
     signature = _row_signature(tf)
 
     def shard_dataset(path, row_seed):
@@ -551,32 +702,153 @@ def make_dataset(
     )
     if cache:
         rows = rows.cache(cache if isinstance(cache, str) else "")
-    if shuffle:
-        rows = rows.shuffle(SHUFFLE_BUFFER, seed=seeds[2], reshuffle_each_iteration=True)
-    element_seeds = tf.data.Dataset.random(seed=seeds[3], rerandomize_each_iteration=True)
-    rows = tf.data.Dataset.zip(rows, element_seeds)
+    return rows
 
-    cropper = partial(
-        _crop_rows, size=size, augment=augment, use_single=input_names == ("image",), context=float(context)
+
+def _mixed_rows(streams: list, weights: list[float], shuffle: bool, seed: int | None):
+    """One stream of rows from several sources: sampled by weight, each source repeated, when shuffling
+    (an endless stream: give ``steps_per_epoch``); one after the other otherwise."""
+    import tensorflow as tf
+
+    if len(streams) == 1:
+        return streams[0]
+    if not shuffle:
+        rows = streams[0]
+        for stream in streams[1:]:
+            rows = rows.concatenate(stream)
+        return rows
+    total = float(sum(weights))
+    return tf.data.Dataset.sample_from_datasets(
+        [stream.repeat() for stream in streams], weights=[w / total for w in weights], seed=seed
     )
-    count = len(input_names)
 
-    def to_crops(row, element_seed):
-        chip = tf.io.decode_jpeg(row["image"], channels=3, dct_method="INTEGER_ACCURATE")
-        chip = tf.reverse(chip, axis=[-1])  # RGB -> BGR
-        crops = tf.numpy_function(
-            cropper, [chip, row["boxes"], row["single_box"], element_seed], tf.uint8, stateful=False
+
+def make_dataset(
+    manifest: str | Path | dict | Sequence[Source | dict | str | Path],
+    split: str = "train",
+    model: str = "c3ae",
+    batch_size: int = 64,
+    augment: bool | None = None,
+    seed: int | None = None,
+    shuffle: bool | None = None,
+    outputs: Sequence[str] | None = None,
+    input_size: int | None = None,
+    drop_remainder: bool = False,
+    cache: bool | str = False,
+    context: float = 0.0,
+    balance: float = 0.0,
+    augmentation: Augmentation | None = None,
+):
+    """A ``tf.data.Dataset`` of ``(inputs, targets)`` batches for one split of a preprocessed dataset, or of
+    ``(inputs, targets, sample_weight)`` batches when ``balance`` > 0.
+
+    Args:
+        manifest: path of ``manifest.json`` or of its folder (or a dict from :func:`read_manifest`); or a
+            list of :class:`Source` (or ``{"manifest": ..., "weight": ...}`` dicts, or paths: weight 1) to
+            mix. Shuffled, the sources' rows are drawn with probabilities proportional to their weights,
+            each source repeating, so the stream is endless (set ``steps_per_epoch``); unshuffled, they come
+            one source after the other.
+        split: ``"train"``, ``"val"``, ``"test"`` or any split the manifest names.
+        model: family (``"c3ae"``, ``"ssrnet"``, ``"dldl"``, ``"levi_hassner"``) or a variant name. C3AE's
+            inputs are ``outer``/``middle``/``inner`` (the triple boxes), the others' ``image`` (single box).
+        batch_size: rows per batch.
+        augment: training augmentation; default on for ``"train"``, off otherwise.
+        seed: makes shuffling and augmentation reproducible: two datasets built with the same seed yield the
+            same batches, epoch after epoch, while each epoch differs from the previous one.
+        shuffle: shuffle shards, rows within shards and a 2048-row buffer; default on for ``"train"``.
+            Unshuffled, rows come in manifest order.
+        outputs: restrict the targets to these names (pass ``model.output_names``).
+        input_size: crop side; default 64 (227 for levi_hassner).
+        drop_remainder: drop the last, smaller batch.
+        cache: cache the shard rows (JPEG bytes and labels, before augmentation) in memory (True) or in the
+            file named by a string, after the first epoch.
+        context: zero each chip outside a window of this many inner-box widths before cropping
+            (``c3ae.faces.mask_context``; 0 keeps everything), as inference does for the same model.
+        balance: weigh rows by :func:`balance_table` of this strength, per source (0: no weights).
+        augmentation: the augmentation parameters (default :data:`DEFAULT_AUGMENTATION`).
+
+    Targets (float32): ``age`` (N, 1) years; ``gender`` (N, 1) 1/0/-1 (unknown stays -1 for the masked
+    loss); ``age_bins`` (N, 12) two-point encoded for C3AE, the age (N, 1) for DLDL; ``age_group`` (N, 8)
+    one-hot over Adience's groups (from the row's label when it names a group, else from the age). Rows
+    without an age are dropped when an age-based target is requested.
+    """
+    import tensorflow as tf
+
+    mixing = not isinstance(manifest, (str, Path, dict))
+    sources = read_sources(manifest) if mixing else [("", read_manifest(manifest), 1.0)]
+    family, input_names = _resolve_model(model)
+    targets = _select_targets(family, outputs)
+    size = int(input_size or DEFAULT_INPUT_SIZE[family])
+    if size < 1:
+        raise DataError(f"input_size must be a positive number of pixels, got {input_size!r}.")
+    if int(batch_size) < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size!r}.")
+    augment = split == "train" if augment is None else bool(augment)
+    shuffle = split == "train" if shuffle is None else bool(shuffle)
+    deterministic = True if seed is not None or not shuffle else None
+    streams = []
+    for index, (_, info, _) in enumerate(sources):
+        # Source 0 keeps the single-manifest seeds, so one source alone gives the same batches as before.
+        seeds = [None] * 4 if seed is None else [int(seed) * 4 + i + 7919 * index for i in range(4)]
+        generator = partial(
+            _shard_rows,
+            permute=shuffle,
+            need_age=any(t in ("age", "age_bins") for t in targets),
+            need_group="age_group" in targets,
+            weights=balance_table(info, split, balance),
         )
-        crops = tf.cast(tf.ensure_shape(crops, (count, size, size, 3)), tf.float32)
-        inputs = {name: crops[index] for index, name in enumerate(input_names)}
-        labels = {key: row[key] for key in ("age", "gender", "age_group")}
-        return inputs, labels
-
-    dataset = rows.map(to_crops, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    dataset = dataset.batch(int(batch_size), drop_remainder=drop_remainder)
-    dataset = dataset.map(
-        lambda inputs, labels: (inputs, _make_targets(labels, family, targets)),
+        streams.append(_row_stream(info, split, generator, shuffle, seeds, cache))
+    if mixing:
+        _log_mix(sources, split, shuffle)
+    base = [None] * 4 if seed is None else [int(seed) * 4 + i for i in range(4)]
+    rows = _mixed_rows(streams, [w for *_, w in sources], shuffle, base[0])
+    if shuffle:
+        rows = rows.shuffle(SHUFFLE_BUFFER, seed=base[2], reshuffle_each_iteration=True)
+    element_seeds = tf.data.Dataset.random(seed=base[3], rerandomize_each_iteration=True)
+    rows = tf.data.Dataset.zip(rows, element_seeds)
+    cropper = partial(
+        _crop_rows,
+        size=size,
+        augment=augment,
+        use_single=input_names == ("image",),
+        context=float(context),
+        params=augmentation or DEFAULT_AUGMENTATION,
+    )
+    dataset = rows.map(
+        partial(_to_crops, cropper=cropper, input_names=input_names, size=size),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
     )
+    dataset = dataset.batch(int(batch_size), drop_remainder=drop_remainder)
+
+    def to_targets(inputs, labels):
+        made = _make_targets(labels, family, targets)
+        return (inputs, made, labels["weight"]) if balance else (inputs, made)
+
+    dataset = dataset.map(to_targets, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _to_crops(row, element_seed, *, cropper, input_names, size):
+    """One row -> (named float32 BGR crops, labels)."""
+    import tensorflow as tf
+
+    chip = tf.io.decode_jpeg(row["image"], channels=3, dct_method="INTEGER_ACCURATE")
+    chip = tf.reverse(chip, axis=[-1])  # RGB -> BGR
+    crops = tf.numpy_function(
+        cropper, [chip, row["boxes"], row["single_box"], element_seed], tf.uint8, stateful=False
+    )
+    crops = tf.cast(tf.ensure_shape(crops, (len(input_names), size, size, 3)), tf.float32)
+    inputs = {name: crops[index] for index, name in enumerate(input_names)}
+    labels = {key: row[key] for key in ("age", "gender", "age_group", "weight")}
+    return inputs, labels
+
+
+def _log_mix(sources: list[tuple[str, dict, float]], split: str, shuffle: bool) -> None:
+    total = sum(w for *_, w in sources)
+    parts = [
+        f"{name} {split_size(info, split)} rows"
+        + (f", weight {weight:g} ({100 * weight / total:.0f}% of samples)" if shuffle else "")
+        for name, info, weight in sources
+    ]
+    logger.info("Split %r from %d sources: %s", split, len(sources), "; ".join(parts))

@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from c3ae.errors import BrokenFileError, UsageError
 from c3ae.litert import quiet_first_delegate
 
 DETECTOR_DIR = Path(__file__).parent / "weights" / "mtcnn"
@@ -43,7 +44,7 @@ DEFAULT_MAX_SIDE = 1280  # photos are searched at most this large (faces from 20
 INTERPRETER_CACHE = 32  # P-Net interpreters kept, one per pyramid-level shape (video frames reuse them)
 
 
-class DetectorFileError(RuntimeError):
+class DetectorFileError(BrokenFileError):
     """A detector file of the installed package that is missing or unreadable (a broken install)."""
 
 
@@ -300,7 +301,7 @@ class MTCNN:
         model_dir: str | Path | None = None,
     ):
         if float(min_face) <= 0:
-            raise ValueError(f"min_face must be positive, got {min_face}.")
+            raise UsageError(f"min_face must be positive, got {min_face}.")
         self.min_face = float(min_face)
         self.max_side = None if max_side is None else int(max_side)
         self.thresholds = tuple(float(t) for t in thresholds)

@@ -685,7 +685,7 @@ class _MultiWorkerRun:
         self.writer.flush()
         if self.config.train.verbose:
             shown = " - ".join(f"{key}: {value:.4g}" for key, value in logs.items())
-            print(f"Epoch {epoch + 1}/{self.config.train.epochs} - {shown}", flush=True)
+            logger.info("Epoch %d/%d - %s", epoch + 1, self.config.train.epochs, shown)
 
     def _summary(self, history, monitor: str, stopped, initial_epoch: int, elapsed: float) -> dict:
         out = self.out

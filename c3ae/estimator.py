@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from c3ae.conventions import AGE_BIN_WIDTH
+from c3ae.errors import BrokenFileError, UsageError
 from c3ae.faces import (
     DEFAULT_CHIP,
     LANDMARK_NAMES,
@@ -36,7 +37,7 @@ from c3ae.faces import (
 DEFAULT_MODEL = "c3ae-utk"
 
 
-class ModelOutputError(RuntimeError):
+class ModelOutputError(BrokenFileError):
     """A model whose outputs are not finite numbers (broken weights): no estimate beats a wrong one."""
 
 
@@ -143,9 +144,9 @@ class AgeGenderEstimator:
         from c3ae.runtime import load_backend
 
         if detector not in DETECTORS:
-            raise ValueError(f"Unknown detector {detector!r}; expected one of {', '.join(DETECTORS)}.")
+            raise UsageError(f"Unknown detector {detector!r}; expected one of {', '.join(DETECTORS)}.")
         if int(min_face) < 1:
-            raise ValueError(f"min_face must be at least 1 pixel, got {min_face}.")
+            raise UsageError(f"min_face must be at least 1 pixel, got {min_face}.")
         self.min_face = int(min_face)
         self.batch_size = max(int(batch_size), 1)
         self.backends = [load_backend(model, backend, threads=threads)]
@@ -154,11 +155,11 @@ class AgeGenderEstimator:
         if gender_model:
             companion = load_backend(gender_model, backend, threads=threads)
             if "gender" not in companion.output_names:
-                raise ValueError(f"The gender model {gender_model!r} has no 'gender' output.")
+                raise UsageError(f"The gender model {gender_model!r} has no 'gender' output.")
             self.backends.append(companion)
         outputs = {name for b in self.backends for name in b.output_names}
         if not outputs & {"age", "gender"}:
-            raise ValueError(
+            raise UsageError(
                 f"{model!r} predicts {sorted(outputs)}; the estimator needs an 'age' or a 'gender' output."
             )
         self.model_name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name", "model")
@@ -179,7 +180,7 @@ class AgeGenderEstimator:
         ``images`` is a list of paths or arrays, or an (N, H, W, 3) array of N images; a single image
         is :meth:`predict`'s (a lone H x W [x 3] array here raises ``ValueError``)."""
         if isinstance(images, np.ndarray) and images.ndim < 4:
-            raise ValueError(
+            raise UsageError(
                 f"predict_many takes a list of images or an (N, H, W, 3) array; got one array of shape "
                 f"{images.shape}: use predict(image) for a single image."
             )

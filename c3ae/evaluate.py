@@ -3,13 +3,21 @@ MAE per age band, and a one-page PNG report."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from c3ae.conventions import AGE_BANDS
-from c3ae.metrics import cumulative_accuracy, gender_accuracy, gender_accuracy_by_band, mae, mae_by_band
+from c3ae.metrics import (
+    cumulative_accuracy,
+    gender_accuracy,
+    gender_accuracy_by_band,
+    gender_accuracy_by_gender,
+    mae,
+    mae_by_band,
+)
 
 
 def model_family(model: keras.Model) -> tuple[str, int]:
@@ -20,11 +28,17 @@ def model_family(model: keras.Model) -> tuple[str, int]:
 
 
 def predict_split(
-    model: keras.Model, manifest, split: str = "test", batch_size: int = 256, context: float = 0.0
+    model: keras.Model,
+    manifest,
+    split: str = "test",
+    batch_size: int = 256,
+    context: float = 0.0,
+    flip: bool = False,
 ) -> dict:
     """Predictions and labels over a split: ``age_true``, ``age_pred``, ``gender_true``, ``gender_prob``.
 
-    ``context``: the visible window the model was trained with (``c3ae.bundled.trained_context``)."""
+    ``context``: the visible window the model was trained with (``c3ae.bundled.trained_context``).
+    ``flip``: average each prediction with that of the mirrored crops (test-time augmentation)."""
     from c3ae.data import make_dataset
 
     family, side = model_family(model)
@@ -45,17 +59,25 @@ def predict_split(
     collected: dict[str, list] = {"age_true": [], "age_pred": [], "gender_true": [], "gender_prob": []}
     for inputs, labels in dataset:
         feed = inputs[model.inputs[0].name] if single else inputs
-        outputs = model(feed, training=False)
-        outputs = outputs if isinstance(outputs, dict) else {model.output_names[0]: outputs}
+        outputs = _outputs(model, feed)
+        if flip:
+            mirrored = _outputs(model, keras.tree.map_structure(lambda crops: crops[:, :, ::-1], feed))
+            outputs = {name: (outputs[name] + mirrored[name]) / 2 for name in outputs}
         if "age" in labels:
             collected["age_true"].append(np.asarray(labels["age"]).reshape(-1))
         if "gender" in labels:
             collected["gender_true"].append(np.asarray(labels["gender"]).reshape(-1))
         if "age" in outputs:
-            collected["age_pred"].append(keras.ops.convert_to_numpy(outputs["age"]).reshape(-1))
+            collected["age_pred"].append(outputs["age"].reshape(-1))
         if "gender" in outputs:
-            collected["gender_prob"].append(keras.ops.convert_to_numpy(outputs["gender"]).reshape(-1))
+            collected["gender_prob"].append(outputs["gender"].reshape(-1))
     return {k: np.concatenate(v).astype(np.float64) if v else None for k, v in collected.items()}
+
+
+def _outputs(model: keras.Model, feed) -> dict[str, np.ndarray]:
+    outputs = model(feed, training=False)
+    outputs = outputs if isinstance(outputs, dict) else {model.output_names[0]: outputs}
+    return {name: keras.ops.convert_to_numpy(value).astype(np.float64) for name, value in outputs.items()}
 
 
 def metrics_from_predictions(predictions: dict) -> dict:
@@ -77,15 +99,43 @@ def metrics_from_predictions(predictions: dict) -> dict:
             if gender_prob is not None and age_true is not None and len(age_true) == len(gender_true)
             else {}
         ),
+        **(
+            {"gender_accuracy_by_gender": gender_accuracy_by_gender(gender_true, gender_prob)}
+            if gender_prob is not None
+            else {}
+        ),
     }
 
 
-def evaluate(
-    model: keras.Model, manifest, split: str = "test", batch_size: int = 256, context: float = 0.0
-) -> tuple[dict, dict]:
-    """(metrics, predictions) of ``model`` on ``split``, its crops masked to ``context`` as in training."""
-    predictions = predict_split(model, manifest, split, batch_size, context)
+def evaluate(model: keras.Model, manifest, split: str = "test", **options) -> tuple[dict, dict]:
+    """(metrics, predictions) of ``model`` on ``split``; ``options`` are :func:`predict_split`'s
+    (``batch_size``, ``context`` the model was trained with, ``flip`` for test-time mirroring)."""
+    predictions = predict_split(model, manifest, split, **options)
     return metrics_from_predictions(predictions), predictions
+
+
+MEAN_KEYS = ("mae", "ca3", "ca5", "gender_accuracy")
+
+
+def mean_over_sources(per_source: dict[str, dict]) -> dict:
+    """The unweighted mean over sources of each headline metric (None where no source has it), so that a
+    small source counts as much as a large one."""
+    mean = {}
+    for key in MEAN_KEYS:
+        values = [m[key] for m in per_source.values() if m.get(key) is not None]
+        mean[key] = float(np.mean(values)) if values else None
+    return mean
+
+
+def evaluate_sources(
+    model: keras.Model, sources: Sequence[tuple[str, object]], split: str = "test", **options
+) -> tuple[dict, dict]:
+    """``({"sources": {name: metrics}, "mean": {...}}, {name: predictions})`` over (name, manifest) pairs:
+    every source evaluated apart, as the model cards report them (``options`` as :func:`evaluate`'s)."""
+    per_source, predictions = {}, {}
+    for name, manifest in sources:
+        per_source[name], predictions[name] = evaluate(model, manifest, split, **options)
+    return {"sources": per_source, "mean": mean_over_sources(per_source)}, predictions
 
 
 def write_report(metrics: dict, predictions: dict, png: str | Path, title: str = "") -> None:

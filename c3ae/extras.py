@@ -8,6 +8,8 @@ export, ``load_model`` and the Keras backend.
 
 from __future__ import annotations
 
+from c3ae.errors import C3AEError
+
 EXTRA_OF_MODULE = {
     "onnxruntime": "onnx",
     **{
@@ -25,13 +27,14 @@ EXTRA_OF_MODULE = {
             "mtcnn",
             "joblib",
             "tensorboard",
+            "scipy",
         )
     },
     "coremltools": "coreml",
 }
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(C3AEError, ImportError):
     """A feature whose optional dependencies are not installed; the message names the pip command."""
 
 

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from c3ae.detector import DEFAULT_MAX_SIDE
+from c3ae.errors import C3AEError, UsageError
 
 EXIF_ORIENTATION = 0x0112
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
@@ -46,7 +47,7 @@ TEMPLATE_IN_BOX = np.array(
 BOX_ASPECT = 1.3
 
 
-class ImageReadError(ValueError):
+class ImageReadError(C3AEError, ValueError):
     """A file that cannot be decoded as an image; ``reason`` is a short machine-friendly tag."""
 
     def __init__(self, path: str | Path, reason: str, detail: str = ""):
@@ -363,7 +364,7 @@ def _shift(detection: Detection, offset: float) -> Detection:
 def make_detector(name: str = "mtcnn", **options):
     """A detector by name: ``"mtcnn"`` (5 landmarks) or ``"haar"`` (faster, frontal only, no landmarks)."""
     if name not in DETECTORS:
-        raise ValueError(f"Unknown detector {name!r}; expected one of {', '.join(DETECTORS)}.")
+        raise UsageError(f"Unknown detector {name!r}; expected one of {', '.join(DETECTORS)}.")
     return DETECTORS[name](**options)
 
 
@@ -389,7 +390,7 @@ class ChipSpec:
             or not 1 <= self.jpeg_quality <= 100
             or self.context < 0
         ):
-            raise ValueError(f"Impossible chip geometry: {self}.")
+            raise UsageError(f"Impossible chip geometry: {self}.")
 
     def template(self) -> np.ndarray:
         """The 5 canonical landmark positions in chip pixels."""
@@ -455,7 +456,7 @@ def jpeg_round_trip(image: np.ndarray, quality: int) -> tuple[np.ndarray, bytes]
     (``tf.io.decode_jpeg(..., dct_method="INTEGER_ACCURATE")`` decodes to the same bytes as OpenCV)."""
     ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
-        raise ValueError("JPEG encoding failed.")
+        raise UsageError("JPEG encoding failed.")
     data = encoded.tobytes()
     return cv2.imdecode(encoded, cv2.IMREAD_COLOR), data
 

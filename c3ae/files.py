@@ -8,6 +8,8 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from c3ae.errors import C3AEError
+
 TEMPORARY_MARK = ".partial-"
 
 
@@ -130,7 +132,7 @@ def _alive(pid: int) -> bool:
 
 
 # --------------------------------------------------------------------------------- the rule for outputs
-class OutputError(ValueError):
+class OutputError(C3AEError, ValueError):
     """An output path that would overwrite an input, sit inside an input folder, or replace a file of
     another kind; the message names the option, the path and the fix."""
 
@@ -187,7 +189,16 @@ def check_output(
     """Refuse (``OutputError``) an output that is an input (symlinks and hard links followed), lies inside
     an input folder, holds an input folder (``folder=True`` outputs: files mirrored into it could land on
     the inputs), or would replace an existing file whose :func:`file_kind` is not in ``replaceable`` (the
-    kinds this output writes). Returns the path."""
+    kinds this output writes). Returns the path. ``option`` names the output in the message: a flag
+    (``"--json"``) or a library parameter (``"output"``, carried as the error's ``parameter``)."""
+    try:
+        return _check_output(path, option, inputs, replaceable, folder)
+    except OutputError as error:
+        error.parameter = None if option.startswith("-") else option
+        raise
+
+
+def _check_output(path, option: str, inputs, replaceable, folder: bool) -> Path:
     target = _resolved(path)
     for given in inputs:
         source = _resolved(given)

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from c3ae.errors import UsageError
+
 PACKAGE = "c3ae"
 
 ACTIVATIONS = ("relu", "mish6")
@@ -79,7 +81,7 @@ def make_activation(name: str, layer_name: str | None = None) -> layers.Layer:
         return layers.ReLU(name=layer_name)
     if name == "mish6":
         return Mish6(name=layer_name)
-    raise ValueError(f"Unknown activation {name!r}; expected one of {ACTIVATIONS}.")
+    raise UsageError(f"Unknown activation {name!r}; expected one of {ACTIVATIONS}.")
 
 
 @register
@@ -129,11 +131,11 @@ class SqueezeExcite(layers.Layer):
     def __init__(self, reduction: int = 2, pooling: str = "avg", activation: str = "relu", **kwargs):
         super().__init__(**kwargs)
         if pooling not in ("avg", "gem"):
-            raise ValueError(f"Unknown SE pooling {pooling!r}; expected 'avg' or 'gem'.")
+            raise UsageError(f"Unknown SE pooling {pooling!r}; expected 'avg' or 'gem'.")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+            raise UsageError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
         if int(reduction) < 1:
-            raise ValueError(f"SE reduction must be >= 1, got {reduction}.")
+            raise UsageError(f"SE reduction must be >= 1, got {reduction}.")
         self.reduction = int(reduction)
         self.pooling = pooling
         self.activation = activation
@@ -180,7 +182,7 @@ class ExpectedValue(layers.Layer):
     def __init__(self, num_bins: int, start: float = 0.0, step: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         if int(num_bins) < 1:
-            raise ValueError(f"num_bins must be >= 1, got {num_bins}.")
+            raise UsageError(f"num_bins must be >= 1, got {num_bins}.")
         self.num_bins = int(num_bins)
         self.start = float(start)
         self.step = float(step)
@@ -226,7 +228,7 @@ class SoftStagewiseRegression(layers.Layer):
         super().__init__(**kwargs)
         self.stage_num = tuple(int(s) for s in stage_num)
         if not self.stage_num or any(s < 1 for s in self.stage_num):
-            raise ValueError(f"stage_num needs at least one stage and every stage >= 1, got {stage_num}.")
+            raise UsageError(f"stage_num needs at least one stage and every stage >= 1, got {stage_num}.")
         self.lambda_local = float(lambda_local)
         self.lambda_d = float(lambda_d)
         self.V = float(V)
@@ -235,7 +237,7 @@ class SoftStagewiseRegression(layers.Layer):
     def call(self, inputs):
         stages = len(self.stage_num)
         if len(inputs) != 3 * stages:
-            raise ValueError(f"Expected {3 * stages} tensors [p.., eta.., delta..], got {len(inputs)}.")
+            raise UsageError(f"Expected {3 * stages} tensors [p.., eta.., delta..], got {len(inputs)}.")
         probs, etas, deltas = inputs[:stages], inputs[stages : 2 * stages], inputs[2 * stages :]
         total = 0.0
         denominator = 1.0
@@ -279,7 +281,7 @@ class LocalResponseNormalization(layers.Layer):
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, bias: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         if int(size) < 1 or int(size) % 2 == 0:
-            raise ValueError(f"LRN size must be a positive odd number, got {size}.")
+            raise UsageError(f"LRN size must be a positive odd number, got {size}.")
         self.size = int(size)
         self.alpha = float(alpha)
         self.beta = float(beta)
@@ -337,7 +339,7 @@ class BatchToFeatures(layers.Layer):
     def __init__(self, num_crops: int, **kwargs):
         super().__init__(**kwargs)
         if int(num_crops) < 1:
-            raise ValueError(f"num_crops must be >= 1, got {num_crops}.")
+            raise UsageError(f"num_crops must be >= 1, got {num_crops}.")
         self.num_crops = int(num_crops)
 
     def call(self, inputs):

@@ -21,6 +21,7 @@ import h5py
 import keras
 import numpy as np
 
+from c3ae.errors import C3AEError
 from c3ae.models.c3ae import build_c3ae
 from c3ae.models.ssrnet import build_ssrnet
 
@@ -33,7 +34,7 @@ SSRNET_BNS = [f"x_bn{i}" for i in range(1, 5)] + [f"s_bn{i}" for i in range(1, 5
 SSRNET_DENSES = [f"stage{k}_{part}" for k in (1, 2, 3) for part in ("s_mix", "x_mix", "feat")]
 
 
-class LegacyLayoutError(ValueError):
+class LegacyLayoutError(C3AEError, ValueError):
     """The file is not one of the known legacy layouts, or its weights do not fit."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from keras import ops
 
 from c3ae.conventions import AGE_BIN_WIDTH, FEMALE, MALE, NUM_AGE_BINS, UNKNOWN_GENDER
+from c3ae.errors import UsageError
 from c3ae.layers import register
 
 __all__ = [
@@ -52,9 +53,9 @@ def _as_float_vector(x) -> tuple[object, bool]:
     if rank == 0:
         return ops.reshape(x, (1,)), True
     if rank == 2 and x.shape[-1] not in (1, None):
-        raise ValueError(f"Expected ages of shape (N,) or (N, 1), got shape {tuple(x.shape)}")
+        raise UsageError(f"Expected ages of shape (N,) or (N, 1), got shape {tuple(x.shape)}")
     if rank > 2:
-        raise ValueError(f"Expected ages of shape (N,) or (N, 1), got shape {tuple(x.shape)}")
+        raise UsageError(f"Expected ages of shape (N,) or (N, 1), got shape {tuple(x.shape)}")
     return ops.reshape(x, (-1,)), False
 
 
@@ -68,9 +69,9 @@ def _as_float_tensor(x):
 
 def _check_bins(num_bins: int, bin_width: float) -> None:
     if int(num_bins) != num_bins or num_bins < 2:
-        raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+        raise UsageError(f"num_bins must be an integer >= 2, got {num_bins!r}")
     if not bin_width > 0:
-        raise ValueError(f"bin_width must be > 0 years, got {bin_width!r}")
+        raise UsageError(f"bin_width must be > 0 years, got {bin_width!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def two_point_encode(ages, num_bins: int = NUM_AGE_BINS, bin_width: float = AGE_
 
 def _bin_centres(num_bins, dtype="float32"):
     if num_bins is None:
-        raise ValueError("The number of bins (last axis) must be known statically")
+        raise UsageError("The number of bins (last axis) must be known statically")
     return np.arange(int(num_bins), dtype=dtype)
 
 
@@ -178,10 +179,10 @@ def age_bin_weights(
     """
     _check_bins(num_bins, bin_width)
     if normalize not in ("samples", "bins"):
-        raise ValueError(f"normalize must be 'samples' or 'bins', got {normalize!r}")
+        raise UsageError(f"normalize must be 'samples' or 'bins', got {normalize!r}")
     ages_np = np.asarray(ages, dtype=np.float64).reshape(-1)
     if np.isnan(ages_np).any():
-        raise ValueError(f"{int(np.isnan(ages_np).sum())} of {ages_np.size} ages are NaN")
+        raise UsageError(f"{int(np.isnan(ages_np).sum())} of {ages_np.size} ages are NaN")
     num_bins = int(num_bins)
     if ages_np.size == 0:
         return np.ones(num_bins, dtype=np.float32)
@@ -217,11 +218,11 @@ class C3AEFocalLoss(keras.losses.Loss):
         if bin_weights is not None:
             bin_weights = [float(w) for w in np.asarray(bin_weights, dtype=np.float64).reshape(-1)]
             if not all(np.isfinite(bin_weights)) or min(bin_weights) < 0:
-                raise ValueError(f"bin_weights must be finite and >= 0, got {bin_weights}")
+                raise UsageError(f"bin_weights must be finite and >= 0, got {bin_weights}")
         if not 0.0 <= uniform_mix <= 1.0:
-            raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix!r}")
+            raise UsageError(f"uniform_mix must be in [0, 1], got {uniform_mix!r}")
         if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+            raise UsageError(f"eps must be > 0, got {eps!r}")
         self.bin_weights = bin_weights
         self.uniform_mix = float(uniform_mix)
         self.eps = float(eps)
@@ -234,7 +235,7 @@ class C3AEFocalLoss(keras.losses.Loss):
         if self.bin_weights is not None:
             num_bins = y_pred.shape[-1]
             if num_bins is not None and num_bins != len(self.bin_weights):
-                raise ValueError(f"{len(self.bin_weights)} bin_weights for predictions with {num_bins} bins")
+                raise UsageError(f"{len(self.bin_weights)} bin_weights for predictions with {num_bins} bins")
             focal = focal * ops.convert_to_tensor(np.asarray(self.bin_weights), dtype=y_pred.dtype)
         focal = ops.sum(focal, axis=-1)
         uniform_ce = -ops.mean(log_p, axis=-1)
@@ -262,7 +263,7 @@ class KLDivergenceLoss(keras.losses.Loss):
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+            raise UsageError(f"eps must be > 0, got {eps!r}")
         self.eps = float(eps)
 
     def call(self, y_true, y_pred):
@@ -284,7 +285,7 @@ def smooth_gender_labels(y, smoothing: float = 0.01):
         float32 tensor of the same shape as ``y``.
     """
     if not 0.0 <= smoothing < 0.5:
-        raise ValueError(f"smoothing must be in [0, 0.5), got {smoothing!r}")
+        raise UsageError(f"smoothing must be in [0, 0.5), got {smoothing!r}")
     y = ops.cast(ops.convert_to_tensor(y), "float32")
     smoothed = y * (1.0 - 2.0 * smoothing) + smoothing
     return ops.where(ops.equal(y, float(UNKNOWN_GENDER)), y, smoothed)
@@ -335,9 +336,9 @@ class MaskedBinaryCrossentropy(keras.losses.Loss):
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+            raise UsageError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if not 0 < eps < 0.5:
-            raise ValueError(f"eps must be in (0, 0.5), got {eps!r}")
+            raise UsageError(f"eps must be in (0, 0.5), got {eps!r}")
         self.label_smoothing = float(label_smoothing)
         self.eps = float(eps)
 
@@ -374,11 +375,11 @@ def gaussian_label_distribution(ages, num_bins: int = 101, sigma=2.0, start: flo
         float32 tensor of shape (N, num_bins).
     """
     if int(num_bins) != num_bins or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+        raise UsageError(f"num_bins must be a positive integer, got {num_bins!r}")
     if not step > 0:
-        raise ValueError(f"step must be > 0 years, got {step!r}")
+        raise UsageError(f"step must be > 0 years, got {step!r}")
     if isinstance(sigma, (int, float, np.ndarray, list, tuple)) and not np.all(np.asarray(sigma) > 0):
-        raise ValueError(f"sigma must be > 0 years, got {sigma!r}")
+        raise UsageError(f"sigma must be > 0 years, got {sigma!r}")
     ages, _ = _as_float_vector(ages)
     sigma = ops.cast(ops.convert_to_tensor(sigma), "float32")
     if len(sigma.shape) > 0:
@@ -412,13 +413,13 @@ class DLDLLoss(keras.losses.Loss):
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if int(num_bins) != num_bins or num_bins < 1:
-            raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+            raise UsageError(f"num_bins must be a positive integer, got {num_bins!r}")
         if not sigma > 0:
-            raise ValueError(f"sigma must be > 0 years, got {sigma!r}")
+            raise UsageError(f"sigma must be > 0 years, got {sigma!r}")
         if not step > 0:
-            raise ValueError(f"step must be > 0 years, got {step!r}")
+            raise UsageError(f"step must be > 0 years, got {step!r}")
         if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+            raise UsageError(f"eps must be > 0, got {eps!r}")
         self.num_bins = int(num_bins)
         self.sigma = float(sigma)
         self.start = float(start)

@@ -11,12 +11,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from c3ae.conventions import AGE_BANDS, FEMALE, MALE, UNKNOWN_GENDER
+from c3ae.errors import UsageError
 
 __all__ = [
     "mae",
     "cumulative_accuracy",
     "gender_accuracy",
     "gender_accuracy_by_band",
+    "gender_accuracy_by_gender",
     "mae_by_band",
     "summarize",
 ]
@@ -27,7 +29,7 @@ def _vector(x, what: str) -> np.ndarray:
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     elif arr.ndim > 1:
-        raise ValueError(f"{what} must have shape (N,) or (N, 1), got {arr.shape}")
+        raise UsageError(f"{what} must have shape (N,) or (N, 1), got {arr.shape}")
     return arr.reshape(-1)
 
 
@@ -35,7 +37,7 @@ def _finite(arr: np.ndarray, what: str) -> None:
     bad = int(np.count_nonzero(~np.isfinite(arr)))
     if bad:
         nans = int(np.count_nonzero(np.isnan(arr)))
-        raise ValueError(f"{bad} of {arr.size} {what} are not finite ({nans} NaN, {bad - nans} infinite)")
+        raise UsageError(f"{bad} of {arr.size} {what} are not finite ({nans} NaN, {bad - nans} infinite)")
 
 
 def _pair(a, b, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
@@ -43,9 +45,9 @@ def _pair(a, b, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
     a_arr = _vector(a, name_a)
     b_arr = _vector(b, name_b)
     if a_arr.size != b_arr.size:
-        raise ValueError(f"{name_a} has {a_arr.size} values but {name_b} has {b_arr.size}")
+        raise UsageError(f"{name_a} has {a_arr.size} values but {name_b} has {b_arr.size}")
     if a_arr.size == 0:
-        raise ValueError(f"{name_a} and {name_b} are empty")
+        raise UsageError(f"{name_a} and {name_b} are empty")
     _finite(a_arr, name_a)
     _finite(b_arr, name_b)
     return a_arr, b_arr
@@ -67,7 +69,7 @@ def cumulative_accuracy(y_true, y_pred, n: float) -> float:
     Uses ``<=`` as the MegaAge-Asian evaluation script does (the SSR-Net paper says "smaller than").
     """
     if not n >= 0:
-        raise ValueError(f"n must be >= 0 years, got {n!r}")
+        raise UsageError(f"n must be >= 0 years, got {n!r}")
     t, p = _ages(y_true, y_pred)
     return float(np.mean(np.abs(p - t) <= n))
 
@@ -76,7 +78,7 @@ def _gender_labels(y_true, what: str = "gender_true") -> np.ndarray:
     labels = _vector(y_true, what)
     valid = np.isin(labels, (MALE, FEMALE, UNKNOWN_GENDER))
     if not valid.all():
-        raise ValueError(
+        raise UsageError(
             f"{int((~valid).sum())} of {labels.size} {what} are not {MALE} (male), {FEMALE} (female) "
             f"or {UNKNOWN_GENDER} (unknown)"
         )
@@ -127,7 +129,7 @@ def gender_accuracy_by_band(
     labels, probs = _pair(gender_true, prob_male, "gender_true", "prob_male")
     labels = _gender_labels(labels)
     if ages.size != labels.size:
-        raise ValueError(f"age_true has {ages.size} values but gender_true has {labels.size}")
+        raise UsageError(f"age_true has {ages.size} values but gender_true has {labels.size}")
     result: dict[str, dict] = {}
     for name, low, high in bands:
         in_band = (ages >= low) & (labels != UNKNOWN_GENDER)
@@ -135,6 +137,20 @@ def gender_accuracy_by_band(
             in_band &= ages < high
         count = int(np.count_nonzero(in_band))
         correct = (probs[in_band] >= 0.5) == (labels[in_band] == MALE)
+        result[name] = {"accuracy": float(correct.mean()) if count else None, "count": count}
+    return result
+
+
+def gender_accuracy_by_gender(gender_true, prob_male) -> dict[str, dict]:
+    """Accuracy on women and on men apart (the share of each called right): ``{"female": {"accuracy",
+    "count"}, "male": {...}}``, accuracy None for a gender without samples; labels -1 are ignored."""
+    labels, probs = _pair(gender_true, prob_male, "gender_true", "prob_male")
+    labels = _gender_labels(labels)
+    result: dict[str, dict] = {}
+    for name, value in (("female", FEMALE), ("male", MALE)):
+        chosen = labels == value
+        count = int(np.count_nonzero(chosen))
+        correct = (probs[chosen] >= 0.5) == (value == MALE)
         result[name] = {"accuracy": float(correct.mean()) if count else None, "count": count}
     return result
 
@@ -147,12 +163,12 @@ def summarize(age_true, age_pred, gender_true=None, gender_prob=None) -> dict:
     """
     t, p = _ages(age_true, age_pred)
     if (gender_true is None) != (gender_prob is None):
-        raise ValueError("gender_true and gender_prob must be given together")
+        raise UsageError("gender_true and gender_prob must be given together")
     g_acc = None
     if gender_true is not None:
         labels, probs = _pair(gender_true, gender_prob, "gender_true", "gender_prob")
         if labels.size != t.size:
-            raise ValueError(f"age_true has {t.size} values but gender_true has {labels.size}")
+            raise UsageError(f"age_true has {t.size} values but gender_true has {labels.size}")
         g_acc = gender_accuracy(labels, probs)
     return {
         "mae": mae(t, p),

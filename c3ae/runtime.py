@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from c3ae.errors import C3AEError, UsageError
 from c3ae.litert import quiet_first_delegate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,7 +33,7 @@ METADATA_KEY = "c3ae"  # key of the preprocessing description in TFLite / ONNX m
 _SUFFIX_BACKEND = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras", ".h5": "keras", ".hdf5": "keras"}
 
 
-class BackendError(ValueError):
+class BackendError(C3AEError, ValueError):
     """A model or backend that cannot be loaded as asked (unknown backend, missing or unreadable file)."""
 
 
@@ -53,13 +54,13 @@ class Backend:
     def _check(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]
         if missing:
-            raise ValueError(f"Missing model inputs {missing}; this model takes {list(self.input_names)}.")
+            raise UsageError(f"Missing model inputs {missing}; this model takes {list(self.input_names)}.")
         arrays = {n: np.ascontiguousarray(inputs[n], dtype=np.float32) for n in self.input_names}
         shapes = {a.shape for a in arrays.values()}
         shape = next(iter(shapes))
         expected = (self.input_size, self.input_size, 3)
         if len(shapes) != 1 or len(shape) != 4 or shape[0] < 1 or shape[1:] != expected:
-            raise ValueError(
+            raise UsageError(
                 f"Inputs must share one shape (N, {self.input_size}, {self.input_size}, 3) with N >= 1 "
                 f"(float32 BGR, raw pixels in [0, 255]); got {sorted(shapes)}."
             )

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from c3ae.errors import UsageError
+
 
 def iou(a, b) -> float:
     """Intersection over union of two (x1, y1, x2, y2) boxes."""
@@ -35,7 +37,7 @@ class ExponentialSmoother:
 
     def __init__(self, tau: float):
         if not tau >= 0:
-            raise ValueError(f"The smoothing time constant must be >= 0 seconds, got {tau}.")
+            raise UsageError(f"The smoothing time constant must be >= 0 seconds, got {tau}.")
         self.tau = float(tau)
         self.value: float | None = None
         self.time: float | None = None
@@ -116,7 +118,7 @@ class IoUTracker:
 
     def __init__(self, iou_threshold: float = 0.3, max_misses: int = 1, smooth: float = 1.0):
         if not 0 < iou_threshold <= 1:
-            raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}.")
+            raise UsageError(f"iou_threshold must be in (0, 1], got {iou_threshold}.")
         self.iou_threshold = float(iou_threshold)
         self.max_misses = int(max_misses)
         self.smooth = float(smooth)

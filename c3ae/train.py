@@ -8,8 +8,10 @@ or loss for models without an age output; written atomically), ``last.keras``, `
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
+import logging
 import math
 import os
 import time
@@ -20,11 +22,15 @@ import keras
 import numpy as np
 
 from c3ae.config import Config, ConfigError, dump_config
+from c3ae.errors import C3AEError
+from c3ae.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 AGE_OUTPUTS = ("age",)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(C3AEError, RuntimeError):
     """Training cannot start (no data, unusable labels) or produced nothing usable."""
 
 
@@ -236,9 +242,13 @@ def init_weights_from(model: keras.Model, source: str, skip: Sequence[str] = ())
     if copied == 0:
         raise ConfigError(f"train.init_from: {source!r} shares no weights with model {model.name!r}.")
     if reshaped:
-        print(f"init_from: {len(reshaped)} weights have new shapes and start fresh: " + "; ".join(reshaped))
+        logger.info(
+            "init_from: %d weights have new shapes and start fresh: %s", len(reshaped), "; ".join(reshaped)
+        )
     if skipped:
-        print(f"init_from: {len(skipped)} layers start fresh (init_skip): " + ", ".join(sorted(skipped)))
+        logger.info(
+            "init_from: %d layers start fresh (init_skip): %s", len(skipped), ", ".join(sorted(skipped))
+        )
     return copied, len(model.weights)
 
 
@@ -279,6 +289,32 @@ def check_run_folder(config: Config, out: str | Path) -> None:
         )
 
 
+def resolve_sources(config: Config) -> list[tuple[str, dict, float]]:
+    """(name, manifest, weight) of the config's training sources, each checked before training: readable,
+    with training rows, made with the same crop settings. Errors name the config key."""
+    from c3ae.data import Source, read_manifest, read_sources, split_size
+
+    sources = config.data.source_list()
+    if not sources:
+        raise ConfigError(
+            "data.manifest is empty; set it (or data.sources) to a manifest.json from 'c3ae preprocess'."
+        )
+    keys = (
+        ["data.manifest"] if not config.data.sources else [f"data.sources[{i}]" for i in range(len(sources))]
+    )
+    for key, source in zip(keys, sources, strict=True):
+        try:
+            info = read_manifest(source.manifest)
+        except (OSError, ValueError) as error:  # missing, not JSON, not a c3ae manifest
+            raise TrainingError(f"{key}: {error}") from error
+        if split_size(info, "train") == 0:
+            raise TrainingError(f"{key}: manifest {source.manifest} has no training rows.")
+    try:
+        return read_sources([Source(s.manifest, s.weight, s.name) for s in sources])
+    except ValueError as error:
+        raise TrainingError(f"data.sources: {error}") from error
+
+
 def train(config: Config, out: str | Path) -> dict:
     """Train ``config`` into the folder ``out`` (resuming if it holds a killed run); returns the summary."""
     check_run_folder(config, out)
@@ -286,40 +322,55 @@ def train(config: Config, out: str | Path) -> dict:
         from c3ae.distributed import train_multiworker
 
         return train_multiworker(config, out)
-    from c3ae.data import read_manifest, split_size
-
     out = Path(out)
-    if not config.data.manifest:
-        raise ConfigError("data.manifest is empty; set it to a manifest.json from 'c3ae preprocess'.")
-    try:
-        manifest = read_manifest(config.data.manifest)
-    except ValueError as error:  # not JSON, or not a c3ae manifest: the data key names the file
-        raise TrainingError(f"data.manifest: {error}") from error
-    if split_size(manifest, "train") == 0:
-        raise TrainingError(f"Manifest {config.data.manifest} has no training rows.")
+    sources = resolve_sources(config)
     out.mkdir(parents=True, exist_ok=True)
-    has_val = split_size(manifest, "val") > 0
     dump_config(config, out / "config.yaml")
     keras.utils.set_random_seed(config.train.seed)
-
-    known = checked_training_ages(manifest)
+    known = np.concatenate([checked_training_ages(info) for _, info, _ in sources])
 
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(config.train.precision)
     try:
-        return _fit(config, out, manifest, has_val, known)
+        return _fit(config, out, sources, known)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.ndarray) -> dict:
-    from c3ae.data import make_dataset
+def train_stages(stages: Sequence[tuple[str, Config]], out: str | Path) -> list[dict]:
+    """Train a recipe's stages (from ``c3ae.config.load_stages``) one after the other into
+    ``out/<k>-<name>/``, each starting from the previous stage's ``best.keras`` unless it names its own
+    ``train.init_from``. A stage whose ``summary.json`` exists finished earlier and is skipped, so rerunning
+    resumes the recipe. A plain config (one unnamed stage) trains into ``out`` itself."""
+    out = Path(out)
+    if len(stages) == 1 and not stages[0][0]:
+        return [train(stages[0][1], out)]
+    summaries, previous = [], None
+    for index, (name, config) in enumerate(stages):
+        folder = out / f"{index + 1}-{name}"
+        if previous is not None and not config.train.init_from:
+            config = dataclasses.replace(
+                config, train=dataclasses.replace(config.train, init_from=str(previous))
+            )
+        finished = folder / "summary.json"
+        if finished.is_file():
+            logger.info("Stage %s finished earlier (%s); skipping it.", name, finished)
+            summaries.append(json.loads(finished.read_text()))
+        else:
+            logger.info("Stage %d of %d: %s -> %s", index + 1, len(stages), name, folder)
+            summaries.append({"stage": name, **train(config, folder)})
+        previous = folder / "best.keras"
+    return summaries
 
+
+def _compiled_model(config: Config, known: np.ndarray) -> keras.Model:
     with _strategy(config).scope():
         model = build_model(config)
         if config.train.init_from:
             copied, total = init_weights_from(model, config.train.init_from, config.train.init_skip)
-            print(f"init_from {config.train.init_from}: copied {copied} of {total} weight tensors.")
+            logger.info(
+                "init_from %s: copied %d of %d weight tensors.", config.train.init_from, copied, total
+            )
         loss, weights = losses_for(model, config, known)
         model.compile(
             optimizer=keras.optimizers.Adam(config.train.lr),
@@ -327,12 +378,19 @@ def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.nda
             loss_weights=weights,
             metrics=metrics_for(model),
         )
-    monitor, mode = monitored_metric(model)
-    if not has_val:
-        monitor = monitor.removeprefix("val_")
-    family_inputs = config.model.name
+    return model
+
+
+def _fit(config: Config, out: Path, sources: list, known: np.ndarray) -> dict:
+    from c3ae.data import Augmentation, Source, make_dataset, split_size
+
+    model = _compiled_model(config, known)
+    try:
+        augmentation = Augmentation.from_dict(config.data.augmentation)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"data.augmentation: {error}") from error
     common = {
-        "model": family_inputs,
+        "model": config.model.name,
         "batch_size": config.data.batch_size,
         "outputs": list(model.output_names),
         "input_size": config.data.input_size,
@@ -340,18 +398,42 @@ def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.nda
         "cache": config.data.cache,
         "context": config.data.context,
     }
-    train_data = make_dataset(manifest, split="train", augment=config.data.augment, **common)
-    val_data = make_dataset(manifest, split="val", augment=False, **common) if has_val else None
+    mixed = [Source(info, weight, name) for name, info, weight in sources]
+    train_data = make_dataset(
+        mixed if len(sources) > 1 else sources[0][1],
+        split="train",
+        augment=config.data.augment,
+        balance=config.data.balance,
+        augmentation=augmentation,
+        **common,
+    )
+    validation = [
+        (name, make_dataset(info, split="val", augment=False, **common))
+        for name, info, _ in sources
+        if split_size(info, "val") > 0
+    ]
+    steps = config.train.steps_per_epoch
+    if steps is None and len(sources) > 1:  # the mix is endless: an epoch is one pass's worth of rows
+        steps = math.ceil(sum(split_size(info, "train") for _, info, _ in sources) / config.data.batch_size)
     if config.train.steps_per_epoch:
         train_data = train_data.repeat()
+    monitor, mode = monitored_metric(model)
+    if not validation:
+        monitor = monitor.removeprefix("val_")
+    callbacks = _callbacks(config, out, monitor, mode)
+    fit_validation = None
+    if len(validation) == 1 and len(sources) == 1:
+        fit_validation = _unwrap_single_input(validation[0][1], model)
+    elif validation:  # before the checkpoint and early stopping, which read the mean it logs
+        callbacks.insert(1, PerSourceValidation([(n, _unwrap_single_input(d, model)) for n, d in validation]))
 
     started = time.monotonic()
     history = model.fit(
         _unwrap_single_input(train_data, model),
-        validation_data=_unwrap_single_input(val_data, model) if val_data is not None else None,
+        validation_data=fit_validation,
         epochs=config.train.epochs,
-        steps_per_epoch=config.train.steps_per_epoch,
-        callbacks=_callbacks(config, out, monitor, mode),
+        steps_per_epoch=steps,
+        callbacks=callbacks,
         verbose=config.train.verbose,
     )
     elapsed = time.monotonic() - started
@@ -359,11 +441,12 @@ def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.nda
         raise TrainingError(f"No finite {monitor} was reached; nothing was saved (see {out / 'log.csv'}).")
     plot_curves(out / "log.csv", out / "curves.png")
     best = json.loads((out / "best.json").read_text())
-    dead = _constant_layers(out / "best.keras", val_data if val_data is not None else train_data)
+    dead = _constant_layers(out / "best.keras", validation[0][1] if validation else train_data)
     if dead:
-        print(
-            f"warning: in {out / 'best.keras'} these layers give every face the same output (dead units): "
-            + ", ".join(dead)
+        logger.warning(
+            "In %s these layers give every face the same output (dead units): %s",
+            out / "best.keras",
+            ", ".join(dead),
         )
     summary = {
         "family": config.model.name,
@@ -373,9 +456,37 @@ def _fit(config: Config, out: Path, manifest: dict, has_val: bool, known: np.nda
         "train_seconds_this_run": round(elapsed, 1),
         "final": {k: float(v[-1]) for k, v in history.history.items() if v},
         "constant_layers": dead,
+        "sources": [
+            {
+                "name": name,
+                "weight": weight,
+                **{f"{split}_rows": split_size(info, split) for split in ("train", "val", "test")},
+            }
+            for name, info, weight in sources
+        ],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+class PerSourceValidation(keras.callbacks.Callback):
+    """Validate on each source apart at the end of every epoch: logs ``val_<source>_<metric>`` for each,
+    and ``val_<metric>`` as the mean over the sources (what checkpoints and early stopping compare)."""
+
+    def __init__(self, datasets: list[tuple[str, object]]):
+        super().__init__()
+        self.datasets = datasets
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        results = {
+            name: self.model.evaluate(data, verbose=0, return_dict=True) for name, data in self.datasets
+        }
+        for name, values in results.items():
+            logs.update({f"val_{name}_{key}": float(value) for key, value in values.items()})
+        for key in next(iter(results.values())):
+            logs[f"val_{key}"] = float(np.mean([values[key] for values in results.values()]))
 
 
 def _constant_layers(checkpoint: Path, dataset) -> list[str]:

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from c3ae.annotate import COLORS, draw_box, face_label
+from c3ae.errors import C3AEError, UsageError
 from c3ae.files import AtomicOutput, OutputError, check_output, probe_writable
 from c3ae.tracking import IoUTracker
 
@@ -36,7 +37,7 @@ THUMBNAIL = (32, 18)  # grayscale thumbnail compared between frames to find scen
 FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
 
 
-class VideoError(ValueError):
+class VideoError(C3AEError, ValueError):
     """A video (or camera) that cannot be opened, or an output that cannot be written."""
 
 
@@ -101,9 +102,11 @@ class _Output:
     def __init__(self, path: Path, fps: float, size: tuple[int, int]):
         suffix = path.suffix.lower()
         if suffix not in FOURCC:
-            raise VideoError(f"--output {path}: unsupported video type; use one of {', '.join(FOURCC)}.")
+            raise VideoError(
+                f"output {path}: unsupported video type; use one of {', '.join(FOURCC)}.", parameter="output"
+            )
         if not path.parent.is_dir():
-            raise VideoError(f"--output {path}: the folder {path.parent} does not exist.")
+            raise VideoError(f"output {path}: the folder {path.parent} does not exist.", parameter="output")
         self.path = path
         self.size = size
         self.staged = AtomicOutput(path)  # keeps the suffix: the muxer depends on it
@@ -112,7 +115,7 @@ class _Output:
         if not self.writer.isOpened():
             self.staged.discard()
             probe_writable(path)  # a full or read-only disk is an environment error naming the file
-            raise VideoError(f"--output {path}: OpenCV cannot write this video type here.")
+            raise VideoError(f"output {path}: OpenCV cannot write this video type here.", parameter="output")
         self.frames = 0
         self._queue: queue.Queue = queue.Queue(maxsize=8)
         self._error: BaseException | None = None
@@ -140,14 +143,17 @@ class _Output:
         self.writer.release()
         if self._error is not None:
             self.staged.discard()
-            raise VideoError(f"--output {self.path}: encoding failed: {self._error}") from self._error
+            raise VideoError(
+                f"output {self.path}: encoding failed: {self._error}", parameter="output"
+            ) from self._error
         if keep and self.frames:
             readable = _frames_in(self.temporary)
             if readable < self.frames:  # OpenCV only logs "Failed to write frame" (a full disk, say)
                 self.staged.discard()
                 raise VideoError(
-                    f"--output {self.path}: only {readable} of {self.frames} frames could be written (is the "
-                    "disk full?); nothing was kept."
+                    f"output {self.path}: only {readable} of {self.frames} frames could be written (is the "
+                    "disk full?); nothing was kept.",
+                    parameter="output",
                 )
             self.staged.commit()
         else:
@@ -216,7 +222,9 @@ class _Lines:
             return
         self.path = Path(target)
         if not self.path.parent.is_dir():
-            raise VideoError(f"--jsonl {self.path}: the folder {self.path.parent} does not exist.")
+            raise VideoError(
+                f"jsonl {self.path}: the folder {self.path.parent} does not exist.", parameter="jsonl"
+            )
         self.staged = AtomicOutput(self.path)
         self.handle = open(self.staged.path, "w")
 
@@ -313,18 +321,18 @@ def process_video(
     window) both finalise the output files.
     """
     if int(detect_every) < 1:
-        raise ValueError(f"detect_every must be at least 1, got {detect_every}.")
+        raise UsageError(f"detect_every must be at least 1, got {detect_every}.")
     detect_every = int(detect_every)
     tracker = IoUTracker(smooth=smooth)
     is_camera = isinstance(source, int)
     inputs = [] if is_camera else [source]
     try:  # the one rule for outputs (c3ae.files): never the input, never over a file of another kind
         if output is not None:
-            output = check_output(output, "--output", inputs, ("video",))
+            output = check_output(output, "output", inputs, ("video",))
         if jsonl is not None and str(jsonl) != "-":
-            check_output(jsonl, "--jsonl", inputs, ("json", "text"))
+            check_output(jsonl, "jsonl", inputs, ("json", "text"))
     except OutputError as error:
-        raise VideoError(str(error)) from error
+        raise VideoError(str(error), parameter=error.parameter) from error
     capture = open_capture(source)
     timer = StageTimer()
     fps_in = capture.get(cv2.CAP_PROP_FPS)

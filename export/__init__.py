@@ -4,9 +4,9 @@
 lazily, so importing this package (or reading an artifact's metadata) does not start TensorFlow.
 """
 
-import importlib
-
 __all__ = ["export_model", "to_coreml", "to_onnx", "to_saved_model", "to_tflite", "FORMATS", "QUANT_TYPES"]
+
+from c3ae.lazy import lazy_attributes
 
 _ATTRIBUTES = {
     "to_tflite": "tflite",
@@ -17,9 +17,6 @@ _ATTRIBUTES = {
     "export_model": "verify",
     "FORMATS": "verify",
 }
-
-
-def __getattr__(name: str):
-    if name in _ATTRIBUTES:
-        return getattr(importlib.import_module(f"c3ae.export.{_ATTRIBUTES[name]}"), name)
-    raise AttributeError(f"module 'c3ae.export' has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    "c3ae.export", {name: f"c3ae.export.{module}" for name, module in _ATTRIBUTES.items()}
+)

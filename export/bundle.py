@@ -21,12 +21,14 @@ import json
 import shutil
 from pathlib import Path
 
+from c3ae.errors import C3AEError
+
 BUNDLE_FORMAT = "c3ae-bundle"
 BUNDLE_VERSION = 1
 REFERENCE = Path(__file__).with_name("reference.py")
 
 
-class BundleError(ValueError):
+class BundleError(C3AEError, ValueError):
     """A bundle that cannot be written as asked (model, folder)."""
 
 

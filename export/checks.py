@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from c3ae.errors import C3AEError
 
-class ExportError(ValueError):
+
+class ExportError(C3AEError, ValueError):
     """An export that cannot be done as asked (bad model, format, quantisation, data or output path)."""
 
 
 class ConverterError(ExportError):
     """A converter that crashed or hung in its child process (:mod:`c3ae.export.convert`): the tool failed,
     not the user; the CLI exits 1."""
+
+    exit_code = 1
 
 
 class NonFiniteWeightsError(ExportError):

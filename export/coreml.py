@@ -10,10 +10,12 @@ import tempfile
 
 import keras
 
+from c3ae.errors import C3AEError, UsageError
+
 COREML_QUANT_TYPES = ("none", "fp16")
 
 
-class CoreMLUnavailableError(ImportError):
+class CoreMLUnavailableError(C3AEError, ImportError):
     """coremltools is missing or unusable on this Python."""
 
 
@@ -52,7 +54,7 @@ def to_coreml(model: keras.Model, quant: str = "none", metadata: bool = True, ma
     from c3ae.export.tflite import write_saved_model
 
     if quant not in COREML_QUANT_TYPES:
-        raise ValueError(
+        raise UsageError(
             f"CoreML export supports quantisation {' or '.join(COREML_QUANT_TYPES)}, not {quant!r}."
         )
     ct = _coremltools()

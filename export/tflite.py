@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 import keras
 import numpy as np
 
+from c3ae.errors import UsageError
+
 QUANT_TYPES = ("none", "fp16", "dynamic", "int8")
 # Ops that stay float (or are quantisation boundaries) are not a sign of a failed int8 conversion.
 _BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
@@ -84,9 +86,9 @@ def to_tflite(
     from c3ae.export.checks import check_finite
 
     if quant not in QUANT_TYPES:
-        raise ValueError(f"Unknown quantisation {quant!r}; expected one of {', '.join(QUANT_TYPES)}.")
+        raise UsageError(f"Unknown quantisation {quant!r}; expected one of {', '.join(QUANT_TYPES)}.")
     if quant == "int8" and representative is None:
-        raise ValueError("int8 quantisation needs representative crops (representative=...) to calibrate.")
+        raise UsageError("int8 quantisation needs representative crops (representative=...) to calibrate.")
     check_finite(model)
     with tempfile.TemporaryDirectory(prefix="c3ae-export-") as saved_model_dir:
         write_saved_model(model, saved_model_dir)
@@ -149,7 +151,7 @@ def _single_samples(representative, names: list[str]):
             count += 1
             yield {name: array[index : index + 1] for name, array in arrays.items()}
     if not count:
-        raise ValueError("The representative data for int8 calibration held no crops.")
+        raise UsageError("The representative data for int8 calibration held no crops.")
 
 
 def _flatbuffer_model(flatbuffer: bytes):
@@ -268,7 +270,7 @@ def keep_input_layers_float32(fp16: bytes, fp32: bytes) -> tuple[bytes, int]:
         first = _first_weighted_ops(model, subgraph)
         first_reference = _first_weighted_ops(reference, reference_graph)
         if [_op_name(model, op) for op in first] != [_op_name(reference, op) for op in first_reference]:
-            raise ValueError("The fp16 and fp32 conversions differ in their first layers.")
+            raise UsageError("The fp16 and fp32 conversions differ in their first layers.")
         drop = set()
         for op, reference_op in zip(first, first_reference, strict=True):
             for slot, index in enumerate(op.inputs):
@@ -281,7 +283,7 @@ def keep_input_layers_float32(fp16: bytes, fp32: bytes) -> tuple[bytes, int]:
                 if source.type != schema.TensorType.FLOAT16 or original.type != schema.TensorType.FLOAT32:
                     continue
                 if data is None or len(data) != 2 * len(model.buffers[source.buffer].data):
-                    raise ValueError("The fp16 and fp32 conversions differ in a first layer's weights.")
+                    raise UsageError("The fp16 and fp32 conversions differ in a first layer's weights.")
                 buffer = schema.BufferT()
                 buffer.data = np.array(data, dtype=np.uint8)
                 model.buffers.append(buffer)

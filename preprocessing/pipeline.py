@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from c3ae._version import __version__
+from c3ae.errors import C3AEError, UsageError
 from c3ae.faces import DEFAULT_CHIP, ChipSpec, FacePipeline, ImageReadError, read_image
 from c3ae.files import atomic_path, atomic_write_text, remove_stale_temporaries
 from c3ae.preprocessing.readers import Reject, Sample, get_reader, scan_dataset
@@ -37,7 +38,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "c3ae-manifest"
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(C3AEError, RuntimeError):
     """Nothing usable could be produced, or the output folder cannot be used."""
 
 
@@ -83,7 +84,7 @@ def assign_splits(
     """A split name per sample. Groups (identities, else single images) are ordered by a seeded hash and
     cut at the cumulative fractions, so every identity lands in exactly one split."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"Split fractions must be three non-negative numbers summing to 1, got {fractions}.")
+        raise UsageError(f"Split fractions must be three non-negative numbers summing to 1, got {fractions}.")
     groups: dict[str, list[int]] = {}
     for i, sample in enumerate(samples):
         groups.setdefault(_group_key(sample), []).append(i)
@@ -230,11 +231,13 @@ def preprocess(
     MegaAge); ``"none"``: reject the photo as ``no_face``.
     """
     if fallback not in ("auto", "none"):
-        raise PreprocessError(f"--fallback must be 'auto' or 'none', got {fallback!r}.")
+        raise PreprocessError(f"fallback must be 'auto' or 'none', got {fallback!r}.", parameter="fallback")
     started = time.monotonic()
     root, out = Path(root), Path(out)
     if out.exists() and not out.is_dir():
-        raise PreprocessError(f"--out {out} is a file; give a folder (it is created if missing).")
+        raise PreprocessError(
+            f"out {out} is a file; give a folder (it is created if missing).", parameter="out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(out):  # a killed run's half-written shard or summary
         log.info("removed %s, left by an interrupted run", stale.name)
@@ -332,7 +335,7 @@ def _limited(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
     import random
 
     if limit < 1:
-        raise PreprocessError(f"--limit must be at least 1, got {limit}.")
+        raise PreprocessError(f"limit must be at least 1, got {limit}.", parameter="limit")
     chosen = random.Random(seed).sample(samples, min(limit, len(samples)))
     return sorted(chosen, key=lambda s: s.path)
 

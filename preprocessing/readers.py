@@ -32,8 +32,6 @@ import inspect
 import math
 import os
 import re
-import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,6 +41,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from c3ae.conventions import FEMALE, MALE, UNKNOWN_GENDER
+from c3ae.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 MIN_AGE = 0.0
@@ -331,7 +330,7 @@ class MegaAgeReader(DatasetReader):
             found = True
             names, ages = _read_lines(names_file), _read_lines(ages_file)
             if len(names) != len(ages):
-                raise ValueError(
+                raise DataError(
                     f"{names_file} has {len(names)} lines but {ages_file} has {len(ages)}; "
                     "the two list files must pair line by line."
                 )
@@ -381,7 +380,7 @@ class AppaRealReader(DatasetReader):
 
     def __init__(self, target: str = "real", prefer_face_crop: bool = True):
         if target not in ("real", "apparent"):
-            raise ValueError(f"appa_real target must be 'real' or 'apparent', got {target!r}")
+            raise DataError(f"appa_real target must be 'real' or 'apparent', got {target!r}")
         self.target = target
         self.prefer_face_crop = prefer_face_crop
 
@@ -409,7 +408,7 @@ class AppaRealReader(DatasetReader):
             columns, rows = _read_csv(label_file)
             missing = [c for c in ("file_name", age_column) if c not in columns]
             if missing:
-                raise ValueError(
+                raise DataError(
                     f"{label_file}: missing column(s) {', '.join(missing)}; found {list(columns)}"
                 )
             for line, row in rows:
@@ -486,12 +485,12 @@ class CsvReader(DatasetReader):
         columns, rows = _read_csv(csv_path)
         path_column = "photo" if "photo" in columns else "path" if "path" in columns else None
         if path_column is None:
-            raise ValueError(f"{csv_path}: needs a 'photo' or 'path' column; found {list(columns)}")
+            raise DataError(f"{csv_path}: needs a 'photo' or 'path' column; found {list(columns)}")
         box_columns = [f"box{i}" for i in range(1, 5)]
         has_box = [c in columns for c in box_columns]
         if any(has_box) and not all(has_box):
             missing = [c for c, present in zip(box_columns, has_box, strict=True) if not present]
-            raise ValueError(f"{csv_path}: box columns need all of box1..box4; missing {', '.join(missing)}")
+            raise DataError(f"{csv_path}: box columns need all of box1..box4; missing {', '.join(missing)}")
         base = csv_path.parent
         samples, rejects = [], []
         for line, row in rows:
@@ -615,7 +614,7 @@ class ImdbWikiReader(DatasetReader):
             raise FileNotFoundError(f"No imdb.mat or wiki.mat in {root} or its subfolders; pass mat_path.")
         if len(found) > 1:
             names = ", ".join(str(f) for f in found)
-            raise ValueError(f"Several IMDB-WIKI metadata files under {root} ({names}); pass mat_path.")
+            raise DataError(f"Several IMDB-WIKI metadata files under {root} ({names}); pass mat_path.")
         return found[0], found[0].parent
 
     def _scan(self, root: Path) -> tuple[list[Sample], list[Reject]]:
@@ -623,7 +622,7 @@ class ImdbWikiReader(DatasetReader):
         table = mat_table(load_mat(mat))
         missing = [f for f in self.REQUIRED if f not in table]
         if missing:
-            raise ValueError(f"{mat}: missing IMDB-WIKI field(s) {', '.join(missing)}; found {sorted(table)}")
+            raise DataError(f"{mat}: missing IMDB-WIKI field(s) {', '.join(missing)}; found {sorted(table)}")
         paths = [_text(v) for v in _cells(table["full_path"])]
         n = len(paths)
         columns = {f: [_scalar(v) for v in _cells(table[f])] for f in self.REQUIRED[1:]}
@@ -635,7 +634,7 @@ class ImdbWikiReader(DatasetReader):
         lengths.update({k: len(v) for k, v in (("name", names), ("face_location", boxes)) if v is not None})
         wrong = {f: length for f, length in lengths.items() if length != n}
         if wrong:
-            raise ValueError(f"{mat}: fields have {wrong} entries but full_path has {n}")
+            raise DataError(f"{mat}: fields have {wrong} entries but full_path has {n}")
         samples, rejects = [], []
         for i, rel in enumerate(paths):
             path = str(_absolute(base / rel.strip())) if rel.strip() else f"{mat}:{i + 1}"
@@ -736,32 +735,29 @@ def mat_table(variables: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- .mat files
-def load_mat(path: str | Path, *, engine: str = "auto") -> dict[str, Any]:
-    """Variables of a MATLAB 5/7 .mat file, as plain Python values.
+def load_mat(path: str | Path) -> dict[str, Any]:
+    """Variables of a MATLAB 5/7 .mat file (``scipy.io.loadmat``, in the ``train`` extra), as plain values.
 
     A struct becomes a dict (an array of structs: an object array of dicts), a cell array an object
-    ndarray, a char array a str, a numeric array an ndarray (MATLAB's shape). ``engine="scipy"`` uses
-    ``scipy.io.loadmat``, ``"builtin"`` this module's reader (NumPy and zlib only), ``"auto"`` scipy when
-    it is importable, else the built-in reader. v7.3 (HDF5) files are not supported.
+    ndarray, a char array a str, a numeric array an ndarray (MATLAB's shape). v7.3 (HDF5) files, other
+    files and truncated ones raise ValueError naming the file.
     """
     path = Path(path)
-    if engine not in ("auto", "scipy", "builtin"):
-        raise ValueError(f"engine must be 'auto', 'scipy' or 'builtin', got {engine!r}")
     if not path.is_file():
         raise FileNotFoundError(f".mat file not found: {path}")
-    if engine != "builtin":
-        try:
-            from scipy.io import loadmat
-        except ImportError:
-            if engine == "scipy":
-                raise
-        else:
-            try:
-                raw = loadmat(str(path))
-            except NotImplementedError as error:  # v7.3
-                raise ValueError(f"{path}: {error}") from error
-            return {k: _from_scipy(v) for k, v in raw.items() if not k.startswith("__")}
-    return _read_mat5(path)
+    from c3ae.extras import import_optional
+
+    loadmat = import_optional("scipy.io").loadmat
+    header = path.read_bytes()[:128]
+    if b"MATLAB 7.3" in header:
+        raise DataError(f"{path} is a MATLAB v7.3 (HDF5) file; re-save it with save(..., '-v7').")
+    if not header.startswith(b"MATLAB"):
+        raise DataError(f"{path} is not a MATLAB 5/7 .mat file (no 'MATLAB 5.0 MAT-file' header).")
+    try:
+        raw = loadmat(str(path))
+    except (ValueError, OSError, NotImplementedError, TypeError) as error:
+        raise DataError(f"{path}: malformed .mat file ({error})") from error
+    return {k: _from_scipy(v) for k, v in raw.items() if not k.startswith("__")}
 
 
 def _from_scipy(value: Any) -> Any:
@@ -783,137 +779,6 @@ def _from_scipy(value: Any) -> Any:
             items[i] = _from_scipy(item)
         return items.reshape(value.shape, order="F")
     return value
-
-
-_MI_TYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
-_MI_MATRIX, _MI_COMPRESSED, _MI_UTF8, _MI_UTF16, _MI_UTF32 = 14, 15, 16, 17, 18
-_MX_CELL, _MX_STRUCT, _MX_CHAR = 1, 2, 4
-_MX_NUMERIC = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
-
-
-class _Mat5:
-    """Decoder of MATLAB 5 data elements (the level 5 MAT-file format, also used by v6 and v7)."""
-
-    def __init__(self, endian: str):
-        self.endian = endian
-        self._tag = struct.Struct(endian + "II")  # also the array flags, and 2-D int32 dimensions
-        self._dims2 = struct.Struct(endian + "ii")
-        self._dtypes = {mtype: np.dtype(endian + code) for mtype, code in _MI_TYPES.items()}
-
-    def element(self, buf: memoryview, pos: int) -> tuple[int, memoryview, int]:
-        """``(data type, payload, position of the next element)``; small (4-byte) elements included."""
-        mtype, size = self._tag.unpack_from(buf, pos)  # every element, small ones too, spans 8+ bytes
-        if mtype >> 16:
-            return mtype & 0xFFFF, buf[pos + 4 : pos + 4 + (mtype >> 16)], pos + 8
-        end = pos + 8 + size
-        if end > len(buf):
-            raise ValueError("truncated data element")
-        return mtype, buf[pos + 8 : end], pos + 8 + ((size + 7) & ~7)
-
-    def numbers(self, mtype: int, payload: memoryview) -> np.ndarray:
-        if mtype not in self._dtypes:
-            raise ValueError(f"unexpected data type {mtype} for numbers")
-        return np.frombuffer(payload, dtype=self._dtypes[mtype])
-
-    def chars(self, mtype: int, payload: memoryview, dims: tuple[int, ...]) -> str | list[str]:
-        raw = bytes(payload)
-        order = "le" if self.endian == "<" else "be"
-        if mtype == _MI_UTF8:
-            text = raw.decode("utf-8", errors="replace")
-        elif mtype in (_MI_UTF16, 4):
-            text = raw.decode(f"utf-16-{order}", errors="replace")
-        elif mtype == _MI_UTF32:
-            text = raw.decode(f"utf-32-{order}", errors="replace")
-        else:
-            text = "".join(map(chr, self.numbers(mtype, payload).tolist()))
-        if len(dims) == 2 and dims[0] > 1 and len(text) == dims[0] * dims[1]:
-            grid = np.array(list(text), dtype=object).reshape(dims, order="F")
-            return ["".join(row) for row in grid]
-        return text
-
-    def matrix(self, payload: memoryview) -> tuple[str, Any]:
-        """``(variable name, value)`` of one miMATRIX element's payload."""
-        if len(payload) == 0:
-            return "", np.zeros((0, 0))
-        _, flags_raw, pos = self.element(payload, 0)
-        flags = self._tag.unpack_from(flags_raw)[0]
-        mx_class = flags & 0xFF
-        mtype, raw, pos = self.element(payload, pos)
-        if mtype == 5 and len(raw) == 8:
-            dims = self._dims2.unpack_from(raw)
-        else:
-            dims = tuple(int(d) for d in self.numbers(mtype, raw))
-        _, raw, pos = self.element(payload, pos)
-        name = bytes(raw).decode("latin-1")
-        count = math.prod(dims)
-        if mx_class in _MX_NUMERIC:
-            mtype, raw, pos = self.element(payload, pos)
-            values = self.numbers(mtype, raw).astype(_MX_NUMERIC[mx_class])
-            if flags & 0x0800:  # complex
-                mtype, raw, pos = self.element(payload, pos)
-                values = values + 1j * self.numbers(mtype, raw)
-            if flags & 0x0200:  # logical
-                values = values.astype(bool)
-            return name, values.reshape(dims, order="F")
-        if mx_class == _MX_CHAR:
-            if count == 0:
-                return name, ""
-            mtype, raw, pos = self.element(payload, pos)
-            return name, self.chars(mtype, raw, dims)
-        if mx_class == _MX_CELL:
-            cells = np.empty(count, dtype=object)
-            for i in range(count):
-                mtype, raw, pos = self.element(payload, pos)
-                cells[i] = self.matrix(raw)[1]
-            return name, cells.reshape(dims, order="F")
-        if mx_class == _MX_STRUCT:
-            mtype, raw, pos = self.element(payload, pos)
-            width = int(self.numbers(mtype, raw)[0])
-            mtype, raw, pos = self.element(payload, pos)
-            packed = bytes(raw)
-            fields = [
-                packed[i : i + width].split(b"\0", 1)[0].decode("latin-1")
-                for i in range(0, len(packed), width)
-            ]
-            fields = [f for f in fields if f] if width else []
-            records = np.empty(count, dtype=object)
-            for i in range(count):
-                record = {}
-                for field_name in fields:
-                    mtype, raw, pos = self.element(payload, pos)
-                    record[field_name] = self.matrix(raw)[1]
-                records[i] = record
-            return name, records[0] if count == 1 else records.reshape(dims, order="F")
-        raise ValueError(f"MATLAB class {mx_class} (object, sparse or function handle) is not supported")
-
-
-def _read_mat5(path: Path) -> dict[str, Any]:
-    """The built-in reader behind :func:`load_mat` (uncompressed and compressed level 5 files)."""
-    data = path.read_bytes()
-    header = data[:116]
-    if b"MATLAB 7.3" in header:
-        raise ValueError(f"{path} is a MATLAB v7.3 (HDF5) file; re-save it with save(..., '-v7').")
-    endian = {b"IM": "<", b"MI": ">"}.get(data[126:128])
-    if len(data) < 128 or not header.startswith(b"MATLAB") or endian is None:
-        raise ValueError(f"{path} is not a MATLAB 5/7 .mat file (no 'MATLAB 5.0 MAT-file' header).")
-    decoder = _Mat5(endian)
-    buf = memoryview(data)
-    variables: dict[str, Any] = {}
-    pos = 128
-    try:
-        while pos + 8 <= len(buf):
-            mtype, payload, next_pos = decoder.element(buf, pos)
-            if mtype == _MI_COMPRESSED:
-                next_pos = pos + 8 + len(payload)  # compressed elements are not padded
-                inner = memoryview(zlib.decompressobj().decompress(payload))
-                mtype, payload, _ = decoder.element(inner, 0)
-            if mtype == _MI_MATRIX:
-                name, value = decoder.matrix(payload)
-                variables[name] = value
-            pos = next_pos
-    except (ValueError, struct.error, zlib.error, IndexError) as error:
-        raise ValueError(f"{path}: malformed .mat file ({error})") from error
-    return variables
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -938,12 +803,12 @@ def get_reader(name: str, **options: Any) -> DatasetReader:
     """The reader registered as ``name`` (case and ``-``/``_`` insensitive), built with ``options``."""
     key = name.strip().lower().replace("-", "_")
     if key not in READERS:
-        raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(sorted(READERS))}")
+        raise DataError(f"Unknown dataset {name!r}; known datasets: {', '.join(sorted(READERS))}")
     reader_class = READERS[key]
     accepted = [p for p in inspect.signature(reader_class.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"Dataset {key!r} has no option(s) {', '.join(unknown)}; "
             f"its options: {', '.join(accepted) or 'none'}"
         )

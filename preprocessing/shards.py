@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 
+from c3ae.errors import C3AEError, UsageError
 from c3ae.files import atomic_path
 
 MAX_ROWS_PER_SHARD = 5000
@@ -50,7 +51,7 @@ SCHEMA = pa.schema(
 COLUMNS = tuple(SCHEMA.names)
 
 
-class ShardError(ValueError):
+class ShardError(C3AEError, ValueError):
     """An unreadable, corrupt or schema-incompatible shard."""
 
 
@@ -58,7 +59,7 @@ def rows_to_table(rows: Sequence[dict]) -> pa.Table:
     """Build a table in :data:`SCHEMA` from dicts with those keys (arrays are flattened)."""
     missing = [c for c in COLUMNS if rows and c not in rows[0]]
     if missing:
-        raise ValueError(f"Shard rows lack the columns {missing}.")
+        raise UsageError(f"Shard rows lack the columns {missing}.")
     columns = {}
     for name in COLUMNS:
         values = [row[name] for row in rows]
@@ -74,7 +75,7 @@ def write_shard(path: str | Path, rows: Sequence[dict]) -> int:
     """Write ``rows`` to ``path`` atomically (temporary name, fsync, rename); returns the row count."""
     path = Path(path)
     if len(rows) > MAX_ROWS_PER_SHARD:
-        raise ValueError(f"A shard holds at most {MAX_ROWS_PER_SHARD} rows, got {len(rows)}.")
+        raise UsageError(f"A shard holds at most {MAX_ROWS_PER_SHARD} rows, got {len(rows)}.")
     table = rows_to_table(rows) if rows else SCHEMA.empty_table()
     with atomic_path(path, fsync=True) as temporary:
         feather.write_feather(table, temporary, compression="zstd")

@@ -13,6 +13,8 @@ from conftest import REPO, SHARED
 from c3ae.estimator import AgeGenderEstimator
 from c3ae.export.bundle import write_bundle
 
+pytestmark = pytest.mark.slow  # trains, converts or installs: `pytest -m 'not slow'` skips it
+
 PHOTOS = sorted((REPO / "assets").glob("*.jpg")) + sorted((SHARED / "media").glob("t1.jpg"))
 
 

@@ -29,6 +29,14 @@ def test_every_bundled_model_ships():
     assert set(BUNDLED) <= set(available_models())
 
 
+@pytest.mark.parametrize("path", sorted(WEIGHTS_DIR.glob("*.json")), ids=lambda p: p.name)
+def test_shipped_cards_and_reports_name_no_machine_path(path):
+    from c3ae.bundled import without_machine_paths
+
+    data = json.loads(path.read_text())
+    assert without_machine_paths(data) == data
+
+
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_model_loads_offline_with_a_card(name):
     model = load_model(name)  # a name, not a path: resolved inside the package, nothing downloaded

@@ -377,6 +377,8 @@ def test_corrupt_image_rows_are_skipped_and_named(data, tmp_path, caplog):
     images = table.column("image").to_pylist()
     images[1] = images[1][: len(images[1]) // 2]  # truncated
     images[2] = b"\xff\xd8 not really a JPEG"  # garbled
+    # damaged in the middle of the scan, its start and end markers intact
+    images[4] = images[4][:300] + b"\x00" * 400 + images[4][700:]
     table = table.set_column(table.column_names.index("image"), "image", pa.array(images, pa.binary()))
     feather.write_feather(table, tmp_path / "damaged.feather")
     first["file"] = str(tmp_path / "damaged.feather")
@@ -384,6 +386,6 @@ def test_corrupt_image_rows_are_skipped_and_named(data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="c3ae.data"):
         _, targets = _collect(make_dataset(tmp_path, batch_size=8, seed=1, outputs=["gender"]))
         _, intact = _collect(make_dataset(data["manifest"], batch_size=8, seed=1, outputs=["gender"]))
-    assert len(targets["gender"]) == len(intact["gender"]) - 2
-    assert "Skipping 2 row(s) of shard" in caplog.text and "damaged.feather" in caplog.text
-    assert "(rows 1, 2)" in caplog.text
+    assert len(targets["gender"]) == len(intact["gender"]) - 3
+    assert "Skipping 3 row(s) of shard" in caplog.text and "damaged.feather" in caplog.text
+    assert "(rows 1, 2, 4)" in caplog.text

@@ -38,6 +38,8 @@ tf.config.threading.set_inter_op_parallelism_threads(2)
 import c3ae.distributed as distributed
 from c3ae.config import load_config
 
+pytestmark = pytest.mark.slow  # trains, converts or installs: `pytest -m 'not slow'` skips it
+
 index, out, overrides = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 
 

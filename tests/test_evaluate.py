@@ -37,8 +37,14 @@ def test_metrics_on_hand_made_predictions():
         "mae_by_band",
         "count",
         "gender_accuracy_by_band",
+        "gender_accuracy_by_gender",
     }
     assert sum(band["count"] for band in metrics["gender_accuracy_by_band"].values()) == 5  # known labels
+    # women: 0.2 right, 0.6 wrong; men: 0.9 right, 0.4 wrong, 0.5 right (>= 0.5 is male)
+    assert metrics["gender_accuracy_by_gender"] == {
+        "female": {"accuracy": 0.5, "count": 2},
+        "male": {"accuracy": pytest.approx(2 / 3), "count": 3},
+    }
     json.dumps(metrics)
 
 

@@ -18,6 +18,8 @@ from c3ae.export.verify import (
     report_path,
 )
 
+pytestmark = pytest.mark.slow  # trains, converts or installs: `pytest -m 'not slow'` skips it
+
 SUFFIX = {"tflite": ".tflite", "onnx": ".onnx", "saved_model": ".savedmodel", "coreml": ".mlpackage"}
 
 

@@ -440,19 +440,13 @@ def test_imdb_errors(tmp_path):
         scan_dataset("imdb_wiki", tmp_path, mat_path="nothere.mat")
     (tmp_path / "v73.mat").write_bytes(b"MATLAB 7.3 MAT-file, Platform: GLNXA64".ljust(128))
     with pytest.raises(ValueError, match="v7.3"):
-        load_mat(tmp_path / "v73.mat", engine="builtin")
+        load_mat(tmp_path / "v73.mat")
     (tmp_path / "junk.mat").write_bytes(b"not a mat file" * 20)
     with pytest.raises(ValueError, match="not a MATLAB 5/7 .mat file"):
-        load_mat(tmp_path / "junk.mat", engine="builtin")
+        load_mat(tmp_path / "junk.mat")
     (tmp_path / "cut.mat").write_bytes((DATA / "wiki_flat.mat").read_bytes()[:600])
     with pytest.raises(ValueError, match="malformed"):
-        load_mat(tmp_path / "cut.mat", engine="builtin")
-
-
-def test_load_mat_builtin_matches_scipy():
-    pytest.importorskip("scipy")
-    for name in ("imdb_nested.mat", "wiki_flat.mat"):
-        assert repr(load_mat(DATA / name, engine="builtin")) == repr(load_mat(DATA / name, engine="scipy"))
+        load_mat(tmp_path / "cut.mat")
 
 
 # ---------------------------------------------------------------------------------------- generic CSV

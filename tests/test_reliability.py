@@ -522,3 +522,76 @@ def test_36_megapixel_photos_and_their_annotated_copies_stay_bounded(tmp_path):
     records = json.loads(done.stdout.rsplit("peak_rss_kb=", 1)[0])
     assert [len(r["faces"]) for r in records] == [1, 1]
     assert cv2.imread(str(out / "big" / "b.jpg")).shape == (height, width, 3)
+
+
+def test_a_plain_value_error_is_a_bug_and_a_c3ae_error_names_the_flag(capsys, monkeypatch):
+    import c3ae.cli
+    from c3ae.errors import C3AEError
+    from c3ae.video import VideoError
+
+    def plain(args):
+        raise ValueError("a genuine bug, not the user's mistake")
+
+    build = c3ae.cli.build_parser
+    monkeypatch.setattr(c3ae.cli, "build_parser", lambda: _with_predict(build(), plain))
+    assert main(["predict", str(OBAMA)]) == 1
+    assert "this is a bug in c3ae" in capsys.readouterr().err
+
+    def library_error(args):
+        raise VideoError("output clip.xyz: unsupported video type.", parameter="output")
+
+    monkeypatch.setattr(c3ae.cli, "build_parser", lambda: _with_predict(build(), library_error))
+    assert main(["predict", str(OBAMA)]) == 2
+    assert one_line(capsys) == "c3ae predict: error: --output clip.xyz: unsupported video type."
+    assert issubclass(VideoError, C3AEError) and issubclass(VideoError, ValueError)
+
+
+def test_every_library_error_shares_one_base():
+    import inspect
+
+    import c3ae.bundled
+    import c3ae.config
+    import c3ae.data
+    import c3ae.detector
+    import c3ae.estimator
+    import c3ae.export.bundle
+    import c3ae.export.checks
+    import c3ae.extras
+    import c3ae.faces
+    import c3ae.files
+    import c3ae.legacy
+    import c3ae.preprocessing.pipeline
+    import c3ae.preprocessing.shards
+    import c3ae.runtime
+    import c3ae.train
+    import c3ae.video
+    from c3ae.errors import C3AEError
+
+    modules = [
+        c3ae.bundled,
+        c3ae.config,
+        c3ae.data,
+        c3ae.detector,
+        c3ae.estimator,
+        c3ae.extras,
+        c3ae.faces,
+        c3ae.files,
+        c3ae.legacy,
+        c3ae.runtime,
+        c3ae.train,
+        c3ae.video,
+        c3ae.export.bundle,
+        c3ae.export.checks,
+        c3ae.preprocessing.pipeline,
+        c3ae.preprocessing.shards,
+    ]
+    errors = [
+        cls
+        for module in modules
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, Exception)
+        and cls.__module__ == module.__name__
+        and not cls.__name__.startswith("_")
+    ]
+    assert len(errors) >= 12
+    assert [cls.__name__ for cls in errors if not issubclass(cls, C3AEError)] == []

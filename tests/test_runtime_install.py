@@ -39,6 +39,8 @@ from c3ae.cli import main
 assert main(["predict", {str(OBAMA)!r}, "--json", {str(tmp_path / "faces.json")!r}]) == 0
 assert main(["video", {str(clip)!r}, "--output", {str(tmp_path / "out.mp4")!r}]) == 0
 from c3ae import AgeGenderEstimator
+
+pytestmark = pytest.mark.slow  # trains, converts or installs: `pytest -m 'not slow'` skips it
 faces = AgeGenderEstimator().predict({str(OBAMA)!r})
 assert len(faces) == 1 and faces[0].gender in ("male", "female")
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})))

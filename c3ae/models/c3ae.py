@@ -13,6 +13,7 @@ import numpy as np
 from keras import layers
 
 from c3ae.conventions import AGE_BIN_WIDTH, NUM_AGE_BINS
+from c3ae.errors import UsageError
 from c3ae.layers import (
     ACTIVATIONS,
     OUTPUT_DTYPE,
@@ -49,21 +50,23 @@ def build_c3ae_backbone(
     activation: str = "relu",
     white_norm: bool = False,
     conv1_bias: bool = False,
+    filters: int = FILTERS,
     name: str = "backbone",
 ) -> keras.Model:
-    """The per-crop backbone: (N, S, S, 3) BGR [0, 255] -> (N, F*F*32) features (512 for S = 64)."""
+    """The per-crop backbone: (N, S, S, 3) BGR [0, 255] -> (N, F*F*filters) features (512 for S = 64 and
+    the paper's 32 filters)."""
     crop = keras.Input(shape=(input_size, input_size, 3), name="crop")
     x = WhiteNorm(name="white_norm")(crop) if white_norm else crop
     for block in range(1, 5):
         use_bias = conv1_bias or block > 1
-        x = layers.Conv2D(FILTERS, 3, padding="valid", use_bias=use_bias, name=f"conv{block}")(x)
+        x = layers.Conv2D(filters, 3, padding="valid", use_bias=use_bias, name=f"conv{block}")(x)
         x = layers.BatchNormalization(name=f"bn{block}")(x)
         x = make_activation(activation, f"act{block}")(x)
         if block < 4:
             x = layers.AveragePooling2D(2, name=f"pool{block}")(x)
         if se:
             x = SqueezeExcite(se_reduction, se_pooling, activation, name=f"se{block}")(x)
-    x = layers.Conv2D(FILTERS, 1, name="conv5")(x)
+    x = layers.Conv2D(filters, 1, name="conv5")(x)
     if se:
         x = SqueezeExcite(se_reduction, se_pooling, activation, name="se5")(x)
     features = layers.Flatten(name="flatten")(x)
@@ -82,6 +85,7 @@ def build_c3ae(
     gender_hidden: int = 0,
     conv1_bias: bool = False,
     input_size: int = 64,
+    filters: int = FILTERS,
     name: str = "c3ae",
 ) -> keras.Model:
     """Build C3AE.
@@ -99,13 +103,15 @@ def build_c3ae(
             layer on them under-fits gender.
         conv1_bias: the paper's Table 1 gives conv1 a bias; the reference Keras code does not.
         input_size: side of each square crop in pixels (64 in the paper).
+        filters: channels of every convolution (32 in the paper); a wider model has about
+            ``(filters / 32) ** 2`` times the parameters and multiply-adds.
     """
     if activation not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+        raise UsageError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
     if se_pooling not in ("avg", "gem"):
-        raise ValueError(f"Unknown se_pooling {se_pooling!r}; expected 'avg' or 'gem'.")
+        raise UsageError(f"Unknown se_pooling {se_pooling!r}; expected 'avg' or 'gem'.")
     if c3ae_feature_size(int(input_size)) < 1:
-        raise ValueError(
+        raise UsageError(
             f"input_size={input_size} is too small for C3AE's valid convolutions; "
             f"use at least {smallest_input(c3ae_feature_size)} (64 in the paper)."
         )
@@ -117,6 +123,7 @@ def build_c3ae(
         activation=activation,
         white_norm=white_norm,
         conv1_bias=conv1_bias,
+        filters=int(filters),
     )
     shape = (input_size, input_size, 3)
     if triple_box:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import keras
 from keras import layers
 
+from c3ae.errors import UsageError
 from c3ae.layers import OUTPUT_DTYPE, ExpectedValue, WhiteNorm
 from c3ae.models.c3ae import smallest_input
 
@@ -89,14 +90,14 @@ def build_application_backbone(
     ``(x - 127.5) / 128``.
     """
     if backbone not in application_names():
-        raise ValueError(
+        raise UsageError(
             f"Unknown backbone {backbone!r}; expected {COMPACT!r} or the name of a keras.applications "
             f"constructor, e.g. {', '.join(EXAMPLE_APPLICATIONS)}."
         )
     extra = dict(backbone_kwargs or {})
     clashes = sorted(set(extra) & set(_RESERVED_APPLICATION_ARGS))
     if clashes:
-        raise ValueError(f"backbone_kwargs may not set {clashes}: build_dldl sets them itself.")
+        raise UsageError(f"backbone_kwargs may not set {clashes}: build_dldl sets them itself.")
     constructor = getattr(keras.applications, backbone)
     params = inspect.signature(constructor).parameters
     kwargs = {
@@ -110,7 +111,7 @@ def build_application_backbone(
     try:
         model = constructor(**kwargs, **extra)
     except (ValueError, TypeError) as err:
-        raise ValueError(
+        raise UsageError(
             f"keras.applications.{backbone} cannot be built with input_size={input_size} "
             f"and backbone_kwargs={extra}: {err}"
         ) from err
@@ -121,7 +122,7 @@ def build_application_backbone(
         # EfficientNetB0-B7 rescale by 1/255 with no switch to turn it off: fold the inverse into WhiteNorm,
         # so that rescaling(white_norm(x)) == (x - 127.5) / 128.
         if not isinstance(first.scale, (int, float)) or not isinstance(first.offset, (int, float)):
-            raise ValueError(
+            raise UsageError(
                 f"keras.applications.{backbone} starts with a per-channel Rescaling; unsupported."
             )
         center = WHITE_NORM_CENTER + WHITE_NORM_SCALE * float(first.offset)
@@ -158,22 +159,22 @@ def build_dldl(
     """
     num_bins_int = int(num_bins)
     if num_bins_int != num_bins or num_bins_int < 2:
-        raise ValueError(f"num_bins must be an integer >= 2 (101 for ages 0..100), got {num_bins!r}.")
+        raise UsageError(f"num_bins must be an integer >= 2 (101 for ages 0..100), got {num_bins!r}.")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        raise UsageError(f"dropout must be in [0, 1), got {dropout}.")
     input_size = int(input_size)
     if not isinstance(backbone, str):
-        raise ValueError(
+        raise UsageError(
             f"backbone must be a string ({COMPACT!r} or a keras.applications name), got {backbone!r}."
         )
 
     if backbone == COMPACT:
         if backbone_kwargs:
-            raise ValueError("backbone_kwargs only apply to keras.applications backbones, not 'compact'.")
+            raise UsageError("backbone_kwargs only apply to keras.applications backbones, not 'compact'.")
         if int(width) < 1:
-            raise ValueError(f"width must be >= 1, got {width}.")
+            raise UsageError(f"width must be >= 1, got {width}.")
         if compact_feature_size(input_size) < 1:
-            raise ValueError(
+            raise UsageError(
                 f"input_size={input_size} is too small for the compact backbone's three 2x2 poolings; "
                 f"use at least {smallest_input(compact_feature_size)}."
             )

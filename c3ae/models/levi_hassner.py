@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
+from c3ae.errors import UsageError
 from c3ae.layers import OUTPUT_DTYPE, LocalResponseNormalization
 from c3ae.models.c3ae import smallest_input
 
@@ -87,17 +88,17 @@ def build_levi_hassner(
         lrn: local response normalisation after pools 1 and 2 (the paper's); ``False`` drops it.
     """
     if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+        raise UsageError(f"Unknown task {task!r}; expected one of {TASKS}.")
     if int(num_classes) != num_classes or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2 (8 Adience age groups), got {num_classes!r}.")
+        raise UsageError(f"num_classes must be an integer >= 2 (8 Adience age groups), got {num_classes!r}.")
     fc_units = tuple(fc_units)
     if not fc_units or any(int(units) != units or units < 1 for units in fc_units):
-        raise ValueError(f"fc_units must be a non-empty sequence of positive integers, got {fc_units!r}.")
+        raise UsageError(f"fc_units must be a non-empty sequence of positive integers, got {fc_units!r}.")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        raise UsageError(f"dropout must be in [0, 1), got {dropout}.")
     input_size = int(input_size)
     if _final_feature_size(input_size) < 1:
-        raise ValueError(
+        raise UsageError(
             f"input_size={input_size} is too small for Levi-Hassner's stride-4 conv1 and three 3x3 poolings; "
             f"use at least {smallest_input(_final_feature_size)} (227 in the paper)."
         )

@@ -23,6 +23,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from c3ae.errors import UsageError
+
 NETWORKS = ("pnet", "rnet", "onet")
 PATCH_SIZES = {"rnet": 24, "onet": 48}
 NORMALISATION = (127.5, 128.0)  # the package's (x - mean) / scale
@@ -116,7 +118,7 @@ def set_package_weights(model: keras.Model, network: str, weights: Sequence[np.n
     layers_with_weights = [model.get_layer(name) for name in PACKAGE_ORDER[network]]
     expected = sum(len(layer.weights) for layer in layers_with_weights)
     if len(weights) != expected:
-        raise ValueError(f"{model.name} takes {expected} weight arrays; got {len(weights)}.")
+        raise UsageError(f"{model.name} takes {expected} weight arrays; got {len(weights)}.")
     position = 0
     for layer in layers_with_weights:
         count = len(layer.weights)
@@ -126,7 +128,7 @@ def set_package_weights(model: keras.Model, network: str, weights: Sequence[np.n
             arrays = list(fold_input_normalisation(*arrays))
         shapes = [tuple(w.shape) for w in layer.weights]
         if [a.shape for a in arrays] != shapes:
-            raise ValueError(
+            raise UsageError(
                 f"{model.name}/{layer.name}: expected {shapes}, got {[a.shape for a in arrays]}."
             )
         layer.set_weights(arrays)
@@ -151,5 +153,5 @@ def package_weights(network: str) -> list[np.ndarray]:
 def build_mtcnn_network(network: str) -> keras.Model:
     """One of ``NETWORKS`` with the ``mtcnn`` package's weights, taking BGR raw pixels."""
     if network not in BUILDERS:
-        raise ValueError(f"Unknown MTCNN network {network!r}; expected one of {', '.join(NETWORKS)}.")
+        raise UsageError(f"Unknown MTCNN network {network!r}; expected one of {', '.join(NETWORKS)}.")
     return set_package_weights(BUILDERS[network](), network, package_weights(network))

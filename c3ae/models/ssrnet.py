@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
+from c3ae.errors import UsageError
 from c3ae.layers import OUTPUT_DTYPE, SoftStagewiseRegression
 from c3ae.models.c3ae import smallest_input
 
@@ -76,17 +77,17 @@ def build_ssrnet(
     """
     stage_num = tuple(int(s) for s in stage_num)
     if len(stage_num) != 3:
-        raise ValueError(f"SSR-Net has exactly three stages; stage_num={stage_num} has {len(stage_num)}.")
+        raise UsageError(f"SSR-Net has exactly three stages; stage_num={stage_num} has {len(stage_num)}.")
     if any(s < 1 for s in stage_num):
-        raise ValueError(f"Every stage needs at least one bin; got stage_num={stage_num}.")
+        raise UsageError(f"Every stage needs at least one bin; got stage_num={stage_num}.")
     if p_activation not in P_ACTIVATIONS:
-        raise ValueError(f"Unknown p_activation {p_activation!r}; expected one of {P_ACTIVATIONS}.")
+        raise UsageError(f"Unknown p_activation {p_activation!r}; expected one of {P_ACTIVATIONS}.")
     if mix_activation not in MIX_ACTIVATIONS:
-        raise ValueError(f"Unknown mix_activation {mix_activation!r}; expected one of {MIX_ACTIVATIONS}.")
+        raise UsageError(f"Unknown mix_activation {mix_activation!r}; expected one of {MIX_ACTIVATIONS}.")
     if V <= 0:
-        raise ValueError(f"V must be positive (101 for age, 1 for gender), got {V}.")
+        raise UsageError(f"V must be positive (101 for age, 1 for gender), got {V}.")
     if _smallest_feature(int(input_size)) < 1:
-        raise ValueError(
+        raise UsageError(
             f"input_size={input_size} is too small for SSR-Net's valid convolutions and 8x8 pooling; "
             f"use at least {smallest_input(_smallest_feature)} (64 in the paper)."
         )

@@ -1,6 +1,6 @@
-"""Write the IMDB-WIKI .mat fixtures with scipy.io.savemat (an independent writer for the built-in reader).
+"""Write the IMDB-WIKI .mat fixtures with scipy.io.savemat.
 
-Run with any Python that has scipy (the project venv does not need it):
+Run with the project venv (scipy is in the train extra):
     python tests/data/readers/make_mat_fixtures.py
 MATLAB datenum = Python ordinal + 366. Expected labels are asserted in tests/test_readers.py.
 """
