@@ -38,14 +38,19 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-2-Clause",
     python_requires=">=3.10",
-    packages=["c3ae", "c3ae.models", "c3ae.preprocessing", "c3ae.export"],
+    packages=["c3ae", "c3ae.models", "c3ae.preprocessing", "c3ae.export", "c3ae.assets"],
     package_dir={
         "c3ae": "c3ae",
         "c3ae.models": "c3ae/models",
         "c3ae.preprocessing": "preprocessing",
         "c3ae.export": "export",
+        # the two public-domain photos `c3ae export` verifies on when no manifest is given
+        "c3ae.assets": "assets",
     },
-    package_data={"c3ae": ["weights/*", "weights/mtcnn/*", "configs/*.yaml"]},
+    package_data={
+        "c3ae": ["weights/*", "weights/mtcnn/*", "configs/*.yaml"],
+        "c3ae.assets": ["obama.jpg", "astronaut.jpg", "README.md"],
+    },
     # `pip install c3ae` is the runtime: detection and inference on the shipped .tflite models, no
     # TensorFlow. The extras add ONNX Runtime, the training and export stack, CoreML, the CUDA build.
     install_requires=REQUIREMENTS["runtime"],

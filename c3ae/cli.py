@@ -686,21 +686,15 @@ def _asset(name: str):
     return Path(__file__).resolve().parents[1] / "assets" / name
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from c3ae.video import VIDEO_MIN_FACE
-
-    parser = argparse.ArgumentParser(
-        prog="c3ae",
-        description="Compact face age and gender estimation: build, train, freeze and run C3AE, SSR-Net, "
-        "DLDL and Levi-Hassner models.",
-    )
-    parser.add_argument("--version", action="version", version=f"c3ae {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_models(commands) -> None:
+    """The ``models`` subcommand's arguments."""
     models = commands.add_parser("models", help="list the model families with their parameter counts")
     models.add_argument("name", nargs="?", help="show the layer-by-layer summary of one model")
     models.set_defaults(func=cmd_models)
 
+
+def _add_preprocess(commands) -> None:
+    """The ``preprocess`` subcommand's arguments."""
     prep = commands.add_parser(
         "preprocess",
         help="detect, align and crop a dataset into Feather shards with a manifest",
@@ -730,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.set_defaults(func=cmd_preprocess)
 
+
+def _add_train(commands) -> None:
+    """The ``train`` subcommand's arguments."""
     train = commands.add_parser(
         "train",
         help="train a model family on a preprocessed dataset (rerun on the same --out to resume)",
@@ -749,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=("float32", "mixed_float16"), help="mixed_float16 on GPUs")
     train.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(commands) -> None:
+    """The ``evaluate`` subcommand's arguments."""
     evaluate = commands.add_parser(
         "evaluate", help="MAE, CA(3), CA(5), gender accuracy and MAE per age band on a split"
     )
@@ -775,6 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=256)
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def _add_publish(commands) -> None:
+    """The ``publish`` subcommand's arguments."""
     publish = commands.add_parser(
         "publish", help="(maintainers) bundle a run's best model into the package with its model card"
     )
@@ -790,6 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--split", default="test", help="split the card's metrics come from (default test)")
     publish.set_defaults(func=cmd_publish)
 
+
+def _add_predict(commands) -> None:
+    """The ``predict`` subcommand's arguments."""
     predict = commands.add_parser(
         "predict",
         help="age and gender of every face in images (files and folders, recursively)",
@@ -805,6 +811,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--csv", metavar="FILE", help="write one CSV row per face ('-': stdout)")
     _estimator_options(predict, min_face=20)
     predict.set_defaults(func=cmd_predict)
+
+
+def _add_video(commands) -> None:
+    """The ``video`` subcommand's arguments."""
+    from c3ae.video import VIDEO_MIN_FACE
 
     video = commands.add_parser(
         "video",
@@ -839,6 +850,9 @@ def build_parser() -> argparse.ArgumentParser:
     _estimator_options(video, min_face=VIDEO_MIN_FACE)
     video.set_defaults(func=cmd_video)
 
+
+def _add_export(commands) -> None:
+    """The ``export`` subcommand's arguments."""
     export = commands.add_parser(
         "export",
         help="convert a model to TFLite, ONNX, SavedModel or CoreML, verified against Keras",
@@ -877,6 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export)
 
+
+def _add_bench(commands) -> None:
+    """The ``bench`` subcommand's arguments."""
     bench = commands.add_parser("bench", help="measure speed on this machine (medians)")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     data = bench_commands.add_parser(
@@ -934,12 +951,35 @@ def build_parser() -> argparse.ArgumentParser:
     mtcnn.add_argument("--seed", type=int, default=0, help="sample seed (default 0)")
     mtcnn.add_argument("--json", help="also write the results to this JSON file")
     mtcnn.set_defaults(func=cmd_bench_mtcnn)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="c3ae",
+        description="Compact face age and gender estimation: build, train, freeze and run C3AE, SSR-Net, "
+        "DLDL and Levi-Hassner models.",
+    )
+    parser.add_argument("--version", action="version", version=f"c3ae {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_models(commands)
+    _add_preprocess(commands)
+    _add_train(commands)
+    _add_evaluate(commands)
+    _add_publish(commands)
+    _add_predict(commands)
+    _add_video(commands)
+    _add_export(commands)
+    _add_bench(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "train" and all("=" in e and e[0] != "-" for e in extra):
+        args.overrides = [*args.overrides, *extra]  # key=value after an option: `train C --out R lr=...`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

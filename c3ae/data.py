@@ -786,18 +786,7 @@ def make_dataset(
     augment = split == "train" if augment is None else bool(augment)
     shuffle = split == "train" if shuffle is None else bool(shuffle)
     deterministic = True if seed is not None or not shuffle else None
-    streams = []
-    for index, (_, info, _) in enumerate(sources):
-        # Source 0 keeps the single-manifest seeds, so one source alone gives the same batches as before.
-        seeds = [None] * 4 if seed is None else [int(seed) * 4 + i + 7919 * index for i in range(4)]
-        generator = partial(
-            _shard_rows,
-            permute=shuffle,
-            need_age=any(t in ("age", "age_bins") for t in targets),
-            need_group="age_group" in targets,
-            weights=balance_table(info, split, balance),
-        )
-        streams.append(_row_stream(info, split, generator, shuffle, seeds, cache))
+    streams = _source_streams(sources, split, targets, shuffle, seed, cache, balance)
     if mixing:
         _log_mix(sources, split, shuffle)
     base = [None] * 4 if seed is None else [int(seed) * 4 + i for i in range(4)]
@@ -827,6 +816,23 @@ def make_dataset(
 
     dataset = dataset.map(to_targets, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _source_streams(sources, split, targets, shuffle, seed, cache, balance) -> list:
+    """One row stream per source, each with its own seeds (source 0 keeps the single-manifest seeds, so a
+    source alone gives the same batches as a plain manifest) and its balance weights."""
+    streams = []
+    for index, (_, info, _) in enumerate(sources):
+        seeds = [None] * 4 if seed is None else [int(seed) * 4 + i + 7919 * index for i in range(4)]
+        generator = partial(
+            _shard_rows,
+            permute=shuffle,
+            need_age=any(t in ("age", "age_bins") for t in targets),
+            need_group="age_group" in targets,
+            weights=balance_table(info, split, balance),
+        )
+        streams.append(_row_stream(info, split, generator, shuffle, seeds, cache))
+    return streams
 
 
 def _to_crops(row, element_seed, *, cropper, input_names, size):

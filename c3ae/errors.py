@@ -19,8 +19,8 @@ class C3AEError(Exception):
 
     exit_code = 2
 
-    def __init__(self, *args, parameter: str | None = None):
-        super().__init__(*args)
+    def __init__(self, *args, parameter: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)  # ImportError's name= and path=, for MissingExtraError
         self.parameter = parameter
 
     def cli_message(self, flags: dict[str, str] | None = None) -> str:

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -284,6 +285,180 @@ VIDEO_MIN_FACE = (
 )
 
 
+class _FrameSource:
+    """The frames of a capture as ``(index, frame)``, starting with the already decoded ``first``. A frame
+    that cannot be decoded is skipped and counted in ``broken`` (its index is kept, so the output's frame
+    indices stay the input's); ``MAX_CONSECUTIVE_FAILURES`` in a row, or the frame count, end the stream."""
+
+    def __init__(self, frames: _Prefetch, first, total: int | None, max_frames: int | None, timer):
+        self.frames, self.first, self.total, self.max_frames, self.timer = (
+            frames,
+            first,
+            total,
+            max_frames,
+            timer,
+        )
+        self.index = self.broken = self.pending = 0
+
+    def __iter__(self):
+        frame = self.first
+        while True:
+            if frame is None:
+                if self.max_frames is not None and self.index + self.pending >= self.max_frames:
+                    return
+                with self.timer("decode"):
+                    ok, frame = self.frames.read()
+                if not ok or frame is None:
+                    frame = None
+                    more = self.total is None or self.index + self.pending + 1 < self.total
+                    if more and self.pending < MAX_CONSECUTIVE_FAILURES:
+                        self.pending += 1
+                        continue
+                    return
+                if self.pending:  # frames that failed to decode before this good one: broken, skipped
+                    self.broken += self.pending
+                    self.index += self.pending
+                    self.pending = 0
+            yield self.index, frame
+            self.index += 1
+            frame = None
+
+
+class _Annotator:
+    """One frame's step: find scene cuts, detect (every ``detect_every`` frames, and at once after a cut)
+    and estimate, or carry the tracks along in between; returns the visible tracks."""
+
+    def __init__(self, estimator, tracker: IoUTracker, timer, detect_every: int, scene_cut: float):
+        self.estimator, self.tracker, self.timer = estimator, tracker, timer
+        self.detect_every, self.scene_cut = detect_every, scene_cut
+        self.thumbnail = self.last_detection = None
+        self.detections = self.cuts = self.face_boxes = 0
+
+    def _is_cut(self, frame: np.ndarray) -> bool:
+        # Every 4th pixel is plenty for a 32x18 thumbnail, and 16 times less to read on HD frames.
+        small = cv2.resize(frame[::4, ::4], THUMBNAIL, interpolation=cv2.INTER_AREA)
+        small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        previous, self.thumbnail = self.thumbnail, small
+        return (
+            self.scene_cut > 0
+            and previous is not None
+            and float(np.abs(small - previous).mean()) > self.scene_cut
+        )
+
+    def step(self, index: int, frame: np.ndarray, now: float) -> tuple[list, bool]:
+        """(visible tracks, whether the detector ran) for frame ``index`` at stream time ``now`` seconds."""
+        timer, estimator = self.timer, self.estimator
+        with timer("track"):
+            cut = self._is_cut(frame)
+        detect_now = self.last_detection is None or cut or index - self.last_detection >= self.detect_every
+        if detect_now:
+            if cut:
+                self.tracker.reset()
+                self.cuts += 1
+            with timer("detect"):
+                found = estimator.detect(frame)
+            with timer("track"):
+                tracks = self.tracker.update(index, [d.box for d in found], [d.score for d in found])
+            with timer("align"):
+                aligned = estimator.align(frame, found)
+            with timer("estimate"):
+                faces = estimator.estimate_aligned(aligned)
+            for track, face in zip(tracks, faces, strict=True):
+                track.observe(face.age, _male_prob(face), now, face.age_std)
+            self.detections += 1
+            self.last_detection = index
+        else:
+            with timer("track"):
+                self.tracker.advance(index)
+        visible = self.tracker.visible()
+        self.face_boxes += len(visible)
+        return visible, detect_now
+
+
+def _open_window(show: bool) -> None:
+    if not show:
+        return
+    try:
+        cv2.namedWindow("c3ae", cv2.WINDOW_NORMAL)
+    except cv2.error as error:
+        raise VideoError(
+            "show needs OpenCV with GUI support (pip install opencv-python instead of "
+            "opencv-python-headless).",
+            parameter="show",
+        ) from error
+
+
+class _Sinks:
+    """Where annotated frames go: the video file, the JSON lines, the window. :meth:`close` finalises each
+    (a video with no frame is discarded) before raising the first failure."""
+
+    def __init__(self, output, jsonl, show: bool, fps: float, size: tuple[int, int], timer):
+        self.writer = _Output(output, fps, size) if output is not None else None
+        self.lines = _Lines(jsonl) if jsonl is not None else None
+        self.show, self.timer = show, timer
+
+    def emit(self, index: int, now: float, detected: bool, visible: list, frame: np.ndarray) -> bool:
+        """Send one frame on; True when the window asks to stop (q or Esc)."""
+        if self.lines is not None:
+            tracks = [_track_record(t) for t in visible]
+            self.lines.write({"frame": index, "time": round(now, 4), "detected": detected, "tracks": tracks})
+        if self.writer is not None or self.show:
+            with self.timer("draw"):
+                for track in visible:
+                    color = COLORS.get(track.gender, COLORS[None])
+                    draw_box(frame, track.xywh(), face_label(track.age, track.gender), color)
+        if self.writer is not None:
+            with self.timer("encode"):
+                self.writer.write(frame)
+        if self.show:
+            cv2.imshow("c3ae", frame)
+            return cv2.waitKey(1) & 0xFF in (ord("q"), 27)
+        return False
+
+    def close(self, written: int, summary_of) -> None:
+        """Finalise every sink; ``summary_of(video_kept)`` makes the summary the JSON lines end with."""
+        failures = []
+        if self.writer is not None:
+            try:
+                self.writer.close(keep=written > 0)
+            except BaseException as error:
+                failures.append(error)
+        summary = summary_of(self.writer is not None and written > 0 and not failures)
+        if self.lines is not None:
+            try:
+                self.lines.write({"summary": summary})
+                self.lines.close()
+            except BaseException as error:
+                self.lines.discard()
+                failures.append(error)
+        if failures:
+            raise failures[0]
+
+
+def _checked_outputs(source, output, jsonl):
+    """The one rule for outputs (c3ae.files): never the input, never over a file of another kind."""
+    inputs = [] if isinstance(source, int) else [source]
+    try:
+        if output is not None:
+            output = check_output(output, "output", inputs, ("video",))
+        if jsonl is not None and str(jsonl) != "-":
+            check_output(jsonl, "jsonl", inputs, ("json", "text"))
+    except OutputError as error:
+        raise VideoError(str(error), parameter=error.parameter) from error
+    return output
+
+
+def _stream_facts(capture, is_camera: bool, max_frames: int | None) -> tuple[float, int | None]:
+    """(frames per second, frames to expect or None) of an opened capture."""
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    fps = float(fps) if fps and math.isfinite(fps) and 0 < fps < 1000 else DEFAULT_FPS
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    total = total if total > 0 and not is_camera else None
+    if max_frames is not None:
+        total = min(total, int(max_frames)) if total is not None else int(max_frames)
+    return fps, total
+
+
 def process_video(
     source,
     estimator,
@@ -322,140 +497,37 @@ def process_video(
     """
     if int(detect_every) < 1:
         raise UsageError(f"detect_every must be at least 1, got {detect_every}.")
-    detect_every = int(detect_every)
-    tracker = IoUTracker(smooth=smooth)
+    output = _checked_outputs(source, output, jsonl)
     is_camera = isinstance(source, int)
-    inputs = [] if is_camera else [source]
-    try:  # the one rule for outputs (c3ae.files): never the input, never over a file of another kind
-        if output is not None:
-            output = check_output(output, "output", inputs, ("video",))
-        if jsonl is not None and str(jsonl) != "-":
-            check_output(jsonl, "jsonl", inputs, ("json", "text"))
-    except OutputError as error:
-        raise VideoError(str(error), parameter=error.parameter) from error
     capture = open_capture(source)
     timer = StageTimer()
-    fps_in = capture.get(cv2.CAP_PROP_FPS)
-    fps_in = float(fps_in) if fps_in and math.isfinite(fps_in) and 0 < fps_in < 1000 else DEFAULT_FPS
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    total = total if total > 0 and not is_camera else None
-    if max_frames is not None:
-        total = min(total, int(max_frames)) if total is not None else int(max_frames)
-
-    writer: _Output | None = None
-    lines: _Lines | None = None
-    bar = None
-    summary: dict = {}
-    index = written = broken = pending = detections_run = face_boxes = cuts = 0
-    last_detection = None
-    thumbnail = None
-    interrupted = False
-    start = None
-    frames: _Prefetch | None = None
+    fps_in, total = _stream_facts(capture, is_camera, max_frames)
+    tracker = IoUTracker(smooth=smooth)
+    annotator = _Annotator(estimator, tracker, timer, int(detect_every), scene_cut)
+    sinks = bar = frames = source_frames = start = None
+    written, interrupted = 0, False
     try:
-        if show:
-            try:
-                cv2.namedWindow("c3ae", cv2.WINDOW_NORMAL)
-            except cv2.error as error:
-                raise VideoError(
-                    "--show needs OpenCV with GUI support (pip install opencv-python instead of "
-                    "opencv-python-headless)."
-                ) from error
+        _open_window(show)
         # Start-up, not timed: the first frame, the outputs, and one warm-up pass of detector and model.
         ok, first = capture.read()
         if not ok or first is None:
             raise VideoError(f"{source}: not a single frame could be decoded.")
-        if output is not None:
-            writer = _Output(output, fps_in, (first.shape[1], first.shape[0]))
-        lines = _Lines(jsonl) if jsonl is not None else None
+        sinks = _Sinks(output, jsonl, show, fps_in, (first.shape[1], first.shape[0]), timer)
         estimator.estimate_aligned(estimator.align(first, estimator.detect(first)))
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, unit="frame", file=sys.stderr, dynamic_ncols=True, leave=True)
+        bar = _progress_bar(total) if progress else None
         start = time.perf_counter()
-        frame = first
         frames = _Prefetch(capture)
-        while True:
-            if frame is None:
-                if max_frames is not None and index + pending >= max_frames:
-                    break
-                with timer("decode"):
-                    ok, frame = frames.read()
-                if not ok or frame is None:
-                    frame = None
-                    more = total is None or index + pending + 1 < total
-                    if more and pending < MAX_CONSECUTIVE_FAILURES:
-                        pending += 1
-                        continue
-                    break
-                if pending:  # frames that failed to decode before this good one: broken, skipped
-                    broken += pending
-                    index += pending
-                    pending = 0
-            with timer("track"):
-                # Every 4th pixel is plenty for a 32x18 thumbnail, and 16 times less to read on HD frames.
-                small = cv2.resize(frame[::4, ::4], THUMBNAIL, interpolation=cv2.INTER_AREA)
-                small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float32)
-                cut = (
-                    scene_cut > 0
-                    and thumbnail is not None
-                    and float(np.abs(small - thumbnail).mean()) > scene_cut
-                )
-                thumbnail = small
+        source_frames = _FrameSource(frames, first, total, max_frames, timer)
+        for index, frame in source_frames:
             # Stream time: from the frame rate for files, the wall clock for cameras.
             now = time.perf_counter() - start if is_camera else index / fps_in
-            detect_now = last_detection is None or cut or index - last_detection >= detect_every
-            if detect_now:
-                if cut:
-                    tracker.reset()
-                    cuts += 1
-                with timer("detect"):
-                    found = estimator.detect(frame)
-                with timer("track"):
-                    tracks = tracker.update(index, [d.box for d in found], [d.score for d in found])
-                with timer("align"):
-                    aligned = estimator.align(frame, found)
-                with timer("estimate"):
-                    faces = estimator.estimate_aligned(aligned)
-                for track, face in zip(tracks, faces, strict=True):
-                    track.observe(face.age, _male_prob(face), now, face.age_std)
-                detections_run += 1
-                last_detection = index
-            else:
-                with timer("track"):
-                    tracker.advance(index)
-            visible = tracker.visible()
-            face_boxes += len(visible)
-            if lines is not None:
-                lines.write(
-                    {
-                        "frame": index,
-                        "time": round(now, 4),
-                        "detected": detect_now,
-                        "tracks": [_track_record(t) for t in visible],
-                    }
-                )
-            if writer is not None or show:
-                with timer("draw"):
-                    for track in visible:
-                        color = COLORS.get(track.gender, COLORS[None])
-                        draw_box(frame, track.xywh(), face_label(track.age, track.gender), color)
-            if writer is not None:
-                with timer("encode"):
-                    writer.write(frame)
+            visible, detected = annotator.step(index, frame, now)
+            stop = sinks.emit(index, now, detected, visible, frame)
             written += 1
-            index += 1
-            shown, frame = frame, None
-            if bar is not None:
-                bar.update(1)
-                if written % 10 == 0:
-                    bar.set_postfix(fps=f"{written / (time.perf_counter() - start):.1f}", refresh=False)
-            if show:
-                cv2.imshow("c3ae", shown)
-                if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
-                    interrupted = True
-                    break
+            _tick(bar, written, start)
+            if stop:
+                interrupted = True
+                break
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -465,43 +537,63 @@ def process_video(
         capture.release()
         if bar is not None:
             bar.close()
-        failures = []  # each output is finalised before the first failure is raised
-        if writer is not None:
-            try:
-                writer.close(keep=written > 0)
-            except BaseException as error:
-                failures.append(error)
         if show:
             try:
                 cv2.destroyAllWindows()
             except cv2.error:
                 pass
-        summary = {
-            "frames": written,
-            "input_frames": total,
-            "broken_frames": broken,
-            "missing_frames": max(total - index, 0) if total is not None and not interrupted else 0,
-            "interrupted": interrupted,
-            "faces": tracker.next_id - 1,
-            "face_boxes": face_boxes,
-            "detection_frames": detections_run,
-            "scene_cuts": cuts,
-            "fps": round(written / elapsed, 2) if elapsed > 0 else None,
-            "input_fps": round(fps_in, 3),
-            "seconds": round(elapsed, 3),
-            "stages": timer.summary(written),
-            "output": str(output) if writer is not None and written else None,
-        }
-        if lines is not None:
-            try:
-                lines.write({"summary": summary})
-                lines.close()
-            except BaseException as error:
-                lines.discard()
-                failures.append(error)
-        if failures:
-            raise failures[0]
+        summary_of = partial(
+            _video_summary,
+            output=output,
+            written=written,
+            total=total,
+            frames=source_frames,
+            interrupted=interrupted,
+            annotator=annotator,
+            elapsed=elapsed,
+            fps_in=fps_in,
+            timer=timer,
+        )
+        summary = summary_of(output is not None and written > 0)
+        if sinks is not None:
+            sinks.close(written, summary_of)
     return summary
+
+
+def _video_summary(
+    kept: bool, *, output, written, total, frames, interrupted, annotator, elapsed, fps_in, timer
+):
+    """:func:`process_video`'s summary (``kept``: the annotated video was written)."""
+    index = frames.index if frames is not None else 0
+    return {
+        "frames": written,
+        "input_frames": total,
+        "broken_frames": frames.broken if frames is not None else 0,
+        "missing_frames": max(total - index, 0) if total is not None and not interrupted else 0,
+        "interrupted": interrupted,
+        "faces": annotator.tracker.next_id - 1,
+        "face_boxes": annotator.face_boxes,
+        "detection_frames": annotator.detections,
+        "scene_cuts": annotator.cuts,
+        "fps": round(written / elapsed, 2) if elapsed > 0 else None,
+        "input_fps": round(fps_in, 3),
+        "seconds": round(elapsed, 3),
+        "stages": timer.summary(written),
+        "output": str(output) if kept else None,
+    }
+
+
+def _tick(bar, written: int, start: float) -> None:
+    if bar is not None:
+        bar.update(1)
+        if written % 10 == 0:
+            bar.set_postfix(fps=f"{written / (time.perf_counter() - start):.1f}", refresh=False)
+
+
+def _progress_bar(total: int | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="frame", file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
 def format_stages(summary: dict) -> str:

@@ -55,3 +55,13 @@ def test_apply_overrides_does_not_mutate_input():
     data = {"train": {"lr": 0.1}}
     assert apply_overrides(data, ["train.lr=0.2"]) == {"train": {"lr": 0.2}}
     assert data == {"train": {"lr": 0.1}}
+
+
+def test_train_overrides_may_follow_the_options(tmp_path, capsys):
+    from c3ae.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name: c3ae}\n")
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "train.lr=-1"]) == 2
+    assert "train.lr must be > 0" in capsys.readouterr().err  # the override after --out was applied
+    assert not (tmp_path / "run").exists()

@@ -16,6 +16,8 @@ import cv2
 import pytest
 from conftest import REPO, build_wheel, face_clip
 
+pytestmark = pytest.mark.slow  # trains, converts or installs: `pytest -m 'not slow'` skips it
+
 OBAMA = REPO / "assets" / "obama.jpg"
 HEAVY = ("tensorflow", "keras", "pandas", "pyarrow", "tf2onnx", "onnx", "onnxruntime", "mtcnn", "absl")
 STARTUP_NOISE = ("tensorflow", "absl", "All log messages before", "cpu_feature_guard", "XNNPACK delegate")
@@ -39,8 +41,6 @@ from c3ae.cli import main
 assert main(["predict", {str(OBAMA)!r}, "--json", {str(tmp_path / "faces.json")!r}]) == 0
 assert main(["video", {str(clip)!r}, "--output", {str(tmp_path / "out.mp4")!r}]) == 0
 from c3ae import AgeGenderEstimator
-
-pytestmark = pytest.mark.slow  # trains, converts or installs: `pytest -m 'not slow'` skips it
 faces = AgeGenderEstimator().predict({str(OBAMA)!r})
 assert len(faces) == 1 and faces[0].gender in ("male", "female")
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})))
@@ -162,3 +162,29 @@ def test_a_command_needing_a_missing_extra_says_which_in_one_line(runtime_venv, 
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and 'pip install "c3ae[' in lines[0], lines
+
+
+def test_the_wheel_exports_without_the_repository(runtime_venv, tmp_path):
+    """Everything `c3ae export` reads at run time is in the wheel (the verification photos included):
+    unpacked outside the repository, ahead of this environment's training stack, it exports c3ae-utk
+    without --calibration."""
+    import zipfile
+
+    wheel = next(runtime_venv.parent.glob("c3ae-*.whl"))
+    unpacked = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(unpacked)
+    assert (unpacked / "c3ae" / "assets" / "obama.jpg").is_file()
+    code = "import sys, c3ae; from c3ae.cli import main; print(c3ae.__file__); sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", code, "export", "c3ae-utk", "--format", "tflite", "-o", "m.tflite"]
+    result = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**_environment(), "PYTHONPATH": str(unpacked)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0].startswith(str(unpacked))  # the wheel's c3ae, not the repository's
+    assert (tmp_path / "m.tflite").stat().st_size > 10_000

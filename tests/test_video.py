@@ -284,7 +284,7 @@ def test_output_over_the_input_is_refused(clip, estimator):
 def test_show_without_a_display_build_is_a_clear_error(clip, estimator):
     if "GUI:                           NONE" not in cv2.getBuildInformation():
         pytest.skip("this OpenCV build has GUI support; --show would open a window")
-    with pytest.raises(VideoError, match="--show needs OpenCV with GUI support"):
+    with pytest.raises(VideoError, match="show needs OpenCV with GUI support"):
         process_video(clip, estimator, show=True, progress=False)
 
 
