@@ -102,18 +102,6 @@ def trained_context(name_or_path: str | Path) -> float:
     return 0.0
 
 
-def _finite_weights(model: keras.Model) -> None:
-    import keras
-    import numpy as np
-
-    for layer in model.layers:
-        for weight in layer.weights:
-            if not np.all(np.isfinite(keras.ops.convert_to_numpy(weight))):
-                raise DataError(
-                    f"Layer {layer.name!r} holds NaN or Inf in {weight.path}; refusing to publish it."
-                )
-
-
 def _run_log(run_dir: Path) -> tuple[int | None, float | None]:
     """(epochs run, seconds) from a run's log.csv; seconds None when the log has no epoch timer."""
     import csv
@@ -221,11 +209,12 @@ def publish(
 
     from c3ae._version import __version__
     from c3ae.evaluate import evaluate, evaluate_sources
+    from c3ae.export.checks import check_finite
     from c3ae.files import atomic_path
 
     run_dir = Path(run_dir)
     model = load_model(run_dir / "best.keras")
-    _finite_weights(model)
+    check_finite(model, action="publish")
     config = (
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     )

@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 BACKENDS = ("keras", "tflite", "onnx")
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 METADATA_KEY = "c3ae"  # key of the preprocessing description in TFLite / ONNX metadata
 
 _SUFFIX_BACKEND = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras", ".h5": "keras", ".hdf5": "keras"}
@@ -270,11 +269,18 @@ def _keras_model(model) -> keras.Model:
         raise BackendError(str(error)) from error
 
 
+def _weights_dir() -> Path:
+    """The one weights folder, ``c3ae.bundled.WEIGHTS_DIR`` (read at call time, so tests can move it)."""
+    from c3ae import bundled
+
+    return bundled.WEIGHTS_DIR
+
+
 def _converted(model, backend: str) -> bytes:
     """The fp32 TFLite / ONNX bytes of a Keras model, a bundled name or a .keras path (cached per file)."""
     key = None
     if not _is_keras_model(model):
-        path = Path(model) if Path(model).is_file() else WEIGHTS_DIR / f"{model}.keras"
+        path = Path(model) if Path(model).is_file() else _weights_dir() / f"{model}.keras"
         if path.is_file():
             stat = path.stat()
             key = (backend, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
@@ -342,7 +348,7 @@ def load_backend(
                 return _from_bytes(kind, path.read_bytes(), threads, str(path))
         elif backend in ("tflite", "onnx", "auto"):
             # "auto" on a bundled name: the shipped, verified TFLite artifact when there is one.
-            shipped = WEIGHTS_DIR / f"{model}.{'tflite' if backend == 'auto' else backend}"
+            shipped = _weights_dir() / f"{model}.{'tflite' if backend == 'auto' else backend}"
             if shipped.is_file():
                 kind = "tflite" if backend == "auto" else backend
                 return _from_bytes(kind, shipped.read_bytes(), threads, str(shipped))

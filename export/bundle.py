@@ -34,14 +34,11 @@ class BundleError(C3AEError, ValueError):
 
 def bundle_spec(estimator, model_files: list[str]) -> dict:
     """The ``bundle.json`` of an :class:`~c3ae.AgeGenderEstimator`'s pipeline with ``model_files``."""
-    from c3ae import detector as mtcnn
     from c3ae._version import __version__
     from c3ae.conventions import AGE_BIN_WIDTH, CHANNEL_ORDER, PIXEL_RANGE
     from c3ae.export.metadata import CROP_GEOMETRY, OUTPUT_DESCRIPTIONS
-    from c3ae.faces import BOX_ASPECT, LANDMARK_NAMES, TEMPLATE_IN_BOX
 
     pipeline, spec = estimator.pipeline, estimator.spec
-    detector = pipeline.detector
     models = []
     for file, backend in zip(model_files, estimator.backends, strict=True):
         models.append(
@@ -66,80 +63,8 @@ def bundle_spec(estimator, model_files: list[str]) -> dict:
             "its graph)",
             "signature": "serving_default; inputs and outputs by name",
         },
-        "detector": {
-            "kind": "mtcnn",
-            "files": {name: f"detector/{file}" for name, file in mtcnn.NETWORK_FILES.items()},
-            "license": "detector/LICENSE",
-            "min_face": pipeline.min_face,
-            "min_score": detector.min_score,
-            "max_side": detector.max_side,
-            "pyramid": {
-                "first_scale": f"{mtcnn.CELL} / min_face",
-                "factor": mtcnn.SCALE_FACTOR,
-                "cell": mtcnn.CELL,
-            },
-            "thresholds": {
-                "pnet": mtcnn.THRESHOLDS[0],
-                "rnet": mtcnn.THRESHOLDS[1],
-                "onet": mtcnn.THRESHOLDS[2],
-            },
-            "nms": {
-                "pnet_level": [mtcnn.NMS_PNET_LEVEL, "union"],
-                "pnet_all": [mtcnn.NMS_PNET_ALL, "union"],
-                "rnet": [mtcnn.NMS_RNET, "union"],
-                "onet": [mtcnn.NMS_ONET, "min"],
-            },
-            "outside_pixel": mtcnn.OUTSIDE_PIXEL,
-            "pad_retry": pipeline.pad_retry,
-            "retry_min_score": pipeline.retry_min_score,
-            "networks": {
-                "pnet": "image (1, H, W, 3) -> offsets (1, h, w, 4), probabilities (1, h, w, 2); cell (y, x) "
-                "covers level pixels 2x+1 .. 2x+12",
-                "rnet": "image (N, 24, 24, 3) -> offsets (N, 4), probabilities (N, 2)",
-                "onet": "image (N, 48, 48, 3) -> offsets (N, 4), landmarks (N, 10) as x1..x5, y1..y5 "
-                "fractions of the box, probabilities (N, 2)",
-            },
-            "steps": [
-                "Search a copy of the photo scaled (area) by f = min(1, 20 / min_face), and further down "
-                "to max_side if its longer side is still larger; divide boxes and landmarks by f "
-                "afterwards. On the copy, min_face becomes max(min_face f, min(min_face, 20)).",
-                "Pyramid: scales 12 / min_face * 0.709^k for k < round(log(min_side / 12) / log(1 / 0.709) "
-                "- 1), keeping levels whose shorter side is >= 12; each level is the photo area-resampled to "
-                "(int(W s), int(H s)) in float32.",
-                "P-Net on each level; cells with face probability > pnet threshold give boxes "
-                "(2x+1 + 11 dx1, 2y+1 + 11 dy1, 2x+12 + 11 dx2, 2y+12 + 11 dy2) / s, sorted by score "
-                "(descending), NMS pnet_level; all levels together: sort, NMS pnet_all; square each box.",
-                "NMS(t, method): walking the boxes in order, drop every box whose overlap (intersection over "
-                "union, or over the smaller area) with ANY earlier box exceeds t, dropped or not; areas "
-                "(x2 - x1)(y2 - y1), no +1.",
-                "Square: side = max(w, h) around the same centre.",
-                "R-Net on 24 x 24 patches, O-Net on 48 x 48: bilinear samples at x1 (W-1)/W + i (x2 - x1) "
-                "(W-1)/W / (n-1) (same for y); a sample row or column outside [0, W-1] is outside_pixel.",
-                "Refine: box += offsets * (w + 1, h + 1, w + 1, h + 1); score = probabilities[:, 1]; keep "
-                "score > threshold; sort, NMS; after R-Net, square again.",
-                "O-Net landmarks, from the box before refining: x = (w + 1) lx + x1 - 1, "
-                "y = (h + 1) ly + y1 - 1.",
-                "Keep faces with score >= min_score and min(w, h) >= min_face, most confident first. If "
-                "none, pad the photo with black by pad_retry of its longer side, detect again accepting "
-                "scores from retry_min_score, and shift the results back.",
-            ],
-        },
-        "alignment": {
-            "landmarks": list(LANDMARK_NAMES),
-            "template_in_box": TEMPLATE_IN_BOX.tolist(),
-            "box_aspect": BOX_ASPECT,
-            "chip": {**spec.to_dict(), "context": spec.context},
-            "steps": [
-                "Template: a box face_width * size wide and box_aspect times as tall, centred in the chip; "
-                "the 5 landmarks at template_in_box (fractions of that box).",
-                "Similarity transform (rotation, uniform scale, shift) from the 5 detected landmarks to the "
-                "template, least-median fit (OpenCV estimateAffinePartial2D, LMEDS).",
-                "Warp the photo onto a size x size chip, bilinear, black outside; JPEG-encode it at "
-                "jpeg_quality and decode it again (the training chips were stored so).",
-                "Map the detection's box centre through the transform; its width and height scale by the "
-                "transform's scale: that is the face box in the chip. Landmarks map through the transform.",
-            ],
-        },
+        "detector": _detector_spec(pipeline),
+        "alignment": _alignment_spec(spec),
         "crops": {
             "c3ae": {name: CROP_GEOMETRY[name] for name in ("outer", "middle", "inner")},
             "single": CROP_GEOMETRY["image"],
@@ -154,6 +79,93 @@ def bundle_spec(estimator, model_files: list[str]) -> dict:
             "age_std": f"standard deviation of age_bins, bins at 0, {AGE_BIN_WIDTH:g}, ... years",
             "gender": "probability of male: >= 0.5 is male; 1 = male, 0 = female",
         },
+    }
+
+
+def _detector_spec(pipeline) -> dict:
+    """The detector's part of ``bundle.json``: its files, parameters and every step, to reimplement it."""
+    from c3ae import detector as mtcnn
+
+    detector = pipeline.detector
+    return {
+        "kind": "mtcnn",
+        "files": {name: f"detector/{file}" for name, file in mtcnn.NETWORK_FILES.items()},
+        "license": "detector/LICENSE",
+        "min_face": pipeline.min_face,
+        "min_score": detector.min_score,
+        "max_side": detector.max_side,
+        "pyramid": {
+            "first_scale": f"{mtcnn.CELL} / min_face",
+            "factor": mtcnn.SCALE_FACTOR,
+            "cell": mtcnn.CELL,
+        },
+        "thresholds": {
+            "pnet": mtcnn.THRESHOLDS[0],
+            "rnet": mtcnn.THRESHOLDS[1],
+            "onet": mtcnn.THRESHOLDS[2],
+        },
+        "nms": {
+            "pnet_level": [mtcnn.NMS_PNET_LEVEL, "union"],
+            "pnet_all": [mtcnn.NMS_PNET_ALL, "union"],
+            "rnet": [mtcnn.NMS_RNET, "union"],
+            "onet": [mtcnn.NMS_ONET, "min"],
+        },
+        "outside_pixel": mtcnn.OUTSIDE_PIXEL,
+        "pad_retry": pipeline.pad_retry,
+        "retry_min_score": pipeline.retry_min_score,
+        "networks": {
+            "pnet": "image (1, H, W, 3) -> offsets (1, h, w, 4), probabilities (1, h, w, 2); cell (y, x) "
+            "covers level pixels 2x+1 .. 2x+12",
+            "rnet": "image (N, 24, 24, 3) -> offsets (N, 4), probabilities (N, 2)",
+            "onet": "image (N, 48, 48, 3) -> offsets (N, 4), landmarks (N, 10) as x1..x5, y1..y5 "
+            "fractions of the box, probabilities (N, 2)",
+        },
+        "steps": [
+            "Search a copy of the photo scaled (area) by f = min(1, 20 / min_face), and further down "
+            "to max_side if its longer side is still larger; divide boxes and landmarks by f "
+            "afterwards. On the copy, min_face becomes max(min_face f, min(min_face, 20)).",
+            "Pyramid: scales 12 / min_face * 0.709^k for k < round(log(min_side / 12) / log(1 / 0.709) "
+            "- 1), keeping levels whose shorter side is >= 12; each level is the photo area-resampled to "
+            "(int(W s), int(H s)) in float32.",
+            "P-Net on each level; cells with face probability > pnet threshold give boxes "
+            "(2x+1 + 11 dx1, 2y+1 + 11 dy1, 2x+12 + 11 dx2, 2y+12 + 11 dy2) / s, sorted by score "
+            "(descending), NMS pnet_level; all levels together: sort, NMS pnet_all; square each box.",
+            "NMS(t, method): walking the boxes in order, drop every box whose overlap (intersection over "
+            "union, or over the smaller area) with ANY earlier box exceeds t, dropped or not; areas "
+            "(x2 - x1)(y2 - y1), no +1.",
+            "Square: side = max(w, h) around the same centre.",
+            "R-Net on 24 x 24 patches, O-Net on 48 x 48: bilinear samples at x1 (W-1)/W + i (x2 - x1) "
+            "(W-1)/W / (n-1) (same for y); a sample row or column outside [0, W-1] is outside_pixel.",
+            "Refine: box += offsets * (w + 1, h + 1, w + 1, h + 1); score = probabilities[:, 1]; keep "
+            "score > threshold; sort, NMS; after R-Net, square again.",
+            "O-Net landmarks, from the box before refining: x = (w + 1) lx + x1 - 1, "
+            "y = (h + 1) ly + y1 - 1.",
+            "Keep faces with score >= min_score and min(w, h) >= min_face, most confident first. If "
+            "none, pad the photo with black by pad_retry of its longer side, detect again accepting "
+            "scores from retry_min_score, and shift the results back.",
+        ],
+    }
+
+
+def _alignment_spec(spec) -> dict:
+    """The alignment's part of ``bundle.json``: the template, the chip and the steps of the warp."""
+    from c3ae.faces import BOX_ASPECT, LANDMARK_NAMES, TEMPLATE_IN_BOX
+
+    return {
+        "landmarks": list(LANDMARK_NAMES),
+        "template_in_box": TEMPLATE_IN_BOX.tolist(),
+        "box_aspect": BOX_ASPECT,
+        "chip": {**spec.to_dict(), "context": spec.context},
+        "steps": [
+            "Template: a box face_width * size wide and box_aspect times as tall, centred in the chip; "
+            "the 5 landmarks at template_in_box (fractions of that box).",
+            "Similarity transform (rotation, uniform scale, shift) from the 5 detected landmarks to the "
+            "template, least-median fit (OpenCV estimateAffinePartial2D, LMEDS).",
+            "Warp the photo onto a size x size chip, bilinear, black outside; JPEG-encode it at "
+            "jpeg_quality and decode it again (the training chips were stored so).",
+            "Map the detection's box centre through the transform; its width and height scale by the "
+            "transform's scale: that is the face box in the chip. Landmarks map through the transform.",
+        ],
     }
 
 

@@ -22,9 +22,9 @@ class NonFiniteWeightsError(ExportError):
     """A model whose weights hold NaN or Inf: exporting it would ship a model that outputs NaN."""
 
 
-def check_finite(model) -> None:
+def check_finite(model, action: str = "export") -> None:
     """Raise :class:`NonFiniteWeightsError` naming the first layer of a ``keras.Model`` whose weights hold
-    NaN or Inf."""
+    NaN or Inf (the library's one finiteness check; ``action`` says what is refused)."""
     import keras
 
     for layer in _all_layers(model):
@@ -34,7 +34,7 @@ def check_finite(model) -> None:
                 bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
                 raise NonFiniteWeightsError(
                     f"Layer {layer.name!r} holds NaN or Inf in {weight.path} ({bad} of {np.size(values)} "
-                    "values); refusing to export it."
+                    f"values); refusing to {action} it."
                 )
 
 

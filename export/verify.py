@@ -652,44 +652,14 @@ def export_model(
             artifact differs from Keras beyond the tolerance (it is left as ``<output>.failed``);
             :class:`ConverterError` when the converter raised, crashed or hung (its child was stopped).
     """
-    if format not in FORMATS:
-        raise ExportError(f"Unknown format {format!r}; choose one of: {', '.join(FORMATS)}.")
-    if quant not in FORMAT_QUANTS[format]:
-        raise ExportError(
-            f"Quantisation {quant!r} is not available for {format}; choose one of: "
-            f"{', '.join(FORMAT_QUANTS[format])}."
-        )
-    if tolerance is not None and not (np.isfinite(tolerance) and tolerance >= 0):
-        raise ExportError(f"The tolerance must be a number >= 0, got {tolerance}.")
-    _check_model_exists(model)
+    _check_request(model, output, format, quant, tolerance)
     output = Path(output)
-    _check_output(output, format)
-    if format == "coreml":
-        from c3ae.export.coreml import CoreMLUnavailableError, _coremltools
-
-        try:
-            _coremltools()
-        except CoreMLUnavailableError as error:
-            raise ExportError(str(error)) from error
     given = model if isinstance(model, (str, Path)) else None  # the child loads the same
     model, source = _load(model)
     check_finite(model)
-
-    if format == "coreml":  # nothing can run it here: no crops needed
-        verify_data = {"inputs": {}, "labels": {}, "source": "none (structural check only)"}
-    elif calibration is not None:
-        verify_data = manifest_crops(model, calibration, "verify", verify_limit)
-    else:
-        verify_data = asset_crops(model, seed=0)
-    calibration_data = None
-    if quant == "int8":
-        calibration_data = (
-            manifest_crops(model, calibration, "calibrate", calibration_limit, seed=1)
-            if calibration is not None
-            else asset_crops(model, seed=1)
-        )
-
-    failed = output.with_name(output.name + FAILED_SUFFIX)
+    verify_data, calibration_data = _crops_for(
+        model, format, quant, calibration, verify_limit, calibration_limit
+    )
     report = {
         "status": "failed",
         "artifact": str(output),
@@ -699,33 +669,10 @@ def export_model(
         "inputs": {t.name: [None, *map(int, t.shape[1:])] for t in model.inputs},
         "outputs": sorted(model.output_names),
     }
-    started = time.perf_counter()
     try:
-        with atomic_path(output) as temporary:  # renamed onto output only if it passes
-            facts = _write_artifact(
-                model, given, format, quant, temporary, calibration_data, opset, convert_timeout
-            )
-            converted = time.perf_counter()
-            report.update(facts)
-            report["size_bytes"] = _size(temporary)
-            if calibration_data is not None:
-                report["calibration"] = {
-                    "data": calibration_data["source"],
-                    "crops": int(len(next(iter(calibration_data["inputs"].values())))),
-                }
-            verification = _verify(model, format, quant, temporary, verify_data, tolerance)
-            report["verification"] = verification
-            report["seconds"] = {
-                "convert": round(converted - started, 2),
-                "verify": round(time.perf_counter() - converted, 2),
-            }
-            remove_path(failed)
-            if verification["passed"]:
-                report["status"] = "passed"
-            else:  # kept for inspection under a name that does not look valid; nothing is published
-                report["artifact"] = str(failed)
-                os.replace(temporary, failed)
-                remove_path(output)  # an older export would not match this report
+        _convert_verify_publish(
+            model, given, output, report, verify_data, calibration_data, tolerance, opset, convert_timeout
+        )
     except ConverterError as error:
         report["error"] = str(error)
         remove_path(output)  # an older export would not match this report
@@ -740,22 +687,101 @@ def export_model(
         raise ExportError(f"Converting to {format} failed: {type(error).__name__}: {error}") from error
     _write_report(output, report)
     if report["status"] != "passed":
-        failing = [c for c in report["verification"]["checks"] if not c["passed"]]
-        first = failing[0]
-        if isinstance(first["value"], float) and "minimum" in first:
-            what = f"{first['check']} = {_fmt(first['value'])} < {_fmt(first['minimum'])}"
-        elif isinstance(first["value"], float):
-            what = f"{first['check']} = {_fmt(first['value'])} > {_fmt(first['limit'])}"
-        elif isinstance(first["value"], str):
-            what = f"failed check: {first['check']}: {first['value']}"
-        else:
-            what = f"failed check: {first['check']}"
-        raise VerificationError(
-            f"{format} ({quant}) artifact failed verification on {report['verification']['crops']} crops "
-            f"({what}); it was kept as {failed} and the numbers are in {report_path(output)}.",
-            report,
-        )
+        raise _verification_error(report, output)
     return report
+
+
+def _check_request(model, output, format: str, quant: str, tolerance: float | None) -> None:
+    """Refuse, before anything is loaded or written, what cannot be exported as asked."""
+    if format not in FORMATS:
+        raise ExportError(f"Unknown format {format!r}; choose one of: {', '.join(FORMATS)}.")
+    if quant not in FORMAT_QUANTS[format]:
+        raise ExportError(
+            f"Quantisation {quant!r} is not available for {format}; choose one of: "
+            f"{', '.join(FORMAT_QUANTS[format])}."
+        )
+    if tolerance is not None and not (np.isfinite(tolerance) and tolerance >= 0):
+        raise ExportError(f"The tolerance must be a number >= 0, got {tolerance}.")
+    _check_model_exists(model)
+    _check_output(Path(output), format)
+    if format == "coreml":
+        from c3ae.export.coreml import CoreMLUnavailableError, _coremltools
+
+        try:
+            _coremltools()
+        except CoreMLUnavailableError as error:
+            raise ExportError(str(error)) from error
+
+
+def _crops_for(model, format: str, quant: str, calibration, verify_limit: int, calibration_limit: int):
+    """(verification crops, int8 calibration crops or None): from the manifest, else the bundled photos."""
+    if format == "coreml":  # nothing can run it here: no crops needed
+        verify_data = {"inputs": {}, "labels": {}, "source": "none (structural check only)"}
+    elif calibration is not None:
+        verify_data = manifest_crops(model, calibration, "verify", verify_limit)
+    else:
+        verify_data = asset_crops(model, seed=0)
+    calibration_data = None
+    if quant == "int8":
+        calibration_data = (
+            manifest_crops(model, calibration, "calibrate", calibration_limit, seed=1)
+            if calibration is not None
+            else asset_crops(model, seed=1)
+        )
+    return verify_data, calibration_data
+
+
+def _convert_verify_publish(
+    model, given, output: Path, report: dict, verify_data, calibration_data, tolerance, opset, convert_timeout
+) -> None:
+    """Convert to a temporary name, verify against Keras, and rename onto ``output`` only if it passes (a
+    failing artifact is kept as ``<output>.failed``); fills ``report``."""
+    format, quant = report["format"], report["quantisation"]
+    failed = output.with_name(output.name + FAILED_SUFFIX)
+    started = time.perf_counter()
+    with atomic_path(output) as temporary:
+        report.update(
+            _write_artifact(model, given, format, quant, temporary, calibration_data, opset, convert_timeout)
+        )
+        converted = time.perf_counter()
+        report["size_bytes"] = _size(temporary)
+        if calibration_data is not None:
+            report["calibration"] = {
+                "data": calibration_data["source"],
+                "crops": int(len(next(iter(calibration_data["inputs"].values())))),
+            }
+        verification = _verify(model, format, quant, temporary, verify_data, tolerance)
+        report["verification"] = verification
+        report["seconds"] = {
+            "convert": round(converted - started, 2),
+            "verify": round(time.perf_counter() - converted, 2),
+        }
+        remove_path(failed)
+        if verification["passed"]:
+            report["status"] = "passed"
+        else:  # kept for inspection under a name that does not look valid; nothing is published
+            report["artifact"] = str(failed)
+            os.replace(temporary, failed)
+            remove_path(output)  # an older export would not match this report
+
+
+def _verification_error(report: dict, output: Path) -> VerificationError:
+    """The error naming the first failing check of a report that did not pass."""
+    first = next(c for c in report["verification"]["checks"] if not c["passed"])
+    if isinstance(first["value"], float) and "minimum" in first:
+        what = f"{first['check']} = {_fmt(first['value'])} < {_fmt(first['minimum'])}"
+    elif isinstance(first["value"], float):
+        what = f"{first['check']} = {_fmt(first['value'])} > {_fmt(first['limit'])}"
+    elif isinstance(first["value"], str):
+        what = f"failed check: {first['check']}: {first['value']}"
+    else:
+        what = f"failed check: {first['check']}"
+    return VerificationError(
+        f"{report['format']} ({report['quantisation']}) artifact failed verification on "
+        f"{report['verification']['crops']} crops ({what}); it was kept as {report['artifact']} and the "
+        f"numbers are in {report_path(output)}.",
+        report,
+    )
 
 
 def _fmt(value) -> str:

@@ -269,37 +269,13 @@ def preprocess(
         log.info("resuming: %d of %d shards already done", len(summaries), len(plans))
 
     processed_seconds = 0.0
-    processed_samples = 0
+    processed_samples = sum(len(p.samples) for p in pending)
     if pending:
         run_started = time.monotonic()
-        results = _results(pending, pipeline, workers, fallback_full_image)
-        bar = _progress_bar(sum(len(p.samples) for p in pending), progress)
-        kept_total = rejected_total = 0
-        try:
-            for plan in pending:
-                shard_started = time.monotonic()
-                summary = ShardSummary(plan.file, plan.split, len(plan.samples), pipeline=pipeline_record)
-                rows = []
-                for _ in plan.samples:
-                    row, reject = next(results)
-                    if row is not None:
-                        rows.append(row)
-                        summary.multi_face += row["faces_found"] > 1
-                        summary.fallback += row["faces_found"] == 0
-                        kept_total += 1
-                    else:
-                        summary.rejects.append(reject)
-                        rejected_total += 1
-                    bar.update(1)
-                    bar.set_postfix(kept=kept_total, rejected=rejected_total, refresh=False)
-                summary.elapsed_s = round(time.monotonic() - shard_started, 3)
-                _finish_shard(out, plan, rows, summary)
-                summaries[plan.file] = summary
-        finally:
-            bar.close()
-            results.close()
+        _process_shards(
+            out, pending, pipeline, pipeline_record, workers, fallback_full_image, progress, summaries
+        )
         processed_seconds = time.monotonic() - run_started
-        processed_samples = sum(len(p.samples) for p in pending)
 
     manifest = _manifest(
         dataset,
@@ -329,6 +305,46 @@ def preprocess(
             f"see {out / 'rejects.csv'} for the reasons."
         )
     return manifest
+
+
+def _process_shards(
+    out: Path,
+    pending,
+    pipeline,
+    pipeline_record: dict,
+    workers: int,
+    fallback_full_image: bool,
+    progress,
+    summaries,
+) -> None:
+    """Detect, align and write each pending shard (``summaries`` gets each one's summary as it finishes, so
+    an interrupted run keeps the shards it wrote)."""
+    results = _results(pending, pipeline, workers, fallback_full_image)
+    bar = _progress_bar(sum(len(p.samples) for p in pending), progress)
+    kept_total = rejected_total = 0
+    try:
+        for plan in pending:
+            shard_started = time.monotonic()
+            summary = ShardSummary(plan.file, plan.split, len(plan.samples), pipeline=pipeline_record)
+            rows = []
+            for _ in plan.samples:
+                row, reject = next(results)
+                if row is not None:
+                    rows.append(row)
+                    summary.multi_face += row["faces_found"] > 1
+                    summary.fallback += row["faces_found"] == 0
+                    kept_total += 1
+                else:
+                    summary.rejects.append(reject)
+                    rejected_total += 1
+                bar.update(1)
+                bar.set_postfix(kept=kept_total, rejected=rejected_total, refresh=False)
+            summary.elapsed_s = round(time.monotonic() - shard_started, 3)
+            _finish_shard(out, plan, rows, summary)
+            summaries[plan.file] = summary
+    finally:
+        bar.close()
+        results.close()
 
 
 def _limited(samples: list[Sample], limit: int, seed: int) -> list[Sample]:

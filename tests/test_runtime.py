@@ -99,10 +99,8 @@ assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "TensorFl
 
 def test_bundled_name_prefers_the_shipped_artifact(files, crops, monkeypatch, tmp_path):
     import c3ae.bundled
-    import c3ae.runtime
 
-    for module in (c3ae.bundled, c3ae.runtime):
-        monkeypatch.setattr(module, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(c3ae.bundled, "WEIGHTS_DIR", tmp_path)  # the one weights folder
     (tmp_path / "tiny.keras").write_bytes(files["keras"].read_bytes())
     (tmp_path / "tiny.onnx").write_bytes(files["onnx"].read_bytes())
     onnx = load_backend("tiny", "onnx")

@@ -125,7 +125,7 @@ def test_the_runtime_wheel_annotates_a_video(runtime_venv, tmp_path):
 
 
 def test_the_runtime_wheel_benches_a_shipped_tflite_model(runtime_venv, tmp_path):
-    find = "import c3ae.runtime as r; print(r.WEIGHTS_DIR / 'c3ae-utk.tflite')"
+    find = "import c3ae.bundled as b; print(b.WEIGHTS_DIR / 'c3ae-utk.tflite')"
     model = _run([str(runtime_venv / "bin" / "python"), "-c", find], cwd=tmp_path).stdout.strip()
     result = _run(
         [
