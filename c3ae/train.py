@@ -319,6 +319,11 @@ def train(config: Config, out: str | Path) -> dict:
     """Train ``config`` into the folder ``out`` (resuming if it holds a killed run); returns the summary."""
     check_run_folder(config, out)
     if config.train.strategy == "multiworker":  # the strategy must start before any TensorFlow op
+        if config.data.sources or config.data.balance:
+            raise ConfigError(
+                "train.strategy=multiworker trains on one data.manifest without data.balance; data.sources "
+                "and balance weights need the default strategy for now."
+            )
         from c3ae.distributed import train_multiworker
 
         return train_multiworker(config, out)
@@ -505,7 +510,7 @@ def _unwrap_single_input(dataset, model: keras.Model):
     if dataset is None or isinstance(model.input, dict):
         return dataset
     name = model.inputs[0].name
-    return dataset.map(lambda inputs, targets: (inputs[name], targets))
+    return dataset.map(lambda inputs, *rest: (inputs[name], *rest))  # rest: targets[, sample weights]
 
 
 def plot_curves(log_csv: Path, png: Path) -> None:

@@ -593,7 +593,7 @@ def _check_model_exists(model) -> None:
     """Fail fast, before TensorFlow starts, on a model that is neither a file nor a bundled name."""
     if not isinstance(model, (str, Path)) or Path(model).is_file():
         return
-    from c3ae.runtime import WEIGHTS_DIR
+    from c3ae.bundled import WEIGHTS_DIR
 
     if not (WEIGHTS_DIR / f"{model}.keras").is_file():
         names = ", ".join(sorted(p.stem for p in WEIGHTS_DIR.glob("*.keras"))) or "none yet"

@@ -21,6 +21,8 @@ from test_data import build_tiny_manifest
 from c3ae.config import load_config
 from c3ae.distributed import ClusterInfo, TFConfigError, parse_tf_config, train_multiworker
 
+pytestmark = pytest.mark.slow  # trains, converts or installs: `pytest -m 'not slow'` skips it
+
 WORKERS = 2
 RUN_TIMEOUT = 240  # seconds for a whole cluster run; a run takes ~30 s on 2 busy cores
 
@@ -37,8 +39,6 @@ tf.config.threading.set_inter_op_parallelism_threads(2)
 
 import c3ae.distributed as distributed
 from c3ae.config import load_config
-
-pytestmark = pytest.mark.slow  # trains, converts or installs: `pytest -m 'not slow'` skips it
 
 index, out, overrides = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 

@@ -518,7 +518,9 @@ def test_36_megapixel_photos_and_their_annotated_copies_stay_bounded(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     peak = int(done.stdout.rsplit("peak_rss_kb=", 1)[1]) * 1024
-    assert peak < 1.5e9, f"peak RSS {peak / 1e6:.0f} MB"
+    # About 520 MB on an idle machine; one CI run on two cores shared with a training job measured 1.55 GB.
+    # The bound guards against the old growth (5.5 GB for one such photo), not against that variance.
+    assert peak < 2.5e9, f"peak RSS {peak / 1e6:.0f} MB"
     records = json.loads(done.stdout.rsplit("peak_rss_kb=", 1)[0])
     assert [len(r["faces"]) for r in records] == [1, 1]
     assert cv2.imread(str(out / "big" / "b.jpg")).shape == (height, width, 3)

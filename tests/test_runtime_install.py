@@ -175,15 +175,20 @@ def test_the_wheel_exports_without_the_repository(runtime_venv, tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(unpacked)
     assert (unpacked / "c3ae" / "assets" / "obama.jpg").is_file()
+    import sysconfig
+
+    # -S: no site processing, so the editable install's import hook (a .pth file) cannot shadow the wheel;
+    # this environment's site-packages only supply the dependencies, after the unpacked wheel.
+    site_packages = sysconfig.get_paths()["purelib"]
     code = "import sys, c3ae; from c3ae.cli import main; print(c3ae.__file__); sys.exit(main(sys.argv[1:]))"
-    command = [sys.executable, "-c", code, "export", "c3ae-utk", "--format", "tflite", "-o", "m.tflite"]
+    command = [sys.executable, "-S", "-c", code, "export", "c3ae-utk", "--format", "tflite", "-o", "m.tflite"]
     result = subprocess.run(
         command,
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**_environment(), "PYTHONPATH": str(unpacked)},
+        env={**_environment(), "PYTHONPATH": os.pathsep.join([str(unpacked), site_packages])},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0].startswith(str(unpacked))  # the wheel's c3ae, not the repository's
