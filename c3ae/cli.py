@@ -114,21 +114,18 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file; give a folder for the shards and manifest.")
     _check_output(args.out, "--out", [args.root], folder=True)
-    try:
-        manifest = preprocess(
-            args.dataset,
-            args.root,
-            args.out,
-            workers=args.workers,
-            limit=args.limit,
-            seed=args.seed,
-            fractions=fractions,
-            detector=args.detector,
-            min_face=args.min_face,
-            fallback=args.fallback,
-        )
-    except C3AEError as error:
-        raise UserError(str(error)) from error
+    manifest = preprocess(
+        args.dataset,
+        args.root,
+        args.out,
+        workers=args.workers,
+        limit=args.limit,
+        seed=args.seed,
+        fractions=fractions,
+        detector=args.detector,
+        min_face=args.min_face,
+        fallback=args.fallback,
+    )
     counts, timing = manifest["counts"], manifest["timing"]
     rejects = ", ".join(f"{reason} {n}" for reason, n in manifest["rejects"].items()) or "none"
     print(
