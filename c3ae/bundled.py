@@ -46,6 +46,7 @@ def load_model(name_or_path: str | Path) -> keras.Model:
     import c3ae.keras_metrics  # noqa: F401  (registers the custom objects a saved model may name)
     import c3ae.layers  # noqa: F401
     import c3ae.losses  # noqa: F401
+    import c3ae.models.base  # noqa: F401  (FamilyModel: a saved model's family and options)
 
     path = Path(name_or_path)
     if not path.is_file():

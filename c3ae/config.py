@@ -15,8 +15,7 @@ from typing import Any
 import yaml
 
 from c3ae.errors import C3AEError
-
-FAMILIES = ("c3ae", "ssrnet", "dldl", "levi_hassner")
+from c3ae.models.spec import FAMILIES
 
 
 class ConfigError(C3AEError, ValueError):

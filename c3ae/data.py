@@ -30,8 +30,9 @@ import cv2
 import numpy as np
 
 from c3ae.conventions import AGE_BANDS
-from c3ae.errors import DataError
-from c3ae.faces import CROP_NAMES, crop, mask_context, warp
+from c3ae.errors import DataError, UsageError
+from c3ae.faces import crop, mask_context, warp
+from c3ae.models.spec import CROP_LAYOUTS
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +40,6 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "c3ae-manifest"
 MANIFEST_VERSIONS = (1,)
 STANDARD_SPLITS = ("train", "val", "test")
-
-FAMILIES = ("c3ae", "ssrnet", "dldl", "levi_hassner")
-DEFAULT_INPUT_SIZE = {"c3ae": 64, "ssrnet": 64, "dldl": 64, "levi_hassner": 227}
-FAMILY_OUTPUTS = {
-    "c3ae": ("age", "age_bins", "gender"),
-    "ssrnet": ("age", "gender"),
-    "dldl": ("age", "age_bins", "gender"),
-    "levi_hassner": ("age_group", "gender"),
-}
-AGE_TARGETS = ("age", "age_bins", "age_group")
 
 SHUFFLE_BUFFER = 2048
 SHARDS_IN_FLIGHT = 4  # interleave cycle when shuffling: at most this many shards are held in memory
@@ -538,58 +529,30 @@ def _crop_rows(
 
 
 # ------------------------------------------------------------------------------------------------ dataset
-def _resolve_model(model: str) -> tuple[str, tuple[str, ...]]:
-    """(family, input names) for a family name or a registered variant name."""
-    name = str(model).replace("-", "_") if str(model).replace("-", "_") in FAMILIES else str(model)
-    if name in FAMILIES:
-        return name, CROP_NAMES if name == "c3ae" else ("image",)
-    from c3ae.models import VARIANTS
+def _resolve_model(model) -> tuple:
+    """(family spec, input names in crop order, input side, output names or None) for a family name, a
+    registered variant name, a :class:`~c3ae.models.spec.ModelInfo` or a model built by ``c3ae.models``."""
+    from c3ae.models.spec import FAMILIES, ModelInfo, family_spec
 
-    if name in VARIANTS:
-        variant = VARIANTS[name]
-        triple = variant.family == "c3ae" and variant.kwargs.get("triple_box", True)
-        return variant.family, CROP_NAMES if triple else ("image",)
+    if not isinstance(model, (str, ModelInfo)):
+        from c3ae.models.base import model_info
+
+        model = model_info(model)
+    if isinstance(model, ModelInfo):
+        return family_spec(model.family), CROP_LAYOUTS[model.crop_layout], model.input_size, model.outputs
+    if model.replace("-", "_") in FAMILIES:
+        spec = family_spec(model)
+        return spec, spec.input_names({}), spec.input_size, None
+    from c3ae.models.catalog import VARIANTS
+
+    if model in VARIANTS:
+        variant = VARIANTS[model]
+        spec = family_spec(variant.family)
+        return spec, spec.input_names(variant.kwargs), variant.input_size, variant.outputs
     raise DataError(
         f"Unknown model family {model!r}; expected one of {', '.join(FAMILIES)} (or a variant name: "
         f"{', '.join(VARIANTS)})."
     )
-
-
-def _select_targets(family: str, outputs: Sequence[str] | None) -> tuple[str, ...]:
-    available = FAMILY_OUTPUTS[family]
-    if outputs is None:
-        return available
-    if isinstance(outputs, str):
-        outputs = [outputs]
-    unknown = [o for o in outputs if o not in available]
-    if unknown:
-        raise DataError(
-            f"Model family {family!r} has no outputs {unknown}; its targets are {', '.join(available)}."
-        )
-    if not outputs:
-        raise DataError("outputs= names no target.")
-    return tuple(dict.fromkeys(outputs))
-
-
-def _make_targets(rows: dict, family: str, targets: Sequence[str]) -> dict:
-    import tensorflow as tf
-
-    from c3ae.losses import two_point_encode
-
-    age = tf.reshape(rows["age"], (-1, 1))
-    made = {}
-    for name in targets:
-        if name == "age":
-            made[name] = age
-        elif name == "gender":
-            made[name] = tf.reshape(rows["gender"], (-1, 1))
-        elif name == "age_bins":
-            made[name] = age if family == "dldl" else tf.cast(two_point_encode(rows["age"]), tf.float32)
-        elif name == "age_group":
-            from c3ae.models.levi_hassner import ADIENCE_AGE_GROUPS
-
-            made[name] = tf.one_hot(rows["age_group"], len(ADIENCE_AGE_GROUPS), dtype=tf.float32)
-    return made
 
 
 @dataclass(frozen=True)
@@ -726,7 +689,7 @@ def _mixed_rows(streams: list, weights: list[float], shuffle: bool, seed: int | 
 def make_dataset(
     manifest: str | Path | dict | Sequence[Source | dict | str | Path],
     split: str = "train",
-    model: str = "c3ae",
+    model="c3ae",
     batch_size: int = 64,
     augment: bool | None = None,
     seed: int | None = None,
@@ -749,8 +712,9 @@ def make_dataset(
             each source repeating, so the stream is endless (set ``steps_per_epoch``); unshuffled, they come
             one source after the other.
         split: ``"train"``, ``"val"``, ``"test"`` or any split the manifest names.
-        model: family (``"c3ae"``, ``"ssrnet"``, ``"dldl"``, ``"levi_hassner"``) or a variant name. C3AE's
-            inputs are ``outer``/``middle``/``inner`` (the triple boxes), the others' ``image`` (single box).
+        model: family (``"c3ae"``, ``"ssrnet"``, ``"dldl"``, ``"levi_hassner"``), a variant name, or a model
+            built by ``c3ae.models`` (its crops, input size and outputs are then used). C3AE's inputs are
+            ``outer``/``middle``/``inner`` (the triple boxes), the others' ``image`` (single box).
         batch_size: rows per batch.
         augment: training augmentation; default on for ``"train"``, off otherwise.
         seed: makes shuffling and augmentation reproducible: two datasets built with the same seed yield the
@@ -776,9 +740,15 @@ def make_dataset(
 
     mixing = not isinstance(manifest, (str, Path, dict))
     sources = read_sources(manifest) if mixing else [("", read_manifest(manifest), 1.0)]
-    family, input_names = _resolve_model(model)
-    targets = _select_targets(family, outputs)
-    size = int(input_size or DEFAULT_INPUT_SIZE[family])
+    spec, input_names, model_size, model_outputs = _resolve_model(model)
+    spec_layout = "triple" if input_names == CROP_LAYOUTS["triple"] else "single"
+    if outputs is None and model_outputs:
+        outputs = [o for o in model_outputs if o in spec.targets]
+    try:
+        targets = spec.select_targets(outputs)
+    except UsageError as error:
+        raise DataError(str(error)) from error
+    size = int(input_size or model_size)
     if size < 1:
         raise DataError(f"input_size must be a positive number of pixels, got {input_size!r}.")
     if int(batch_size) < 1:
@@ -799,7 +769,7 @@ def make_dataset(
         _crop_rows,
         size=size,
         augment=augment,
-        use_single=input_names == ("image",),
+        use_single=spec_layout == "single",
         context=float(context),
         params=augmentation or DEFAULT_AUGMENTATION,
     )
@@ -811,7 +781,7 @@ def make_dataset(
     dataset = dataset.batch(int(batch_size), drop_remainder=drop_remainder)
 
     def to_targets(inputs, labels):
-        made = _make_targets(labels, family, targets)
+        made = {name: spec.encode_targets(name, labels) for name in targets}
         return (inputs, made, labels["weight"]) if balance else (inputs, made)
 
     dataset = dataset.map(to_targets, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)

@@ -215,11 +215,11 @@ class AgeGenderEstimator:
         for backend in self.backends:
             if set(backend.output_names) <= set(outputs):
                 continue
-            kind = "c3ae" if "outer" in backend.input_names else "single"
+            layout = backend.info.crop_layout
             parts: dict[str, list] = {}
             for start in range(0, len(faces), self.batch_size):
                 crops = [
-                    model_crops(f.chip, f.boxes, f.single_box, kind, backend.input_size, self.spec.context)
+                    model_crops(f.chip, f.boxes, f.single_box, layout, backend.input_size, self.spec.context)
                     for f in faces[start : start + self.batch_size]
                 ]
                 padded = _bucket(len(crops), self.batch_size)

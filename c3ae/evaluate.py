@@ -3,6 +3,7 @@ MAE per age band, and a one-page PNG report."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,13 +19,7 @@ from c3ae.metrics import (
     mae,
     mae_by_band,
 )
-
-
-def model_family(model: keras.Model) -> tuple[str, int]:
-    """(data family, crop side) a model's inputs need: ``"c3ae"`` for triple boxes, else the single crop."""
-    names = [t.name for t in model.inputs]
-    side = int(model.inputs[0].shape[1])
-    return ("c3ae" if "outer" in names else "ssrnet"), side
+from c3ae.models.base import model_info
 
 
 def predict_split(
@@ -41,18 +36,16 @@ def predict_split(
     ``flip``: average each prediction with that of the mirrored crops (test-time augmentation)."""
     from c3ae.data import make_dataset
 
-    family, side = model_family(model)
     # Labels for both tasks, except for a gender-only model: asking for ages would drop rows without one.
     targets = ["gender"] if model.output_names == ["gender"] else ["age", "gender"]
+    info = model_info(model)
     dataset = make_dataset(
         manifest,
         split=split,
-        model=family,
+        model=dataclasses.replace(info, outputs=tuple(targets)),
         batch_size=batch_size,
         augment=False,
         shuffle=False,
-        outputs=targets,
-        input_size=side,
         context=context,
     )
     single = not isinstance(model.input, dict)

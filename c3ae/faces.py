@@ -33,11 +33,12 @@ import numpy as np
 
 from c3ae.detector import DEFAULT_MAX_SIDE
 from c3ae.errors import C3AEError, UsageError
+from c3ae.models.spec import CROP_LAYOUTS, TRIPLE
 
 EXIF_ORIENTATION = 0x0112
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 NOSE = LANDMARK_NAMES.index("nose")
-CROP_NAMES = ("outer", "middle", "inner")
+CROP_NAMES = TRIPLE  # the order of the boxes in a manifest row, and of the model inputs
 
 # Median MTCNN landmark positions in units of the MTCNN face box (0..1 across x1..x2 and y1..y2), measured on
 # UTKFace and made left-right symmetric; MTCNN boxes are about 1.3 times taller than wide.
@@ -564,16 +565,19 @@ def model_crops(
     chip: np.ndarray,
     boxes: np.ndarray,
     single: np.ndarray,
-    kind: str = "c3ae",
+    layout: str = "triple",
     size: int = 64,
     context: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """The named uint8 crops a model family takes: C3AE ``outer``/``middle``/``inner``, others ``image``.
+    """The named uint8 BGR crops of a crop layout (``ModelInfo.crop_layout``): ``"triple"`` gives C3AE's
+    ``outer``/``middle``/``inner``, ``"single"`` one ``image``; each ``size`` pixels square.
 
     ``context`` > 0 first zeroes the chip outside the window of that many inner-box widths (``mask_context``).
     """
+    if layout not in CROP_LAYOUTS:
+        raise UsageError(f"Unknown crop layout {layout!r}; expected one of {', '.join(CROP_LAYOUTS)}.")
     chip = mask_context(chip, np.asarray(boxes).reshape(3, 4)[2], context)
-    if kind == "c3ae":
+    if layout == "triple":
         return {name: crop(chip, b, size) for name, b in zip(CROP_NAMES, boxes, strict=True)}
     return {"image": crop(chip, single, size)}
 

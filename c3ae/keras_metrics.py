@@ -37,3 +37,17 @@ class MaskedBinaryAccuracy(keras.metrics.Metric):
 
     def get_config(self):
         return {**super().get_config(), "threshold": self.threshold}
+
+
+def metrics_for_outputs(output_names) -> dict:
+    """The compiled metrics per output: ``age`` MAE (years), ``gender`` accuracy on known labels,
+    ``age_group`` accuracy."""
+    metrics = {}
+    for name in output_names:
+        if name == "age":
+            metrics[name] = [keras.metrics.MeanAbsoluteError(name="mae")]
+        elif name == "gender":
+            metrics[name] = [MaskedBinaryAccuracy(name="acc")]
+        elif name == "age_group":
+            metrics[name] = [keras.metrics.CategoricalAccuracy(name="acc")]
+    return metrics

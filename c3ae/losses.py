@@ -463,3 +463,27 @@ class MaskedMeanAbsoluteError(keras.losses.Loss):
         values = ops.abs(y_true - y_pred) * known
         count = ops.cast(ops.shape(values)[0], values.dtype)
         return values * count / ops.maximum(ops.sum(known), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-output losses, for the family specs (c3ae.models.<family>.SPEC.losses)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def losses_by_output(output_names, loss_config, family: str, special: dict | None = None) -> tuple:
+    """(loss, weight) per output: ``special[name]()`` for a family's own outputs, else the standard ones:
+    ``age`` MAE (years), ``gender`` binary cross-entropy on P(male) with unknown (-1) labels left out,
+    ``age_group`` categorical cross-entropy. Weights come from ``loss_config`` under the output's name."""
+    special = special or {}
+    standard = {
+        "age": lambda: "mean_absolute_error",
+        "gender": lambda: MaskedBinaryCrossentropy(label_smoothing=loss_config.label_smoothing),
+        "age_group": lambda: "categorical_crossentropy",
+    }
+    loss, weights = {}, {}
+    for name in output_names:
+        make = special.get(name) or standard.get(name)
+        if make is None:
+            raise UsageError(f"No loss is defined for output {name!r} of family {family!r}.")
+        loss[name], weights[name] = make(), float(getattr(loss_config, name))
+    return loss, weights

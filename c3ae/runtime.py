@@ -22,6 +22,7 @@ import numpy as np
 
 from c3ae.errors import C3AEError, UsageError
 from c3ae.litert import quiet_first_delegate
+from c3ae.models.spec import ModelInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -49,6 +50,18 @@ class Backend:
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on ``{input_name: (N, S, S, 3) float32 BGR [0, 255]}``; returns ``{output_name: array}``."""
         raise NotImplementedError
+
+    @property
+    def info(self) -> ModelInfo:
+        """What the model is (family, build options, crop layout), as its file says (``model_info`` in its
+        ``c3ae`` metadata, which ``c3ae export`` writes)."""
+        described = (self.metadata or {}).get("model_info")
+        if not described:
+            raise BackendError(
+                f"{self.origin or self.name} does not say which c3ae model it is (no model_info in its c3ae "
+                "metadata); export it again with 'c3ae export'."
+            )
+        return ModelInfo.from_dict(described)
 
     def _check(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]
@@ -84,7 +97,9 @@ class KerasBackend(Backend):
         self.input_names = tuple(_ordered_inputs([t.name for t in model.inputs]))
         self.output_names = tuple(sorted(model.output_names))
         self.input_size = int(model.inputs[0].shape[1])
-        self.metadata = {}
+        from c3ae.models.base import model_info
+
+        self.metadata = {"model_info": model_info(model).to_dict()} if hasattr(model, "family") else {}
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = self._check(inputs)

@@ -36,68 +36,34 @@ class TrainingError(C3AEError, RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- model, losses
 def build_model(config: Config) -> keras.Model:
-    from c3ae import models
+    """The config's model: ``model.name`` (a family) built with ``model.options``."""
+    from c3ae.errors import UsageError
+    from c3ae.models.base import build_family
 
-    builders = {
-        "c3ae": models.build_c3ae,
-        "ssrnet": models.build_ssrnet,
-        "dldl": models.build_dldl,
-        "levi_hassner": models.build_levi_hassner,
-    }
     options = dict(config.model.options)
     if config.data.input_size and "input_size" not in options:
         options["input_size"] = config.data.input_size
     try:
-        return builders[config.model.name](**options)
-    except TypeError as error:
-        raise ConfigError(f"model.options: {error}.") from error
+        return build_family(config.model.name, **options)
+    except UsageError as error:
+        raise ConfigError(f"model.options: {error}") from error
 
 
 def losses_for(model: keras.Model, config: Config, train_ages: np.ndarray | None = None) -> tuple[dict, dict]:
-    """Per-output losses and weights for a family (see ``c3ae.losses``)."""
-    from c3ae import losses
+    """Per-output losses and weights: the family spec's (``c3ae.models.<model.name>.SPEC.losses``)."""
+    from c3ae.models.spec import family_spec
 
-    family, weights_config = config.model.name, config.loss
-    loss, weights = {}, {}
-    for name in model.output_names:
-        if name == "age":
-            loss[name], weights[name] = "mean_absolute_error", weights_config.age
-        elif name == "age_bins" and family == "c3ae":
-            if weights_config.bins_loss == "focal":
-                bin_weights = losses.age_bin_weights(train_ages) if train_ages is not None else None
-                loss[name] = losses.C3AEFocalLoss(bin_weights=bin_weights)
-            else:
-                loss[name] = losses.KLDivergenceLoss()
-            weights[name] = weights_config.age_bins
-        elif name == "age_bins":  # DLDL: the target is the age, the loss builds the Gaussian
-            num_bins = int(model.get_layer("age_bins").units)
-            loss[name] = losses.DLDLLoss(num_bins=num_bins, sigma=weights_config.dldl_sigma)
-            weights[name] = weights_config.age_bins
-        elif name == "gender" and family == "ssrnet":
-            loss[name] = losses.MaskedMeanAbsoluteError()  # the original trains its V = 1 output with MAE
-            weights[name] = weights_config.gender
-        elif name == "gender":
-            loss[name] = losses.MaskedBinaryCrossentropy(label_smoothing=weights_config.label_smoothing)
-            weights[name] = weights_config.gender
-        elif name == "age_group":
-            loss[name], weights[name] = "categorical_crossentropy", weights_config.age_group
-        else:
-            raise ConfigError(f"No loss is defined for output {name!r} of family {family!r}.")
-    return loss, weights
+    try:
+        return family_spec(config.model.name).losses(model, config.loss, train_ages)
+    except C3AEError as error:
+        raise ConfigError(str(error)) from error
 
 
 def metrics_for(model: keras.Model) -> dict:
-    from c3ae.keras_metrics import MaskedBinaryAccuracy
+    """The compiled metrics per output (``c3ae.keras_metrics.metrics_for_outputs``)."""
+    from c3ae.keras_metrics import metrics_for_outputs
 
-    metrics = {}
-    for name in model.output_names:
-        if name == "age":
-            metrics[name] = [keras.metrics.MeanAbsoluteError(name="mae")]
-        elif name == "gender":
-            metrics[name] = [MaskedBinaryAccuracy(name="acc")]
-        elif name == "age_group":
-            metrics[name] = [keras.metrics.CategoricalAccuracy(name="acc")]
-    return metrics
+    return metrics_for_outputs(model.output_names)
 
 
 def monitored_metric(model: keras.Model) -> tuple[str, str]:
@@ -502,7 +468,9 @@ def _constant_layers(checkpoint: Path, dataset) -> list[str]:
     inputs = {name: np.asarray(crops) for name, crops in inputs.items()}
     if len(next(iter(inputs.values()))) < 2:  # one face cannot vary
         return []
-    return constant_layers(keras.saving.load_model(checkpoint, safe_mode=True), inputs)
+    from c3ae.bundled import load_model
+
+    return constant_layers(load_model(checkpoint), inputs)
 
 
 def _unwrap_single_input(dataset, model: keras.Model):

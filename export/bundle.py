@@ -24,7 +24,7 @@ from pathlib import Path
 from c3ae.errors import C3AEError
 
 BUNDLE_FORMAT = "c3ae-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: crop layouts named "triple" / "single", each model's family and options
 REFERENCE = Path(__file__).with_name("reference.py")
 
 
@@ -44,7 +44,8 @@ def bundle_spec(estimator, model_files: list[str]) -> dict:
         models.append(
             {
                 "file": file,
-                "crops": "c3ae" if "outer" in backend.input_names else "single",
+                "crops": backend.info.crop_layout,
+                "model_info": backend.info.to_dict(),
                 "inputs": {
                     name: [None, backend.input_size, backend.input_size, 3] for name in backend.input_names
                 },
@@ -66,7 +67,7 @@ def bundle_spec(estimator, model_files: list[str]) -> dict:
         "detector": _detector_spec(pipeline),
         "alignment": _alignment_spec(spec),
         "crops": {
-            "c3ae": {name: CROP_GEOMETRY[name] for name in ("outer", "middle", "inner")},
+            "triple": {name: CROP_GEOMETRY[name] for name in ("outer", "middle", "inner")},
             "single": CROP_GEOMETRY["image"],
             "context": "context > 0: zero the chip outside a square of context x the inner box's width, "
             "centred on the inner box, before cropping",

@@ -32,6 +32,7 @@ def describe_model(model, extra: dict | None = None) -> dict:
     from c3ae._version import __version__
     from c3ae.conventions import CHANNEL_ORDER, PIXEL_RANGE
     from c3ae.faces import BOX_ASPECT, DEFAULT_CHIP, TEMPLATE_IN_BOX
+    from c3ae.models.base import model_info
 
     inputs = {}
     for tensor in model.inputs:
@@ -49,6 +50,7 @@ def describe_model(model, extra: dict | None = None) -> dict:
         "format": "c3ae-model",
         "c3ae_version": __version__,
         "model": model.name,
+        "model_info": model_info(model).to_dict(),
         "parameters": int(model.count_params()),
         "inputs": inputs,
         "outputs": outputs,
@@ -77,6 +79,8 @@ def flat_properties(description: dict) -> dict[str, str]:
         METADATA_KEY: json.dumps(description, sort_keys=True),
         "inputs": ",".join(inputs),
         "outputs": ",".join(description["outputs"]),
+        "family": description["model_info"]["family"],
+        "crop_layout": description["model_info"]["crop_layout"],
         "input_shape": "N,{},{},3 (NHWC)".format(first["shape"][1], first["shape"][2]),
         "input_dtype": "float32",
         "channel_order": description["preprocessing"]["channel_order"],

@@ -38,6 +38,7 @@ import numpy as np
 from c3ae.diagnostics import constant_layers
 from c3ae.export.checks import ConverterError, ExportError, NonFiniteWeightsError, check_finite
 from c3ae.files import atomic_path, remove_path
+from c3ae.models.spec import CROP_LAYOUTS, ModelInfo
 
 FORMATS = ("tflite", "onnx", "saved_model", "coreml")
 FORMAT_QUANTS = {
@@ -80,21 +81,17 @@ class VerificationError(ExportError):
 
 
 # ------------------------------------------------------------------------------------------------- data
-def _layout(model) -> tuple[str, tuple[str, ...], int, tuple[str, ...]]:
-    """(family for c3ae.data, input names, crop side, target names) of a model."""
-    from c3ae.data import FAMILY_OUTPUTS
+def _layout(model) -> tuple[ModelInfo, tuple[str, ...]]:
+    """(what the model is, the labels to collect: its age / gender / age_group outputs, else gender)."""
+    from c3ae.models.base import model_info
 
-    names = tuple(t.name for t in model.inputs)
-    size = int(model.inputs[0].shape[1])
-    if set(names) == {"outer", "middle", "inner"}:
-        family = "c3ae"
-    elif "age_group" in model.output_names or size == 227:
-        family = "levi_hassner"
-    else:
-        family = "ssrnet"
-    targets = tuple(o for o in FAMILY_OUTPUTS[family] if o in ("age", "gender", "age_group"))
-    targets = tuple(o for o in targets if o in model.output_names) or ("gender",)
-    return family, names, size, targets
+    info = model_info(model)
+    targets = tuple(o for o in ("age", "gender", "age_group") if o in info.outputs) or ("gender",)
+    return info, targets
+
+
+def _layout_key(layout: tuple[ModelInfo, tuple[str, ...]]) -> str:
+    return json.dumps([layout[0].to_dict(), layout[1]], sort_keys=True)
 
 
 def _assets_dir() -> Path | None:
@@ -151,32 +148,32 @@ def asset_crops(model, augmentations: int = ASSET_AUGMENTATIONS, seed: int = 0) 
 
     Returns ``{"inputs": {name: (N, S, S, 3) float32 BGR [0, 255]}, "labels": {}, "source": str}``.
     """
-    family, names, size, _ = _layout(model)
-    key = ("assets", family, names, size, int(augmentations), int(seed))
-    return _cached(key, lambda: _asset_crops(family, names, size, augmentations, seed))
+    layout = _layout(model)
+    key = ("assets", _layout_key(layout), int(augmentations), int(seed))
+    return _cached(key, lambda: _asset_crops(layout[0], augmentations, seed))
 
 
-def _asset_crops(family: str, names: tuple, size: int, augmentations: int, seed: int) -> dict:
+def _asset_crops(info: ModelInfo, augmentations: int, seed: int) -> dict:
     from c3ae.data import Augmentation, augment_crops
     from c3ae.faces import model_crops
 
     params = Augmentation(max_rotation=10.0, erase=0.0)
     rng = np.random.default_rng(seed)
+    order = CROP_LAYOUTS[info.crop_layout]
     samples = []
     for face in _asset_faces():
-        kind = "c3ae" if family == "c3ae" else "single"
-        plain = model_crops(face.chip, face.boxes, face.single_box, kind=kind, size=size)
-        samples.append(np.stack([plain[n] for n in (names if family == "c3ae" else ("image",))]))
-        boxes = face.boxes if family == "c3ae" else face.single_box.reshape(1, 4)
+        plain = model_crops(face.chip, face.boxes, face.single_box, info.crop_layout, info.input_size)
+        samples.append(np.stack([plain[n] for n in order]))
+        boxes = face.boxes if info.crop_layout == "triple" else face.single_box.reshape(1, 4)
         centre = (
             (face.single_box[0] + face.single_box[2]) / 2,
             (face.single_box[1] + face.single_box[3]) / 2,
         )
         for _ in range(augmentations):
-            samples.append(augment_crops(face.chip, boxes, size, rng, centre=centre, params=params))
+            crops = augment_crops(face.chip, boxes, info.input_size, rng, centre=centre, params=params)
+            samples.append(crops)
     stacked = np.stack(samples).astype(np.float32)  # (N, K, S, S, 3)
-    order = names if family == "c3ae" else ("image",)
-    inputs = {name: stacked[:, order.index(name)] for name in names}
+    inputs = {name: stacked[:, order.index(name)] for name in info.inputs}
     photos = ", ".join(f"assets/{p}" for p in ASSET_PHOTOS)
     return {
         "inputs": inputs,
@@ -210,14 +207,15 @@ def manifest_crops(model, manifest, purpose: str = "verify", limit: int | None =
     except (OSError, ValueError) as error:
         raise ExportError(f"Cannot read the manifest {manifest}: {error}") from error
     stamp = Path(info["manifest_path"]).stat().st_mtime_ns
-    key = ("manifest", info["manifest_path"], stamp, purpose, limit, int(seed), layout)
+    key = ("manifest", info["manifest_path"], stamp, purpose, limit, int(seed), _layout_key(layout))
     return _cached(key, lambda: _manifest_crops(info, layout, purpose, limit, seed))
 
 
 def _manifest_crops(info: dict, layout: tuple, purpose: str, limit: int, seed: int) -> dict:
     from c3ae.data import make_dataset
 
-    family, names, size, targets = layout
+    model_described, targets = layout
+    names = model_described.inputs
     preference = ("test", "val", "train") if purpose == "verify" else ("train", "val", "test")
     split = _pick_split(info, preference)
     if split is None:
@@ -226,13 +224,12 @@ def _manifest_crops(info: dict, layout: tuple, purpose: str, limit: int, seed: i
         dataset = make_dataset(
             info,
             split=split,
-            model=family,
+            model=model_described,
             batch_size=64,
             augment=False,
             shuffle=True,
             seed=seed,
             outputs=list(targets),
-            input_size=size,
         )
         inputs: dict[str, list] = {n: [] for n in names}
         labels: dict[str, list] = {t: [] for t in targets}

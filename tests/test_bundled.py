@@ -55,15 +55,14 @@ def test_bundled_model_loads_offline_with_a_card(name):
 
 
 def _asset_crops(model):
-    from c3ae.evaluate import model_family
     from c3ae.faces import FacePipeline, model_crops, read_image
 
-    family, side = model_family(model)
+    info = model.info
     pipeline = FacePipeline()
     batches = []
     for photo in ("obama.jpg", "astronaut.jpg"):
         (face,) = pipeline.process(read_image(REPO / "assets" / photo), max_faces=1)
-        batches.append(model_crops(face.chip, face.boxes, face.single_box, family, side))
+        batches.append(model_crops(face.chip, face.boxes, face.single_box, info.crop_layout, info.input_size))
     return {name: np.stack([b[name] for b in batches]).astype("float32") for name in batches[0]}
 
 

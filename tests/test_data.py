@@ -211,7 +211,8 @@ def test_context_window_crops_match_inference_crops(data, model):
     for index, row in enumerate(data["val"]):
         chip = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_COLOR)
         boxes = np.asarray(row["boxes"], np.float32)
-        live = model_crops(chip, boxes, np.asarray(row["single_box"]), model, 64, context=1.2)
+        layout = "triple" if model == "c3ae" else "single"
+        live = model_crops(chip, boxes, np.asarray(row["single_box"]), layout, 64, context=1.2)
         for name, value in live.items():
             np.testing.assert_array_equal(inputs[name][index], value.astype(np.float32), err_msg=name)
     name = "outer" if model == "c3ae" else "image"

@@ -105,7 +105,7 @@ def test_config_round_trip(tiny_model):
     rebuilt = keras.saving.deserialize_keras_object(config)
     assert rebuilt.count_params() == tiny_model.count_params()
     assert [layer.name for layer in rebuilt.layers] == [layer.name for layer in tiny_model.layers]
-    clone = keras.Model.from_config(tiny_model.get_config())
+    clone = type(tiny_model).from_config(tiny_model.get_config())
     assert [w.shape for w in clone.weights] == [w.shape for w in tiny_model.weights]
     clone.set_weights(tiny_model.get_weights())
     x = bgr_batch(2, 16)

@@ -140,10 +140,10 @@ def test_haar_style_detection_without_landmarks_still_aligns():
 
 def test_model_crops_names_and_shapes(obama):
     face = align_face(obama, synthetic_detection(scale=1.5, dx=150, dy=60))
-    c3ae_crops = model_crops(face.chip, face.boxes, face.single_box, "c3ae")
+    c3ae_crops = model_crops(face.chip, face.boxes, face.single_box, "triple")
     assert list(c3ae_crops) == list(CROP_NAMES)
     assert all(c.shape == (64, 64, 3) for c in c3ae_crops.values())
-    assert model_crops(face.chip, face.boxes, face.single_box, "ssrnet", 227)["image"].shape == (227, 227, 3)
+    assert model_crops(face.chip, face.boxes, face.single_box, "single", 227)["image"].shape == (227, 227, 3)
 
 
 # ------------------------------------------------------------------------------------------------ detectors

@@ -131,7 +131,7 @@ def test_keras_file_round_trip(tiny_age, tiny_gender, tmp_path):
 def test_config_round_trip(tiny_age):
     rebuilt = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(tiny_age))
     assert [layer.name for layer in rebuilt.layers] == [layer.name for layer in tiny_age.layers]
-    clone = keras.Model.from_config(tiny_age.get_config())
+    clone = type(tiny_age).from_config(tiny_age.get_config())
     assert clone.count_params() == tiny_age.count_params()
     clone.set_weights(tiny_age.get_weights())
     x = bgr_batch(2, 59)

@@ -175,7 +175,7 @@ def test_training_and_inference_crops_are_identical(prepared, utk_layout):
             face = inference.process(photo, fallback_full_image=True)[0]
             live = {
                 **model_crops(face.chip, face.boxes, face.single_box),
-                **model_crops(face.chip, face.boxes, face.single_box, "ssrnet"),
+                **model_crops(face.chip, face.boxes, face.single_box, "single"),
             }
             np.testing.assert_array_equal(face.boxes, boxes)
             for name in training:

@@ -23,8 +23,9 @@ from c3ae.layers import (
     WhiteNorm,
     make_activation,
 )
+from c3ae.models.spec import SINGLE, TRIPLE, FamilySpec, standard_target
 
-CROP_NAMES = ("outer", "middle", "inner")
+CROP_NAMES = TRIPLE
 FILTERS = 32
 
 
@@ -73,7 +74,7 @@ def build_c3ae_backbone(
     return keras.Model(crop, features, name=name)
 
 
-def build_c3ae(
+def c3ae_graph(
     *,
     triple_box: bool = True,
     se: bool = False,
@@ -88,7 +89,7 @@ def build_c3ae(
     filters: int = FILTERS,
     name: str = "c3ae",
 ) -> keras.Model:
-    """Build C3AE.
+    """C3AE's functional graph (:func:`build_c3ae` wraps it as a :class:`~c3ae.models.base.FamilyModel`).
 
     Args:
         triple_box: three crops (``outer``, ``middle``, ``inner``) through ONE shared backbone, concatenated
@@ -154,3 +155,48 @@ def build_c3ae(
             gender_features
         )
     return keras.Model(inputs, outputs, name=name)
+
+
+def build_c3ae(**options) -> keras.Model:
+    """Build C3AE as a :class:`~c3ae.models.base.FamilyModel`; ``options`` as :func:`c3ae_graph`."""
+    from c3ae.models.base import build_family
+
+    return build_family("c3ae", **options)
+
+
+def _input_names(options) -> tuple[str, ...]:
+    return CROP_NAMES if options.get("triple_box", True) else SINGLE
+
+
+def _encode_targets(name: str, rows):
+    if name == "age_bins":
+        import tensorflow as tf
+
+        from c3ae.losses import two_point_encode
+
+        return tf.cast(two_point_encode(rows["age"]), tf.float32)
+    return standard_target(name, rows)
+
+
+def _losses(model, loss_config, train_ages=None) -> tuple[dict, dict]:
+    from c3ae import losses
+
+    def bins_loss():
+        if loss_config.bins_loss == "focal":
+            weights = losses.age_bin_weights(train_ages) if train_ages is not None else None
+            return losses.C3AEFocalLoss(bin_weights=weights)
+        return losses.KLDivergenceLoss()
+
+    return losses.losses_by_output(model.output_names, loss_config, "c3ae", {"age_bins": bins_loss})
+
+
+SPEC = FamilySpec(
+    name="c3ae",
+    build=c3ae_graph,
+    input_size=64,
+    targets=("age", "age_bins", "gender"),
+    input_names=_input_names,
+    encode_targets=_encode_targets,
+    losses=_losses,
+    description="C3AE (CVPR 2019): triple-box context crops, age as two-point bins 10 years wide",
+)

@@ -5,18 +5,9 @@
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 
-# family -> "module:function" of its builder, imported when a variant is built
-BUILDERS = {
-    "c3ae": "c3ae.models.c3ae:build_c3ae",
-    "ssrnet": "c3ae.models.ssrnet:build_ssrnet",
-    "dldl": "c3ae.models.dldl:build_dldl",
-    "levi_hassner": "c3ae.models.levi_hassner:build_levi_hassner",
-}
-TRIPLE = ("outer", "middle", "inner")
-SINGLE = ("image",)
+from c3ae.models.spec import SINGLE, TRIPLE
 
 
 @dataclass(frozen=True)
@@ -35,8 +26,9 @@ class Variant:
 
     def build(self, **overrides):
         """The Keras model (``overrides`` replace builder arguments)."""
-        module, function = BUILDERS[self.family].split(":")
-        return getattr(importlib.import_module(module), function)(**{**self.kwargs, **overrides})
+        from c3ae.models.base import build_family
+
+        return build_family(self.family, **{**self.kwargs, **overrides})
 
 
 def _variants(*variants: Variant) -> dict[str, Variant]:

@@ -18,6 +18,7 @@ from keras import layers
 from c3ae.errors import UsageError
 from c3ae.layers import OUTPUT_DTYPE, ExpectedValue, WhiteNorm
 from c3ae.models.c3ae import smallest_input
+from c3ae.models.spec import FamilySpec, standard_target
 
 COMPACT = "compact"
 COMPACT_BLOCKS = 4
@@ -130,7 +131,7 @@ def build_application_backbone(
     return model, center, scale
 
 
-def build_dldl(
+def dldl_graph(
     *,
     backbone: str = COMPACT,
     input_size: int = 64,
@@ -141,7 +142,7 @@ def build_dldl(
     backbone_kwargs: Mapping | None = None,
     name: str = "dldl",
 ) -> keras.Model:
-    """Build a DLDL age model (73,765 parameters with the defaults).
+    """DLDL's functional graph: an age model of 73,765 parameters with the defaults.
 
     Args:
         backbone: ``"compact"`` (the small CNN of :func:`build_compact_backbone`) or the name of a
@@ -197,3 +198,36 @@ def build_dldl(
     if gender:
         outputs["gender"] = layers.Dense(1, activation="sigmoid", dtype=OUTPUT_DTYPE, name="gender")(features)
     return keras.Model(image, outputs, name=name)
+
+
+def build_dldl(**options) -> keras.Model:
+    """Build DLDL as a :class:`~c3ae.models.base.FamilyModel`; options as :func:`dldl_graph`."""
+    from c3ae.models.base import build_family
+
+    return build_family("dldl", **options)
+
+
+def _encode_targets(name: str, rows):
+    # The age itself: DLDLLoss builds the Gaussian label distribution from it.
+    return standard_target("age" if name == "age_bins" else name, rows)
+
+
+def _losses(model, loss_config, train_ages=None) -> tuple[dict, dict]:
+    from c3ae import losses
+
+    def bins_loss():
+        num_bins = int(model.get_layer("age_bins").units)
+        return losses.DLDLLoss(num_bins=num_bins, sigma=loss_config.dldl_sigma)
+
+    return losses.losses_by_output(model.output_names, loss_config, "dldl", {"age_bins": bins_loss})
+
+
+SPEC = FamilySpec(
+    name="dldl",
+    build=dldl_graph,
+    input_size=64,
+    targets=("age", "age_bins", "gender"),
+    encode_targets=_encode_targets,
+    losses=_losses,
+    description="DLDL: expectation over 1-year age bins trained with Gaussian label distributions",
+)

@@ -18,6 +18,7 @@ from keras import layers
 from c3ae.errors import UsageError
 from c3ae.layers import OUTPUT_DTYPE, LocalResponseNormalization
 from c3ae.models.c3ae import smallest_input
+from c3ae.models.spec import FamilySpec, standard_target
 
 TASKS = ("age_group", "gender")
 # Adience's eight age groups, in years, in output order.
@@ -53,7 +54,7 @@ def _final_feature_size(input_size: int) -> int:
     return levi_hassner_feature_sizes(input_size)[-1]
 
 
-def build_levi_hassner(
+def levi_hassner_graph(
     num_classes: int = len(ADIENCE_AGE_GROUPS),
     *,
     task: str = "age_group",
@@ -63,7 +64,7 @@ def build_levi_hassner(
     lrn: bool = True,
     name: str = "levi_hassner",
 ) -> keras.Model:
-    """Build the Levi-Hassner network (11,677,704 parameters with the defaults).
+    """The Levi-Hassner network's functional graph (11,677,704 parameters with the defaults).
 
     conv1 96x7x7 stride 4 + ReLU -> max pool 3/2 -> LRN(5, 1e-4, 0.75);
     conv2 256x5x5 "same" + ReLU -> max pool 3/2 -> LRN;
@@ -129,3 +130,36 @@ def build_levi_hassner(
             )(x)
         }
     return keras.Model(image, outputs, name=name)
+
+
+def build_levi_hassner(*args, **options) -> keras.Model:
+    """Build Levi-Hassner as a :class:`~c3ae.models.base.FamilyModel`; arguments as
+    :func:`levi_hassner_graph`."""
+    from c3ae.models.base import build_family
+
+    return build_family("levi_hassner", *args, **options)
+
+
+def _encode_targets(name: str, rows):
+    if name == "age_group":
+        import tensorflow as tf
+
+        return tf.one_hot(rows["age_group"], len(ADIENCE_AGE_GROUPS), dtype=tf.float32)
+    return standard_target(name, rows)
+
+
+def _losses(model, loss_config, train_ages=None) -> tuple[dict, dict]:
+    from c3ae import losses
+
+    return losses.losses_by_output(model.output_names, loss_config, "levi_hassner")
+
+
+SPEC = FamilySpec(
+    name="levi_hassner",
+    build=levi_hassner_graph,
+    input_size=227,
+    targets=("age_group", "gender"),
+    encode_targets=_encode_targets,
+    losses=_losses,
+    description="Levi & Hassner (CVPR 2015): Adience age-group or gender classifier on 227-pixel crops",
+)

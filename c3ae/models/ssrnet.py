@@ -15,6 +15,7 @@ from keras import layers
 from c3ae.errors import UsageError
 from c3ae.layers import OUTPUT_DTYPE, SoftStagewiseRegression
 from c3ae.models.c3ae import smallest_input
+from c3ae.models.spec import FamilySpec, standard_target
 
 P_ACTIVATIONS = ("relu", "softmax")
 MIX_ACTIVATIONS = ("relu", "leaky_relu")
@@ -47,7 +48,7 @@ def _stream(inputs, prefix: str, filters: int, activation: str, pool_cls):
     return x, taps[0], taps[1]
 
 
-def build_ssrnet(
+def ssrnet_graph(
     stage_num: Sequence[int] = (3, 3, 3),
     lambda_local: float = 1.0,
     lambda_d: float = 1.0,
@@ -61,7 +62,7 @@ def build_ssrnet(
     output_name: str | None = None,
     name: str = "ssrnet",
 ) -> keras.Model:
-    """Build SSR-Net as in the official Keras code (40,915 parameters with the defaults).
+    """SSR-Net's functional graph as in the official Keras code (40,915 parameters with the defaults).
 
     Args:
         stage_num: bins per stage, three stages (stage 1 on the deepest features).
@@ -123,3 +124,29 @@ def build_ssrnet(
         stage_num, lambda_local, lambda_d, V, clamp=clamp_output, dtype=OUTPUT_DTYPE, name=output_name
     )(probs + etas + deltas)
     return keras.Model(image, {output_name: output}, name=name)
+
+
+def build_ssrnet(*args, **options) -> keras.Model:
+    """Build SSR-Net as a :class:`~c3ae.models.base.FamilyModel`; arguments as :func:`ssrnet_graph`."""
+    from c3ae.models.base import build_family
+
+    return build_family("ssrnet", *args, **options)
+
+
+def _losses(model, loss_config, train_ages=None) -> tuple[dict, dict]:
+    from c3ae import losses
+
+    # The original trains its V = 1 gender output with MAE.
+    special = {"gender": losses.MaskedMeanAbsoluteError}
+    return losses.losses_by_output(model.output_names, loss_config, "ssrnet", special)
+
+
+SPEC = FamilySpec(
+    name="ssrnet",
+    build=ssrnet_graph,
+    input_size=64,
+    targets=("age", "gender"),
+    encode_targets=standard_target,
+    losses=_losses,
+    description="SSR-Net (IJCAI 2018): soft stagewise regression; age (V = 101) or gender (V = 1)",
+)
