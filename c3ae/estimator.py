@@ -35,6 +35,7 @@ from c3ae.faces import (
 )
 
 DEFAULT_MODEL = "c3ae-utk"
+DEFAULT_FLIP = True  # mirror test-time augmentation: val MAE 6.36 -> 6.24 (mean of UTKFace and AAF, c3ae-utk)
 
 
 class ModelOutputError(BrokenFileError):
@@ -123,6 +124,9 @@ class AgeGenderEstimator:
         batch_size: the most faces per model call.
         pad_retry: when no face is found, search again on the image padded by this fraction (faces cut by
             the border, tight face crops; see ``c3ae.faces.FacePipeline``); 0 = never (video does this).
+        flip: average each face's outputs with those of its mirror image (test-time augmentation: two
+            model calls per batch; on by default because it lowers the age error, see the README's TTA
+            ablation).
 
     Images: a path or an H x W x 3 uint8 array in **BGR** channel order (OpenCV's); grayscale and BGRA
     arrays are converted. Loading the model happens here; the detector is built on the first image.
@@ -139,6 +143,7 @@ class AgeGenderEstimator:
         threads: int | None = None,
         batch_size: int = 64,
         pad_retry: float = 0.25,
+        flip: bool = DEFAULT_FLIP,
     ):
         from c3ae.faces import DETECTORS
         from c3ae.runtime import load_backend
@@ -149,6 +154,7 @@ class AgeGenderEstimator:
             raise UsageError(f"min_face must be at least 1 pixel, got {min_face}.")
         self.min_face = int(min_face)
         self.batch_size = max(int(batch_size), 1)
+        self.flip = bool(flip)
         self.backends = [load_backend(model, backend, threads=threads)]
         if gender_model is None and "gender" not in self.backends[0].output_names:
             gender_model = _paired_gender_model(model)
@@ -215,23 +221,8 @@ class AgeGenderEstimator:
         for backend in self.backends:
             if set(backend.output_names) <= set(outputs):
                 continue
-            layout = backend.info.crop_layout
-            parts: dict[str, list] = {}
-            for start in range(0, len(faces), self.batch_size):
-                crops = [
-                    model_crops(f.chip, f.boxes, f.single_box, layout, backend.input_size, self.spec.context)
-                    for f in faces[start : start + self.batch_size]
-                ]
-                padded = _bucket(len(crops), self.batch_size)
-                feed = {}
-                for name in backend.input_names:
-                    stacked = np.zeros((padded, *crops[0][name].shape), np.float32)
-                    stacked[: len(crops)] = np.stack([c[name] for c in crops])
-                    feed[name] = stacked
-                for name, value in backend.predict(feed).items():
-                    parts.setdefault(name, []).append(np.asarray(value, dtype=np.float64)[: len(crops)])
-            for name, chunks in parts.items():
-                outputs.setdefault(name, np.concatenate(chunks))  # the main model wins over a companion
+            for name, value in self._run(backend, faces).items():
+                outputs.setdefault(name, value)  # the main model wins over a companion
         broken = sorted(n for n in ("age", "gender") if n in outputs and not np.all(np.isfinite(outputs[n])))
         if broken:
             raise ModelOutputError(
@@ -241,6 +232,27 @@ class AgeGenderEstimator:
         return [self._face(i, face, outputs) for i, face in enumerate(faces)]
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _run(self, backend, faces: Sequence[AlignedFace]) -> dict[str, np.ndarray]:
+        """One backend's outputs (float64) for the faces, ``batch_size`` at a time, each chunk padded to a
+        power of two; with ``flip``, the mean of the outputs for the crops and for their mirror images."""
+        layout, size = backend.info.crop_layout, backend.input_size
+        parts: dict[str, list] = {}
+        for start in range(0, len(faces), self.batch_size):
+            chunk = faces[start : start + self.batch_size]
+            context = self.spec.context
+            crops = [model_crops(f.chip, f.boxes, f.single_box, layout, size, context) for f in chunk]
+            feed = {}
+            for name in backend.input_names:
+                feed[name] = np.zeros((_bucket(len(crops), self.batch_size), size, size, 3), np.float32)
+                feed[name][: len(crops)] = np.stack([c[name] for c in crops])
+            results = {n: np.asarray(v, np.float64) for n, v in backend.predict(feed).items()}
+            if self.flip:
+                mirrored = backend.predict({n: crops[:, :, ::-1] for n, crops in feed.items()})
+                results = {n: (v + np.asarray(mirrored[n], np.float64)) / 2 for n, v in results.items()}
+            for name, value in results.items():
+                parts.setdefault(name, []).append(value[: len(crops)])
+        return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
     @staticmethod
     def _face(index: int, aligned: AlignedFace, outputs: dict) -> Face:
         detection = aligned.detection
@@ -270,7 +282,7 @@ class AgeGenderEstimator:
     def __repr__(self) -> str:
         return (
             f"AgeGenderEstimator(model={self.model_name!r}, backend={self.backends[0].name!r}, "
-            f"detector={self.pipeline.detector_name!r}, min_face={self.min_face})"
+            f"detector={self.pipeline.detector_name!r}, min_face={self.min_face}, flip={self.flip})"
         )
 
 
@@ -291,7 +303,7 @@ def _chip_spec(model, backend) -> ChipSpec:
         from c3ae.bundled import ModelNotFoundError, model_card
 
         try:
-            chip = (model_card(model).get("preprocessing") or {}).get("chip")
+            chip = model_card(model).chip
         except ModelNotFoundError:
             chip = None
     if chip is None:

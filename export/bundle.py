@@ -71,10 +71,13 @@ def bundle_spec(estimator, model_files: list[str]) -> dict:
             "single": CROP_GEOMETRY["image"],
             "context": "context > 0: zero the chip outside a square of context x the inner box's width, "
             "centred on the inner box, before cropping",
+            "flip": "when the spec's flip is true, each model also runs on the crops mirrored left to right, "
+            "and every output is the mean of the two runs (test-time augmentation)",
             "sampling": "each box resized to the model's input side, bilinear, sample u at x1 + (u + 0.5) * "
             "(x2 - x1) / side - 0.5, zero (black) outside the chip",
         },
         "models": models,
+        "flip": bool(estimator.flip),
         "outputs": {
             "age": "years",
             "age_std": f"standard deviation of age_bins, bins at 0, {AGE_BIN_WIDTH:g}, ... years",

@@ -230,8 +230,12 @@ def estimate(photo: np.ndarray, folder: Path = HERE) -> list[dict]:
         for network, model in models:
             side = model["inputs"][next(iter(model["inputs"]))][1]
             crops = {name: cut(chip, boxes[name], side).astype(np.float32)[None] for name in model["inputs"]}
-            for name, value in network(**crops).items():
-                outputs.setdefault(name, value[0].astype(np.float64))
+            found = {name: value.astype(np.float64) for name, value in network(**crops).items()}
+            if spec.get("flip"):  # test-time augmentation: the mean with the mirrored crops' outputs
+                mirrored = network(**{name: c[:, :, ::-1] for name, c in crops.items()})
+                found = {name: (value + mirrored[name]) / 2 for name, value in found.items()}
+            for name, value in found.items():
+                outputs.setdefault(name, value[0])
         record = {
             "box": [
                 round(face[0], 1),

@@ -94,11 +94,37 @@ def test_all_faces_of_all_images_in_one_batched_call(estimator, obama_faces):
         results = estimator.predict_many([OBAMA, ASTRONAUT, np.full((120, 160, 3), 90, np.uint8)])
     finally:
         del backend.predict
-    assert calls == [2]  # two faces, one model call
+    assert calls == ([2, 2] if estimator.flip else [2])  # two faces, one model call (and one for the mirror)
     assert [len(r) for r in results] == [1, 1, 0]
     one, many = obama_faces[0], results[0][0]
     assert one.box == many.box and abs(one.age - many.age) < 0.05
     assert abs(one.gender_prob - many.gender_prob) < 1e-3
+
+
+def test_flip_averages_each_face_with_its_mirror_image(model):
+    flipped = AgeGenderEstimator(model, flip=True)
+    assert AgeGenderEstimator(model).flip  # on by default (the README's TTA ablation)
+    backend = flipped.backends[0]
+    feeds, outputs = [], []
+    original = backend.predict
+
+    def recording(inputs):
+        feeds.append({name: np.array(crops) for name, crops in inputs.items()})
+        outputs.append(original(inputs))
+        return outputs[-1]
+
+    backend.predict = recording
+    try:
+        (face,) = flipped.predict(OBAMA)
+    finally:
+        del backend.predict
+    assert len(feeds) == 2
+    for name, crops in feeds[0].items():
+        np.testing.assert_array_equal(feeds[1][name], crops[:, :, ::-1])
+    expected = (float(outputs[0]["age"][0, 0]) + float(outputs[1]["age"][0, 0])) / 2
+    assert abs(face.age - expected) < 0.006
+    (plain,) = AgeGenderEstimator(model, flip=False).predict(OBAMA)
+    assert plain.box == face.box
 
 
 def test_inference_crops_come_from_the_training_face_pipeline(estimator):
