@@ -35,6 +35,7 @@ _LAZY_SUBMODULES = {
     "metrics",
     "models",
     "preprocessing",
+    "records",
     "runtime",
     "tracking",
     "train",

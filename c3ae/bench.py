@@ -437,7 +437,7 @@ def bench_video(clip: str | Path, size: tuple[int, int] | None = None, frames: i
             int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
             int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
         )
-    return {"fps": summary["fps"], "frames": summary["frames"], "size": f"{width}x{height}"}
+    return {"fps": summary.fps, "frames": summary.frames, "size": f"{width}x{height}"}
 
 
 def _rescaled_clip(clip: Path, target: Path, size: tuple[int, int], frames: int | None) -> Path:

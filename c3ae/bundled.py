@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from c3ae.errors import C3AEError, DataError
+from c3ae.records import ModelCard
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -24,14 +25,14 @@ def available_models() -> list[str]:
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.keras"))
 
 
-def model_card(name: str) -> dict:
+def model_card(name: str) -> ModelCard:
     """The model card of a bundled model (data, split, preprocessing, metrics, training time, license)."""
     path = WEIGHTS_DIR / f"{name}.json"
     if not path.is_file():
         raise ModelNotFoundError(
             f"No model card for {name!r}; bundled models: {', '.join(available_models())}."
         )
-    return json.loads(path.read_text())
+    return ModelCard.from_json(path)
 
 
 def load_model(name_or_path: str | Path) -> keras.Model:
@@ -93,8 +94,7 @@ def trained_context(name_or_path: str | Path) -> float:
     path = Path(name_or_path)
     if not path.is_file():
         if (WEIGHTS_DIR / f"{name_or_path}.json").is_file():
-            chip = (model_card(str(name_or_path)).get("preprocessing") or {}).get("chip") or {}
-            return float(chip.get("context", 0.0))
+            return model_card(str(name_or_path)).context
         return 0.0
     config = path.parent / "config.yaml"
     if path.suffix.lower() == ".keras" and config.is_file():
@@ -190,6 +190,25 @@ def _card_sources(config: dict, manifest) -> list[tuple[str, dict, float]]:
     return read_sources([Source(e["manifest"], e.get("weight", 1.0), e.get("name", "")) for e in entries])
 
 
+def _card_data(sources: list[tuple[str, dict, float]]) -> dict:
+    """The card's ``data``: the dataset and its counts, or each source's name, dataset, weight and counts."""
+    if len(sources) == 1:
+        _, info, _ = sources[0]
+        return {"dataset": str(info.get("dataset", "")), "counts": info.get("counts", {})}
+    return {
+        "sources": [
+            {"name": n, "dataset": i.get("dataset", ""), "weight": w, "counts": i.get("counts", {})}
+            for n, i, w in sources
+        ]
+    }
+
+
+def _license(datasets: list[str], lineage: list[dict]) -> str:
+    """The license note of the training data (each dataset's once) and of the initial weights."""
+    notes = dict.fromkeys(LICENSE_NOTES.get(d, "See the training data's terms.") for d in datasets)
+    return " ".join(notes) + _initial_weights_note(lineage)
+
+
 def publish(
     run_dir: str | Path,
     name: str,
@@ -204,7 +223,8 @@ def publish(
     metrics (this split, per source and their mean for several sources, and the run's best validation
     value), the recipe's text, the cross-source check when given, the training time and the license note.
     Without ``manifest`` the sources come from the run's ``config.yaml``. No machine path is kept. Refuses
-    weights with NaN or Inf.
+    weights with NaN or Inf. Returns the card as written (``ModelCard.to_dict()``; :func:`model_card`
+    reads it back typed).
     """
     import yaml
 
@@ -230,52 +250,35 @@ def publish(
     preprocessing.setdefault("chip", {})["context"] = context
     lineage = _training_lineage(run_dir)
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else {}
-    datasets = [str(i.get("dataset", "")) for _, i, _ in sources]
-    card = {
-        "name": name,
-        "c3ae_version": __version__,
-        "family": (config.get("model") or {}).get("name"),
-        "parameters": int(model.count_params()),
-        "inputs": {t.name: list(t.shape[1:]) for t in model.inputs},
-        "outputs": list(model.output_names),
-        "input_convention": "float32 BGR crops, raw pixels in [0, 255]",
-        "data": (
-            {"dataset": datasets[0], "counts": info.get("counts", {})}
-            if len(sources) == 1
-            else {
-                "sources": [
-                    {"name": n, "dataset": i.get("dataset", ""), "weight": w, "counts": i.get("counts", {})}
-                    for n, i, w in sources
-                ]
-            }
-        ),
-        "split": {**info.get("split", {}), "evaluated": split},
-        "preprocessing": preprocessing,
-        "metrics": {split: metrics, "best_validation": best},
-        **({"cross_source": cross_source} if cross_source else {}),
-        **(
-            {"recipe": {"file": f"recipes/{Path(recipe).name}", "text": Path(recipe).read_text()}}
-            if recipe
-            else {}
-        ),
-        "training": {
+    card = ModelCard(
+        name=name,
+        c3ae_version=__version__,
+        family=(config.get("model") or {}).get("name"),
+        parameters=int(model.count_params()),
+        inputs={t.name: list(t.shape[1:]) for t in model.inputs},
+        outputs=list(model.output_names),
+        input_convention="float32 BGR crops, raw pixels in [0, 255]",
+        data=_card_data(sources),
+        split={**info.get("split", {}), "evaluated": split},
+        preprocessing=preprocessing,
+        metrics={split: metrics, "best_validation": best},
+        cross_source=cross_source or None,
+        recipe={"file": f"recipes/{Path(recipe).name}", "text": Path(recipe).read_text()} if recipe else None,
+        training={
             "config": config,
             "seconds": lineage[0]["seconds"],
             "total_seconds": round(sum(stage["seconds"] or 0.0 for stage in lineage), 1),
             "stages": lineage,
         },
-        "license": " ".join(
-            dict.fromkeys(LICENSE_NOTES.get(d, "See the training data's terms.") for d in datasets)
-        )
-        + _initial_weights_note(lineage),
-    }
-    card = without_machine_paths(card)
+        license=_license([str(i.get("dataset", "")) for _, i, _ in sources], lineage),
+    )
+    card = ModelCard.from_json(without_machine_paths(card.to_dict()))
     WEIGHTS_DIR.mkdir(exist_ok=True)
     for suffix, write in (
         # The model alone (loaded without its optimizer): a third of the checkpoint's size.
         (".keras", lambda path: model.save(path)),
-        (".json", lambda path: path.write_text(json.dumps(card, indent=2) + "\n")),
+        (".json", lambda path: path.write_text(card.to_json())),
     ):
         with atomic_path(WEIGHTS_DIR / f"{name}{suffix}") as temporary:  # Keras insists on ".keras"
             write(temporary)
-    return card
+    return card.to_dict()

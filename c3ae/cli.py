@@ -65,21 +65,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     bundled = []
     for name in available_models():
         card = model_card(name)
-        test = (card.get("metrics") or {}).get("test") or {}
-        test = test.get("mean", test)  # several sources: their mean
+        test = card.headline("test")  # several sources: their mean
         mae, accuracy = test.get("mae"), test.get("gender_accuracy")
-        data = card.get("data") or {}
-        trained_on = (
-            "+".join(s["name"] for s in data["sources"]) if "sources" in data else data.get("dataset", "")
-        )
         bundled.append(
             (
                 name,
-                card.get("family", ""),
-                f"{card.get('parameters', 0):,}",
+                card.family or "",
+                f"{card.parameters:,}",
                 f"{mae:.2f}" if mae is not None else "-",
                 f"{accuracy:.3f}" if accuracy is not None else "-",
-                trained_on,
+                card.trained_on,
             )
         )
     if bundled:
@@ -126,18 +121,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         min_face=args.min_face,
         fallback=args.fallback,
     )
-    counts, timing = manifest["counts"], manifest["timing"]
-    rejects = ", ".join(f"{reason} {n}" for reason, n in manifest["rejects"].items()) or "none"
-    print(
-        f"kept {counts['kept']} of {counts['files_scanned']} files ({100 * counts['kept_fraction']:.1f}%): "
-        + ", ".join(f"{split} {n}" for split, n in counts["by_split"].items())
-    )
-    print(f"rejected: {rejects}")
-    if timing["faces_per_s"]:
-        print(
-            f"processed {timing['processed_samples']} photos in {timing['processing_s']} s "
-            f"({timing['faces_per_s']} photos/s, {timing['workers']} workers)"
-        )
+    print(manifest)
     print(f"manifest: {Path(args.out) / 'manifest.json'}")
     return 0
 
@@ -279,6 +263,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     import json
 
     from c3ae.bundled import publish
+    from c3ae.records import ModelCard
 
     if not (Path(args.run) / "best.keras").is_file():
         raise UserError(
@@ -292,13 +277,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         card = publish(args.run, args.name, args.data, args.split, recipe=args.recipe, cross_source=cross)
     except (C3AEError, FileNotFoundError) as error:
         raise UserError(str(error)) from error
-    metrics = card["metrics"][args.split]
-    headline = metrics.get("mean", metrics)
-    print(
-        f"published {args.name}: {card['parameters']:,} parameters, {args.split} MAE {headline['mae']}, "
-        f"gender accuracy {headline['gender_accuracy']}"
-        + (" (mean over sources)" if "mean" in metrics else "")
-    )
+    print(f"published {ModelCard.from_json(card)}")
     return 0
 
 
@@ -448,7 +427,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_video(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from c3ae.video import FOURCC, format_stages, open_capture, process_video
+    from c3ae.video import FOURCC, open_capture, process_video
 
     if (args.input is None) == (args.camera is None):
         raise UserError("Give either a video file (INPUT) or --camera N, not both and not neither.")
@@ -468,22 +447,10 @@ def cmd_video(args: argparse.Namespace) -> int:
         progress=True,
         max_frames=args.max_frames,
     )
-    notes = []
-    if summary["broken_frames"]:
-        notes.append(f"{summary['broken_frames']} broken frame(s) skipped")
-    if summary["missing_frames"]:
-        notes.append(f"the stream ended {summary['missing_frames']} frame(s) early (truncated?)")
-    if summary["interrupted"]:
-        notes.append("interrupted; the output is complete up to there")
-    print(
-        f"{summary['frames']} frames at {summary['fps'] or 0:.1f} fps, {summary['faces']} face track(s)"
-        + (f"; {'; '.join(notes)}" if notes else "")
-        + (f"; output: {summary['output']}" if summary["output"] else ""),
-        file=sys.stderr,
-    )
+    print(summary, file=sys.stderr)
     if args.verbose:
-        print(format_stages(summary), file=sys.stderr)
-    return 130 if summary["interrupted"] else 0
+        print(summary.stage_table(), file=sys.stderr)
+    return 130 if summary.interrupted else 0
 
 
 def _non_negative_float(text: str) -> float:
@@ -522,7 +489,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.output:
         raise UserError("Give -o/--output for the artifact, or --bundle DIR for a deployable folder.")
     _check_output(args.output, "-o", inputs, ("tflite", "binary", "folder"))
-    from c3ae.export.verify import ConverterError, ExportError, export_model, report_path
+    from c3ae.export.verify import ConverterError, ExportError, export_model
 
     try:
         report = export_model(
@@ -538,33 +505,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise  # the converter failed, not the user: exit 1 (_known_error)
     except ExportError as error:
         raise UserError(str(error)) from error
-    verification = report["verification"]
-    checks = "; ".join(
-        f"{c['check']} {c['value']:.3g} >= {c['minimum']:.3g}"
-        if "minimum" in c
-        else f"{c['check']} {c['value']:.3g} <= {c['limit']:.3g}"
-        for c in verification["checks"]
-        if isinstance(c["value"], float)
-    )
-    print(f"wrote {report['artifact']} ({report['size_bytes'] / 1024:.1f} KB, {args.format} {args.quant})")
-    if "float_ops" in report:
-        left = ", ".join(f"{op} x{n}" for op, n in report["float_ops"].items()) or "none"
-        print(f"ops left in float by int8 quantisation: {left}")
-    if verification["crops"]:
-        print(f"verified on {verification['crops']} crops from {verification['data']}")
-        print(f"  {checks}")
-        if "xnnpack" in verification:
-            print("  runs on LiteRT's default XNNPACK delegate (as phones run it)")
-        for warning in verification.get("warnings", []):
-            print(f"  warning: {warning}")
-        if verification.get("constant_layers"):
-            print(
-                "  warning: these layers output the same value for every crop (dead units): "
-                + ", ".join(verification["constant_layers"])
-            )
-    else:
-        print(f"verified: {verification['runtime']}")
-    print(f"report: {report_path(args.output)}")
+    print(report)
     return 0
 
 

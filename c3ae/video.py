@@ -29,6 +29,7 @@ import numpy as np
 from c3ae.annotate import COLORS, draw_box, face_label
 from c3ae.errors import C3AEError, UsageError
 from c3ae.files import AtomicOutput, OutputError, check_output, probe_writable
+from c3ae.records import VideoSummary
 from c3ae.tracking import IoUTracker
 
 STAGES = ("decode", "detect", "align", "estimate", "track", "draw", "encode")
@@ -426,7 +427,7 @@ class _Sinks:
         summary = summary_of(self.writer is not None and written > 0 and not failures)
         if self.lines is not None:
             try:
-                self.lines.write({"summary": summary})
+                self.lines.write({"summary": summary.to_dict()})
                 self.lines.close()
             except BaseException as error:
                 self.lines.discard()
@@ -471,7 +472,7 @@ def process_video(
     progress: bool = True,
     max_frames: int | None = None,
     scene_cut: float = 20.0,
-) -> dict:
+) -> VideoSummary:
     """Run ``estimator`` (an ``AgeGenderEstimator``) over a video file or a camera (an int index).
 
     Args:
@@ -490,7 +491,8 @@ def process_video(
             mean absolute difference (0-255) is a scene cut: tracks are dropped (a face after a cut is a new
             track, its estimates not mixed with the previous shot's) and the detector runs at once. 0 = off.
 
-    Returns the summary: ``frames`` (written), ``faces`` (distinct tracks), ``face_boxes`` (boxes over all
+    Returns the :class:`c3ae.records.VideoSummary` (its ``str`` is the line ``c3ae video`` prints):
+    ``frames`` (written), ``faces`` (distinct tracks), ``face_boxes`` (boxes over all
     frames), ``fps`` (processing only, not start-up), ``stages`` (seconds and ms per frame), and
     ``broken_frames``, ``missing_frames``, ``interrupted``. The end of the stream and Ctrl-C (or q in the
     window) both finalise the output files.
@@ -562,25 +564,25 @@ def process_video(
 
 def _video_summary(
     kept: bool, *, output, written, total, frames, interrupted, annotator, elapsed, fps_in, timer
-):
+) -> VideoSummary:
     """:func:`process_video`'s summary (``kept``: the annotated video was written)."""
     index = frames.index if frames is not None else 0
-    return {
-        "frames": written,
-        "input_frames": total,
-        "broken_frames": frames.broken if frames is not None else 0,
-        "missing_frames": max(total - index, 0) if total is not None and not interrupted else 0,
-        "interrupted": interrupted,
-        "faces": annotator.tracker.next_id - 1,
-        "face_boxes": annotator.face_boxes,
-        "detection_frames": annotator.detections,
-        "scene_cuts": annotator.cuts,
-        "fps": round(written / elapsed, 2) if elapsed > 0 else None,
-        "input_fps": round(fps_in, 3),
-        "seconds": round(elapsed, 3),
-        "stages": timer.summary(written),
-        "output": str(output) if kept else None,
-    }
+    return VideoSummary(
+        frames=written,
+        input_frames=total,
+        broken_frames=frames.broken if frames is not None else 0,
+        missing_frames=max(total - index, 0) if total is not None and not interrupted else 0,
+        interrupted=interrupted,
+        faces=annotator.tracker.next_id - 1,
+        face_boxes=annotator.face_boxes,
+        detection_frames=annotator.detections,
+        scene_cuts=annotator.cuts,
+        fps=round(written / elapsed, 2) if elapsed > 0 else None,
+        input_fps=round(fps_in, 3),
+        seconds=round(elapsed, 3),
+        stages=timer.summary(written),
+        output=str(output) if kept else None,
+    )
 
 
 def _tick(bar, written: int, start: float) -> None:
@@ -596,12 +598,7 @@ def _progress_bar(total: int | None):
     return tqdm(total=total, unit="frame", file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
-def format_stages(summary: dict) -> str:
-    """A small table of the per-stage timings of a :func:`process_video` summary."""
-    rows = [f"{'stage':<9} {'ms/frame':>9} {'seconds':>9} {'calls':>6}"]
-    for stage, value in summary["stages"].items():
-        rows.append(f"{stage:<9} {value['ms_per_frame']:>9.2f} {value['seconds']:>9.3f} {value['calls']:>6}")
-    rows.append(
-        f"{'total':<9} {1000 / summary['fps'] if summary['fps'] else 0:>9.2f} {summary['seconds']:>9.3f}"
-    )
-    return "\n".join(rows)
+def format_stages(summary: VideoSummary | dict) -> str:
+    """A small table of the per-stage timings of a :func:`process_video` summary
+    (:meth:`c3ae.records.VideoSummary.stage_table`)."""
+    return VideoSummary.from_json(summary).stage_table()

@@ -39,6 +39,7 @@ from c3ae.diagnostics import constant_layers
 from c3ae.export.checks import ConverterError, ExportError, NonFiniteWeightsError, check_finite
 from c3ae.files import atomic_path, remove_path
 from c3ae.models.spec import CROP_LAYOUTS, ModelInfo
+from c3ae.records import FAILED_SUFFIX, ExportReport, report_path
 
 FORMATS = ("tflite", "onnx", "saved_model", "coreml")
 FORMAT_QUANTS = {
@@ -56,12 +57,12 @@ ASSET_PHOTOS = ("obama.jpg", "astronaut.jpg")
 ASSET_AUGMENTATIONS = 15  # per photo, besides the unaugmented crops
 VERIFY_LIMIT = 256
 CALIBRATION_LIMIT = 200
-FAILED_SUFFIX = ".failed"
 
 __all__ = [
     "ConverterError",
     "DEFAULT_TOLERANCE",
     "ExportError",
+    "ExportReport",
     "FORMATS",
     "FORMAT_QUANTS",
     "NonFiniteWeightsError",
@@ -75,7 +76,7 @@ __all__ = [
 class VerificationError(ExportError):
     """The artifact's outputs differ from Keras beyond the tolerance; ``report`` holds the numbers."""
 
-    def __init__(self, message: str, report: dict):
+    def __init__(self, message: str, report: ExportReport):
         super().__init__(message)
         self.report = report
 
@@ -407,20 +408,6 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from c3ae.files import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
 # ---------------------------------------------------------------------------------------------- artifacts
 def _write_artifact(
     model, source, format: str, quant: str, path: Path, calibration: dict | None, opset: int, timeout
@@ -610,12 +597,6 @@ def _load(model):
         raise ExportError(str(error)) from error
 
 
-def report_path(output: str | Path) -> Path:
-    """Where :func:`export_model` writes the report of ``output``: ``<output>.report.json``."""
-    output = Path(output)
-    return output.with_name(output.name + ".report.json")
-
-
 def export_model(
     model,
     output: str | Path,
@@ -628,9 +609,10 @@ def export_model(
     verify_limit: int = VERIFY_LIMIT,
     calibration_limit: int = CALIBRATION_LIMIT,
     convert_timeout: float | None = None,
-) -> dict:
+) -> ExportReport:
     """Export ``model`` (a ``keras.Model``, a ``.keras`` path or a bundled model's name) to ``output`` and
-    verify it against Keras; returns the report, also written to ``<output>.report.json``.
+    verify it against Keras; returns the report (its ``str`` is the summary ``c3ae export`` prints), also
+    written to ``<output>.report.json`` (:func:`report_path`).
 
     Args:
         format: ``"tflite"``, ``"onnx"``, ``"saved_model"`` (a folder) or ``"coreml"`` (``.mlpackage``).
@@ -657,33 +639,33 @@ def export_model(
     verify_data, calibration_data = _crops_for(
         model, format, quant, calibration, verify_limit, calibration_limit
     )
-    report = {
-        "status": "failed",
-        "artifact": str(output),
-        "format": format,
-        "quantisation": quant,
-        "model": {"source": source, "name": model.name, "parameters": int(model.count_params())},
-        "inputs": {t.name: [None, *map(int, t.shape[1:])] for t in model.inputs},
-        "outputs": sorted(model.output_names),
-    }
+    report = ExportReport(
+        status="failed",
+        artifact=str(output),
+        format=format,
+        quantisation=quant,
+        model={"source": source, "name": model.name, "parameters": int(model.count_params())},
+        inputs={t.name: [None, *map(int, t.shape[1:])] for t in model.inputs},
+        outputs=sorted(model.output_names),
+    )
     try:
         _convert_verify_publish(
             model, given, output, report, verify_data, calibration_data, tolerance, opset, convert_timeout
         )
     except ConverterError as error:
-        report["error"] = str(error)
+        report.error = str(error)
         remove_path(output)  # an older export would not match this report
         _write_report(output, report)
         raise
     except (ExportError, KeyboardInterrupt):
         raise
     except Exception as error:
-        report["error"] = f"{type(error).__name__}: {error}"
+        report.error = f"{type(error).__name__}: {error}"
         remove_path(output)  # an older export would not match this report
         _write_report(output, report)
         raise ExportError(f"Converting to {format} failed: {type(error).__name__}: {error}") from error
     _write_report(output, report)
-    if report["status"] != "passed":
+    if not report.passed:
         raise _verification_error(report, output)
     return report
 
@@ -729,11 +711,19 @@ def _crops_for(model, format: str, quant: str, calibration, verify_limit: int, c
 
 
 def _convert_verify_publish(
-    model, given, output: Path, report: dict, verify_data, calibration_data, tolerance, opset, convert_timeout
+    model,
+    given,
+    output: Path,
+    report: ExportReport,
+    verify_data,
+    calibration_data,
+    tolerance,
+    opset,
+    convert_timeout,
 ) -> None:
     """Convert to a temporary name, verify against Keras, and rename onto ``output`` only if it passes (a
     failing artifact is kept as ``<output>.failed``); fills ``report``."""
-    format, quant = report["format"], report["quantisation"]
+    format, quant = report.format, report.quantisation
     failed = output.with_name(output.name + FAILED_SUFFIX)
     started = time.perf_counter()
     with atomic_path(output) as temporary:
@@ -741,30 +731,30 @@ def _convert_verify_publish(
             _write_artifact(model, given, format, quant, temporary, calibration_data, opset, convert_timeout)
         )
         converted = time.perf_counter()
-        report["size_bytes"] = _size(temporary)
+        report.size_bytes = _size(temporary)
         if calibration_data is not None:
-            report["calibration"] = {
+            report.calibration = {
                 "data": calibration_data["source"],
                 "crops": int(len(next(iter(calibration_data["inputs"].values())))),
             }
         verification = _verify(model, format, quant, temporary, verify_data, tolerance)
-        report["verification"] = verification
-        report["seconds"] = {
+        report.verification = verification
+        report.seconds = {
             "convert": round(converted - started, 2),
             "verify": round(time.perf_counter() - converted, 2),
         }
         remove_path(failed)
         if verification["passed"]:
-            report["status"] = "passed"
+            report.status = "passed"
         else:  # kept for inspection under a name that does not look valid; nothing is published
-            report["artifact"] = str(failed)
+            report.artifact = str(failed)
             os.replace(temporary, failed)
             remove_path(output)  # an older export would not match this report
 
 
-def _verification_error(report: dict, output: Path) -> VerificationError:
+def _verification_error(report: ExportReport, output: Path) -> VerificationError:
     """The error naming the first failing check of a report that did not pass."""
-    first = next(c for c in report["verification"]["checks"] if not c["passed"])
+    first = next(c for c in report.verification["checks"] if not c["passed"])
     if isinstance(first["value"], float) and "minimum" in first:
         what = f"{first['check']} = {_fmt(first['value'])} < {_fmt(first['minimum'])}"
     elif isinstance(first["value"], float):
@@ -774,8 +764,8 @@ def _verification_error(report: dict, output: Path) -> VerificationError:
     else:
         what = f"failed check: {first['check']}"
     return VerificationError(
-        f"{report['format']} ({report['quantisation']}) artifact failed verification on "
-        f"{report['verification']['crops']} crops ({what}); it was kept as {report['artifact']} and the "
+        f"{report.format} ({report.quantisation}) artifact failed verification on "
+        f"{report.verification['crops']} crops ({what}); it was kept as {report.artifact} and the "
         f"numbers are in {report_path(output)}.",
         report,
     )
@@ -785,9 +775,10 @@ def _fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _write_report(output: Path, report: dict) -> None:
+def _write_report(output: Path, report: ExportReport) -> None:
     from c3ae._version import __version__
+    from c3ae.files import atomic_write_text
 
-    report.setdefault("c3ae_version", __version__)
-    report.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    _write_json(report_path(output), report)
+    report.c3ae_version = report.c3ae_version or __version__
+    report.created = report.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_text(report_path(output), report.to_json())

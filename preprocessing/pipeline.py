@@ -30,12 +30,11 @@ from c3ae.faces import DEFAULT_CHIP, ChipSpec, FacePipeline, ImageReadError, rea
 from c3ae.files import atomic_path, atomic_write_text, remove_stale_temporaries
 from c3ae.preprocessing.readers import Reject, Sample, get_reader, scan_dataset
 from c3ae.preprocessing.shards import COLUMNS, MAX_ROWS_PER_SHARD, write_shard
+from c3ae.records import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, Manifest, Shard
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "c3ae-manifest"
 
 
 class PreprocessError(C3AEError, RuntimeError):
@@ -223,8 +222,9 @@ def preprocess(
     progress: bool = True,
     reader_options: dict | None = None,
     fallback: str = "auto",
-) -> dict:
-    """Run the whole preprocessing; returns the manifest (also written to ``out/manifest.json``).
+) -> Manifest:
+    """Run the whole preprocessing; returns the manifest (also written to ``out/manifest.json``; its
+    ``str`` is the summary ``c3ae preprocess`` prints).
 
     ``fallback``: what to do when the detector finds no face. ``"auto"``: use the sample's own box where
     the dataset gives one, and the whole image for datasets of face crops (UTKFace, AFAD, All-Age-Faces,
@@ -277,10 +277,16 @@ def preprocess(
         )
         processed_seconds = time.monotonic() - run_started
 
+    timing = {
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "processed_samples": processed_samples,
+        "processing_s": round(processed_seconds, 1),
+        "faces_per_s": round(processed_samples / processed_seconds, 2) if processed_seconds else None,
+        "workers": workers,
+    }
     manifest = _manifest(
         dataset,
         root,
-        out,
         plans,
         summaries,
         scan_rejects,
@@ -289,17 +295,11 @@ def preprocess(
         fractions,
         len(samples),
         limit,
+        timing,
     )
-    manifest["timing"] = {
-        "wall_time_s": round(time.monotonic() - started, 1),
-        "processed_samples": processed_samples,
-        "processing_s": round(processed_seconds, 1),
-        "faces_per_s": round(processed_samples / processed_seconds, 2) if processed_seconds else None,
-        "workers": workers,
-    }
     _write_rejects_csv(out, scan_rejects, summaries.values())
-    _write_json_atomically(out / MANIFEST_NAME, manifest)
-    if manifest["counts"]["kept"] == 0:
+    atomic_write_text(out / MANIFEST_NAME, manifest.to_json())
+    if manifest.counts["kept"] == 0:
         raise PreprocessError(
             f"No face was kept from {len(samples)} {dataset} samples; "
             f"see {out / 'rejects.csv'} for the reasons."
@@ -403,8 +403,9 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _manifest(
-    dataset, root, out, plans, summaries, scan_rejects, pipeline, seed, fractions, total, limit
-) -> dict:
+    dataset, root, plans, summaries, scan_rejects, pipeline, seed, fractions, total, limit, timing
+) -> Manifest:
+    """The manifest of the finished shards: what was kept and rejected, per split, and how."""
     rejects = Counter(r.reason for r in scan_rejects)
     by_split: Counter = Counter()
     shards = []
@@ -416,23 +417,23 @@ def _manifest(
         multi_face += summary.multi_face
         fallback += summary.fallback
         if summary.rows:
-            shards.append({"file": plan.file, "split": plan.split, "rows": summary.rows})
+            shards.append(Shard(file=plan.file, split=plan.split, rows=summary.rows))
     kept = sum(by_split.values())
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": 1,
-        "c3ae_version": __version__,
-        "dataset": dataset,
-        "root": str(Path(root).resolve()),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "face_pipeline": pipeline,
-        "split": {
+    return Manifest(
+        format=MANIFEST_FORMAT,
+        version=MANIFEST_VERSION,
+        c3ae_version=__version__,
+        dataset=dataset,
+        root=str(Path(root).resolve()),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        face_pipeline=pipeline,
+        split={
             "seed": seed,
             "fractions": dict(zip(SPLITS, fractions, strict=True)),
             "by": "identity where known, else image",
             "limit": limit,
         },
-        "counts": {
+        counts={
             "files_scanned": total + len(scan_rejects),
             "samples": total,
             "kept": kept,
@@ -442,10 +443,11 @@ def _manifest(
             "fallback_faces": fallback,
             "by_split": {split: by_split.get(split, 0) for split in SPLITS},
         },
-        "rejects": dict(sorted(rejects.items(), key=lambda kv: -kv[1])),
-        "columns": list(COLUMNS),
-        "shards": shards,
-    }
+        rejects=dict(sorted(rejects.items(), key=lambda kv: -kv[1])),
+        columns=list(COLUMNS),
+        shards=shards,
+        timing=timing,
+    )
 
 
 def _write_rejects_csv(out: Path, scan_rejects: Iterable[Reject], summaries: Iterable[ShardSummary]) -> None:
