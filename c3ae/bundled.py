@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = "c3ae-utk"  # what AgeGenderEstimator(), c3ae predict and c3ae video load
 
 
 class ModelNotFoundError(C3AEError, ValueError):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from c3ae._version import __version__
+from c3ae.bundled import DEFAULT_MODEL
 from c3ae.errors import C3AEError
 from c3ae.files import atomic_write_text
 
@@ -288,7 +289,12 @@ def _make_estimator(args: argparse.Namespace, **options):
 
     try:
         return AgeGenderEstimator(
-            args.model, backend=args.backend, detector=args.detector, min_face=args.min_face, **options
+            args.model,
+            backend=args.backend,
+            detector=args.detector,
+            min_face=args.min_face,
+            flip=args.flip,
+            **options,
         )
     except (C3AEError, FileNotFoundError) as error:
         raise UserError(
@@ -465,10 +471,18 @@ def _non_negative_float(text: str) -> float:
 
 def _estimator_options(parser: argparse.ArgumentParser, min_face: int) -> None:
     parser.add_argument(
-        "--model", default="c3ae-utk", help="bundled model name or .keras/.tflite/.onnx file (c3ae-utk)"
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"bundled model name or .keras/.tflite/.onnx file ({DEFAULT_MODEL})",
     )
     parser.add_argument("--backend", choices=("auto", "keras", "tflite", "onnx"), default="auto")
     parser.add_argument("--detector", choices=("mtcnn", "haar"), default="mtcnn")
+    parser.add_argument(
+        "--no-flip",
+        dest="flip",
+        action="store_false",
+        help="no mirror test-time augmentation: one model call per face instead of two (slightly worse ages)",
+    )
     parser.add_argument(
         "--min-face",
         type=_positive_int,

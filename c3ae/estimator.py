@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from c3ae.bundled import DEFAULT_MODEL
 from c3ae.conventions import AGE_BIN_WIDTH
 from c3ae.errors import BrokenFileError, UsageError
 from c3ae.faces import (
@@ -34,7 +35,6 @@ from c3ae.faces import (
     read_image,
 )
 
-DEFAULT_MODEL = "c3ae-utk"
 DEFAULT_FLIP = True  # mirror test-time augmentation: val MAE 6.36 -> 6.24 (mean of UTKFace and AAF, c3ae-utk)
 
 
