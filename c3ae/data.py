@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from c3ae.conventions import AGE_BANDS
+from c3ae.conventions import AGE_BANDS, FEMALE, MALE
 from c3ae.errors import DataError, UsageError
 from c3ae.faces import crop, mask_context, warp
 from c3ae.models.spec import CROP_LAYOUTS
@@ -701,9 +701,10 @@ def make_dataset(
     context: float = 0.0,
     balance: float = 0.0,
     augmentation: Augmentation | None = None,
+    label_weights: bool = False,
 ):
     """A ``tf.data.Dataset`` of ``(inputs, targets)`` batches for one split of a preprocessed dataset, or of
-    ``(inputs, targets, sample_weight)`` batches when ``balance`` > 0.
+    ``(inputs, targets, sample_weight)`` batches when ``balance`` > 0 or ``label_weights``.
 
     Args:
         manifest: path of ``manifest.json`` or of its folder (or a dict from :func:`read_manifest`); or a
@@ -730,9 +731,12 @@ def make_dataset(
             (``c3ae.faces.mask_context``; 0 keeps everything), as inference does for the same model.
         balance: weigh rows by :func:`balance_table` of this strength, per source (0: no weights).
         augmentation: the augmentation parameters (default :data:`DEFAULT_AUGMENTATION`).
+        label_weights: sample weights per output, a dict like the targets (:func:`label_weight`: the balance
+            weight, 1 without, and 0 where the label is unknown, a gender of -1), as training feeds them to
+            the stock Keras losses (``c3ae.task.mean_over_labelled``). Else a balance weight is one tensor.
 
-    Targets (float32): ``age`` (N, 1) years; ``gender`` (N, 1) 1/0/-1 (unknown stays -1 for the masked
-    loss); ``age_bins`` (N, 12) two-point encoded for C3AE, the age (N, 1) for DLDL; ``age_group`` (N, 8)
+    Targets (float32): ``age`` (N, 1) years; ``gender`` (N, 1) 1/0/-1 (unknown stays -1: its label weight
+    is 0); ``age_bins`` (N, 12) two-point encoded for C3AE, the age (N, 1) for DLDL; ``age_group`` (N, 8)
     one-hot over Adience's groups (from the row's label when it names a group, else from the age). Rows
     without an age are dropped when an age-based target is requested.
     """
@@ -741,7 +745,6 @@ def make_dataset(
     mixing = not isinstance(manifest, (str, Path, dict))
     sources = read_sources(manifest) if mixing else [("", read_manifest(manifest), 1.0)]
     spec, input_names, model_size, model_outputs = _resolve_model(model)
-    spec_layout = "triple" if input_names == CROP_LAYOUTS["triple"] else "single"
     if outputs is None and model_outputs:
         outputs = [o for o in model_outputs if o in spec.targets]
     try:
@@ -769,7 +772,7 @@ def make_dataset(
         _crop_rows,
         size=size,
         augment=augment,
-        use_single=spec_layout == "single",
+        use_single=input_names != CROP_LAYOUTS["triple"],
         context=float(context),
         params=augmentation or DEFAULT_AUGMENTATION,
     )
@@ -779,13 +782,32 @@ def make_dataset(
         deterministic=deterministic,
     )
     dataset = dataset.batch(int(batch_size), drop_remainder=drop_remainder)
-
-    def to_targets(inputs, labels):
-        made = {name: spec.encode_targets(name, labels) for name in targets}
-        return (inputs, made, labels["weight"]) if balance else (inputs, made)
-
+    weights = "per_output" if label_weights else ("rows" if balance else None)
+    to_targets = partial(_to_targets, encode=spec.encode_targets, targets=targets, weights=weights)
     dataset = dataset.map(to_targets, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _to_targets(inputs, labels, *, encode, targets, weights):
+    """A batch of (crops, labels) -> (crops, targets[, sample weights]): ``weights`` None for none, "rows"
+    for the rows' balance weights, "per_output" for :func:`label_weight` per target."""
+    made = {name: encode(name, labels) for name in targets}
+    if weights == "per_output":
+        return inputs, made, {name: label_weight(name, made[name], labels["weight"]) for name in made}
+    return (inputs, made, labels["weight"]) if weights == "rows" else (inputs, made)
+
+
+def label_weight(name: str, target, weight):
+    """A batch's sample weights (N,) for output ``name``: ``weight`` (the balance weights), times 0 where
+    the target holds no label: a ``gender`` other than 1 (male) or 0 (female), i.e. -1 for unknown. The
+    other targets always hold one (:func:`make_dataset` drops rows without an age or group)."""
+    import tensorflow as tf
+
+    if name != "gender":
+        return weight
+    gender = tf.reshape(tf.cast(target, weight.dtype), (-1,))
+    known = tf.logical_or(tf.equal(gender, float(MALE)), tf.equal(gender, float(FEMALE)))
+    return weight * tf.cast(known, weight.dtype)
 
 
 def _source_streams(sources, split, targets, shuffle, seed, cache, balance) -> list:

@@ -1,8 +1,9 @@
 """Multi-worker data-parallel training (``train.strategy=multiworker``) with a custom training loop.
 
 Keras 3's ``model.fit`` does not run under ``tf.distribute.MultiWorkerMirroredStrategy``
-(keras-team/keras#20585), so :func:`train_multiworker` drives the same model, losses, learning-rate schedule
-and output files as :func:`c3ae.train.train` with its own loop. Start one process per worker, each with
+(keras-team/keras#20585), so :func:`train_multiworker` drives the training task of :mod:`c3ae.task` (the
+same model, loss and metric objects, learning-rate schedule, checkpoints, ``log.csv`` and early stopping as
+:func:`c3ae.train.train`) with its own loop. Start one process per worker, each with
 ``TF_CONFIG`` naming the cluster and its own task, e.g. for worker 1 of 2::
 
     TF_CONFIG='{"cluster": {"worker": ["host0:2222", "host1:2222"]}, "task": {"type": "worker", "index": 1}}'
@@ -24,10 +25,14 @@ All workers read the same config and manifest. How the run is split:
   3.15 reads at call time: the batch moments are a cross-replica sum), so normalisation uses the statistics
   of the global batch and the moving mean/variance stay identical on all workers. The saved ``.keras``
   files have it switched back off (the flag is TensorFlow-only and changes nothing at inference).
+- Losses: the task's Keras loss objects with reduction ``None`` (``c3ae.task.per_example_losses``), fed the
+  label weights of ``make_dataset(label_weights=True)`` (unknown labels weigh 0); each output's sum is
+  divided by its labelled rows over all replicas, so the loss of a step is ``fit``'s loss of the global
+  batch. Metrics: the task's Keras metric objects, whose states (sums and counts) are all-reduced.
 - Validation: each worker evaluates its share of the validation rows; the sums are all-reduced once.
 - Only the chief (worker 0, or the ``chief`` task) writes ``config.yaml``, ``log.csv``, ``best.keras``
   (best validation metric as in ``c3ae train``, i.e. age MAE when there is an age output; the training
-  loss without a validation split), ``last.keras`` (each to a temporary name, then renamed),
+  split's without a validation split), ``last.keras`` (each to a temporary name, then renamed),
   ``best.json``, ``tensorboard/``, ``curves.png`` and ``summary.json``. Every worker takes part in the
   resumable ``tf.train.Checkpoint`` save (collective ops may be involved); the chief writes to
   ``backup/``, the others to a temporary folder they delete. A rerun restores ``backup/`` where it can,
@@ -36,6 +41,7 @@ All workers read the same config and manifest. How the run is split:
 - A non-finite loss stops the run at once on every worker (the loss is the all-reduced one), like
   ``TerminateOnNaN``; the broken epoch is not saved, so ``best.keras``, ``last.keras`` and ``backup/`` keep
   the last good state. ``train.early_stopping`` stops every worker together on the chief's decision.
+  The end of an epoch on the chief is ``c3ae.task.epoch_callbacks``, the Keras callbacks ``fit`` runs.
 
 :class:`~tf.distribute.MultiWorkerMirroredStrategy` must be created before any other TensorFlow operation
 runs in the process, so call :func:`train_multiworker` before using TensorFlow otherwise.
@@ -44,8 +50,6 @@ runs in the process, so call :func:`train_multiworker` before using TensorFlow o
 from __future__ import annotations
 
 import contextlib
-import copy
-import csv
 import json
 import logging
 import math
@@ -59,14 +63,18 @@ from pathlib import Path
 import numpy as np
 
 from c3ae.config import Config, ConfigError, dump_config
-from c3ae.train import (
-    AtomicBestCheckpoint,
+from c3ae.task import (
     TrainingError,
     build_model,
+    checked_training_ages,
+    epoch_callbacks,
     learning_rate_schedule,
     losses_for,
+    metrics_for,
     monitored_metric,
+    per_example_losses,
     plot_curves,
+    unwrap_single_input,
 )
 
 logger = logging.getLogger(__name__)
@@ -234,51 +242,6 @@ def _as_dict(outputs, names) -> dict:
     return {names[0]: outputs}
 
 
-def _is_masked(loss) -> bool:
-    from c3ae.losses import MaskedBinaryCrossentropy, MaskedMeanAbsoluteError
-
-    return isinstance(loss, (MaskedBinaryCrossentropy, MaskedMeanAbsoluteError))
-
-
-def _known_labels(y_true):
-    import tensorflow as tf
-
-    from c3ae.conventions import FEMALE, MALE
-
-    y = tf.reshape(tf.cast(y_true, tf.float32), (-1,))
-    return tf.cast((tf.equal(y, float(MALE)) | tf.equal(y, float(FEMALE))), tf.float32)
-
-
-def _masked_values(loss, y_true, y_pred):
-    """``(values, known)`` of a masked gender loss: per-sample values, 0 where the label is unknown.
-
-    Not through ``loss(...)``: Keras 3 divides mean-reduced losses by ``num_replicas_in_sync`` inside a
-    ``tf.distribute`` strategy, and these losses scale their values by ``N / known`` of the LOCAL batch.
-    """
-    import tensorflow as tf
-
-    from c3ae.losses import MaskedBinaryCrossentropy, masked_binary_crossentropy
-
-    if isinstance(loss, MaskedBinaryCrossentropy):
-        return masked_binary_crossentropy(y_true, y_pred, loss.label_smoothing, loss.eps)
-    known = _known_labels(y_true)  # MaskedMeanAbsoluteError: |y - p| over the known labels
-    y_pred = tf.reshape(tf.cast(y_pred, tf.float32), (-1,))
-    y_true = tf.reshape(tf.cast(y_true, tf.float32), (-1,))
-    return tf.abs(y_true - y_pred) * known, known
-
-
-def _per_example(loss):
-    """The loss as a function returning one value per example (reduction "none": Keras 3 would otherwise
-    also divide a mean by ``num_replicas_in_sync`` inside a strategy)."""
-    import keras
-
-    if isinstance(loss, str):
-        return keras.losses.get(loss)  # "mean_absolute_error" -> the per-example function
-    clone = copy.copy(loss)
-    clone.reduction = "none"
-    return clone
-
-
 # ------------------------------------------------------------------------------------------- the run
 def train_multiworker(config: Config, out: str | Path) -> dict:
     """Train ``config`` into ``out`` as one worker of the cluster in ``TF_CONFIG``; returns the summary.
@@ -327,7 +290,6 @@ class _MultiWorkerRun:
         import tensorflow as tf
 
         from c3ae.data import split_size
-        from c3ae.train import checked_training_ages
 
         self.config, self.out, self.cluster = config, out, cluster
         self.strategy, self.manifest = strategy, manifest
@@ -362,13 +324,13 @@ class _MultiWorkerRun:
             self.optimizer.build(model.trainable_variables)
             self.epoch_counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.names = list(model.output_names)
-        self.per_example = {name: _per_example(self.loss[name]) for name in self.names}
-        self.masked = {name: _is_masked(self.loss[name]) for name in self.names}
+        self.per_example = per_example_losses(self.loss)
+        self.metrics = metrics_for(model)  # outside the scope: only their (additive) states are used
         self.metric_keys = [
-            f"{key}/{part}"
-            for output, key in (("age", "mae"), ("gender", "gender_acc"), ("age_group", "group_acc"))
-            if output in self.names
-            for part in ("sum", "count")
+            f"{name}/{metric.name}/{index}"
+            for name in self.names
+            for metric in self.metrics.get(name, [])
+            for index in range(len(metric.variables))
         ]
         usable = _usable_training_rows(manifest, self.names)
         if usable < self.num_workers:
@@ -460,14 +422,11 @@ class _MultiWorkerRun:
             "outputs": self.names,
             "input_size": self.config.data.input_size,
             "cache": self.config.data.cache,
+            "label_weights": True,
         }
 
     def _unwrap(self, dataset):
-        """Single-input models take the bare tensor (as :func:`c3ae.train._unwrap_single_input`)."""
-        if isinstance(self.model.input, dict):
-            return dataset
-        name = self.model.inputs[0].name
-        return dataset.map(lambda inputs, targets: (inputs[name], targets))
+        return unwrap_single_input(dataset, self.model)
 
     def train_dataset(self, initial_epoch: int):
         import tensorflow as tf
@@ -502,44 +461,48 @@ class _MultiWorkerRun:
         return self._unwrap(dataset).prefetch(tf.data.AUTOTUNE)
 
     # ----------------------------------------------------------------------------------- steps
-    def _batch_terms(self, targets, predictions, in_replica: bool):
-        """Loss and metric terms of a local batch.
+    def _batch_terms(self, targets, predictions, weights, in_replica: bool):
+        """Loss and metric terms of a local batch, from the task's loss and metric objects.
 
-        ``in_replica`` (training): returns this replica's share of the global-batch loss, so that the sum
-        over replicas is the single-machine loss of the global batch: ``sum / global batch`` per output
-        (``tf.nn.compute_average_loss``), ``sum / known labels of all replicas`` for the masked gender
-        losses, plus 1 / replicas of the regularisation. Always returns the metric sums; for evaluation also
-        per-output loss ``(sum, count)`` for the caller to reduce.
+        An output's loss sums its per-example values (weighted: unknown labels weigh 0) over its labelled
+        rows (weight > 0). ``in_replica`` (training): returns this replica's share of the global-batch
+        loss, ``sum / labelled rows of all replicas`` per output (the global batch where every row is
+        labelled, as ``tf.nn.compute_average_loss``) plus 1 / replicas of the regularisation, so that the
+        sum over replicas is ``fit``'s loss of the global batch (``c3ae.task.mean_over_labelled``). Always
+        returns the metric states; for evaluation also per-output loss ``(sum, count)`` to reduce.
         """
         import tensorflow as tf
 
         predictions = _as_dict(predictions, self.names)
-        total = tf.constant(0.0)
-        sums = {}
+        sums, parts, counts = {}, [], []
         for name in self.names:
-            y_true, y_pred = targets[name], predictions[name]
-            if self.masked[name]:
-                values, known = _masked_values(self.loss[name], y_true, y_pred)
-                count = tf.reduce_sum(known)
-            else:
-                values = self.per_example[name](y_true, y_pred)
-                if values.shape.rank > 1:
-                    values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
-                count = tf.cast(tf.shape(values)[0], tf.float32)
-            if in_replica:
-                if self.masked[name]:
-                    context = tf.distribute.get_replica_context()
-                    known_everywhere = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(count))
-                    term = tf.math.divide_no_nan(tf.reduce_sum(values), known_everywhere)
-                else:
-                    term = tf.nn.compute_average_loss(values, global_batch_size=self.global_batch)
-                total += float(self.loss_weights[name]) * term
-            else:
-                sums[f"loss_sum/{name}"], sums[f"loss_count/{name}"] = tf.reduce_sum(values), count
-            sums.update(_metric_sums(name, y_true, y_pred))
-        if in_replica:
-            total += tf.nn.scale_regularization_loss(self._regularization())
-        return total, sums
+            y_true, y_pred, weight = targets[name], predictions[name], weights[name]
+            parts.append(tf.reduce_sum(self.per_example[name](y_true, y_pred, sample_weight=weight)))
+            counts.append(tf.reduce_sum(tf.cast(weight > 0, tf.float32)))
+            sums.update(self._metric_states(name, y_true, y_pred))
+        if not in_replica:
+            for name, part, count in zip(self.names, parts, counts, strict=True):
+                sums[f"loss_sum/{name}"], sums[f"loss_count/{name}"] = part, count
+            return None, sums
+        context = tf.distribute.get_replica_context()
+        labelled = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(tf.stack(counts)))
+        total = tf.constant(0.0)
+        for index, name in enumerate(self.names):
+            term = tf.math.divide_no_nan(tf.cast(parts[index], tf.float32), labelled[index])
+            total += float(self.loss_weights[name]) * term
+        return total + tf.nn.scale_regularization_loss(self._regularization()), sums
+
+    def _metric_states(self, name: str, y_true, y_pred) -> dict:
+        """The states (totals and counts) output ``name``'s metrics reach from zero on this batch: sums
+        over batches and workers give the states of one pass over all their rows."""
+        import tensorflow as tf
+
+        states = {}
+        for metric in self.metrics.get(name, []):
+            zeros = [tf.zeros(variable.shape, variable.dtype) for variable in metric.variables]
+            for index, value in enumerate(metric.stateless_update_state(zeros, y_true, y_pred)):
+                states[f"{name}/{metric.name}/{index}"] = value
+        return states
 
     def _regularization(self):
         import tensorflow as tf
@@ -550,10 +513,10 @@ class _MultiWorkerRun:
     def _train_step_fn(self, iterator):
         import tensorflow as tf
 
-        def replica_fn(inputs, targets):
+        def replica_fn(inputs, targets, weights):
             with tf.GradientTape() as tape:
                 predictions = self.model(inputs, training=True)
-                total, sums = self._batch_terms(targets, predictions, in_replica=True)
+                total, sums = self._batch_terms(targets, predictions, weights, in_replica=True)
             variables = self.model.trainable_variables
             gradients = tape.gradient(total, variables)
             # Keras 3's optimizer all-reduces (sums) the gradients over the replicas in replica context.
@@ -564,23 +527,20 @@ class _MultiWorkerRun:
         reduce = lambda value: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
         return reduce(total), {key: reduce(value) for key, value in sums.items()}
 
-    def _eval_step_fn(self, inputs, targets):
+    def _eval_step_fn(self, inputs, targets, weights):
         predictions = self.model(inputs, training=False)
-        return self._batch_terms(targets, predictions, in_replica=False)[1]
+        return self._batch_terms(targets, predictions, weights, in_replica=False)[1]
 
     def _metrics(self, sums: dict, prefix: str) -> dict:
-        """Keras-named metrics (``mae``/``acc`` for one output, ``age_mae``... for several)."""
+        """The metrics' results from summed states, named as ``fit`` logs them (``mae``/``acc`` for one
+        output, ``age_mae``... for several)."""
         single = len(self.names) == 1
         logs = {}
-        for key, metric, output in (
-            ("mae", "mae", "age"),
-            ("gender_acc", "acc", "gender"),
-            ("group_acc", "acc", "age_group"),
-        ):
-            count = sums.get(f"{key}/count")
-            if count is not None:
-                name = metric if single else f"{output}_{metric}"
-                logs[prefix + name] = float(sums[f"{key}/sum"] / count) if count else math.nan
+        for name in self.names:
+            for metric in self.metrics.get(name, []):
+                state = [np.float32(sums[f"{name}/{metric.name}/{i}"]) for i in range(len(metric.variables))]
+                key = metric.name if single else f"{name}_{metric.name}"
+                logs[prefix + key] = float(metric.stateless_result(state))
         return logs
 
     def evaluate(self, val_data) -> dict:
@@ -589,8 +549,8 @@ class _MultiWorkerRun:
             [f"loss_{part}/{n}" for n in self.names for part in ("sum", "count")] + self.metric_keys
         )
         local = dict.fromkeys(keys, 0.0)
-        for inputs, targets in val_data:
-            for key, value in self._eval_step(inputs, targets).items():
+        for inputs, targets, weights in val_data:
+            for key, value in self._eval_step(inputs, targets, weights).items():
                 local[key] += float(value)
         totals = dict(zip(keys, self.all_sum([local[k] for k in keys]), strict=True))
         val_loss = float(self._regularization())
@@ -602,9 +562,10 @@ class _MultiWorkerRun:
 
     # ---------------------------------------------------------------------------------- epochs
     def fit(self) -> dict:
+        import keras
         import tensorflow as tf
 
-        config, out = self.config, self.out
+        config = self.config
         initial_epoch = self.restore()
         self.check_agreement(initial_epoch)
         if self.is_chief:
@@ -618,67 +579,66 @@ class _MultiWorkerRun:
                 self.synchronized,
                 initial_epoch + 1,
             )
-        monitor, mode = monitored_metric(self.model)
-        if not self.has_val:
-            monitor, mode = "loss", "min"
-        saver = None
+        monitor, mode = monitored_metric(self.model, validation=self.has_val)
+        # The chief ends each epoch as fit does (time, last/best.keras, log.csv, early stopping).
+        callbacks = keras.callbacks.CallbackList(
+            epoch_callbacks(config, self.out, monitor, mode) if self.is_chief else [], model=self.model
+        )
         if self.is_chief:
-            saver = AtomicBestCheckpoint(out, monitor, mode)
-            saver.set_model(self.model)
-            self.writer = tf.summary.create_file_writer(str(out / "tensorboard"))
+            self.writer = tf.summary.create_file_writer(str(self.out / "tensorboard"))
         val_data = self.val_dataset() if self.has_val else None
         iterator = iter(self.train_dataset(initial_epoch))
         schedule = learning_rate_schedule(config)
-        patience, best, waited = config.train.early_stopping, None, 0
         history: list[dict] = []
         stopped = None
         started = time.monotonic()
-        for epoch in range(initial_epoch, config.train.epochs):
-            learning_rate = float(schedule(epoch))
-            self.optimizer.learning_rate = learning_rate
-            loss_sum, sums = 0.0, {}
-            for _ in range(self.steps):
-                step_loss, step_sums = self._train_step(iterator)
-                step_loss = float(step_loss)  # all-reduced: every worker sees the same value
-                if not math.isfinite(step_loss):
-                    stopped = f"non-finite loss {step_loss} in epoch {epoch + 1}"
+        self.model.stop_training = False
+        callbacks.on_train_begin()
+        try:
+            for epoch in range(initial_epoch, config.train.epochs):
+                callbacks.on_epoch_begin(epoch)
+                logs, stopped = self._train_epoch(epoch, iterator, float(schedule(epoch)))
+                if stopped:  # like TerminateOnNaN; this epoch is not saved, the last good files stay
+                    logger.warning("multiworker: %s; stopping, the last good checkpoints stay", stopped)
                     break
-                loss_sum += step_loss
-                for key, value in step_sums.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-            if stopped:  # like TerminateOnNaN; this epoch is not saved, the last good files stay
-                logger.warning("multiworker: %s; stopping, the last good checkpoints stay", stopped)
-                break
-            logs = {"loss": loss_sum / self.steps, **self._metrics(sums, ""), "learning_rate": learning_rate}
-            if val_data is not None:
-                logs.update(self.evaluate(val_data))
-            self.epoch_counter.assign(epoch + 1)
-            self.manager.save()  # every worker: saving may run collectives
-            if not self.is_chief:
-                shutil.rmtree(self.write_dir, ignore_errors=True)
-            history.append({"epoch": epoch, **logs})
-            if self.is_chief:
-                self._chief_epoch_end(epoch, logs, saver)
-            value = logs.get(monitor)
-            if value is not None and math.isfinite(value):
-                better = best is None or (value < best if mode == "min" else value > best)
-                best, waited = (value, 0) if better else (best, waited + 1)
-            else:
-                waited += 1
-            # The values are all-reduced, so workers agree anyway; the chief's decision is shared to be sure.
-            stop = patience > 0 and waited >= patience and self.is_chief
-            if self.all_sum([float(stop)])[0] > 0:
-                stopped = f"early stopping: no better {monitor} in {patience} epochs"
-                break
+                if val_data is not None:
+                    logs.update(self.evaluate(val_data))
+                self.epoch_counter.assign(epoch + 1)
+                self.manager.save()  # every worker: saving may run collectives
+                if not self.is_chief:
+                    shutil.rmtree(self.write_dir, ignore_errors=True)
+                history.append({"epoch": epoch, **logs})
+                if self.is_chief:
+                    self._chief_epoch_end(epoch, logs, callbacks)
+                # The values are all-reduced, so workers agree anyway; the chief's decision is shared.
+                if self.all_sum([float(bool(self.model.stop_training))])[0] > 0:
+                    stopped = f"early stopping: no better {monitor} in {config.train.early_stopping} epochs"
+                    break
+        finally:
+            callbacks.on_train_end()
         elapsed = time.monotonic() - started
         return self._summary(history, monitor, stopped, initial_epoch, elapsed)
 
-    def _chief_epoch_end(self, epoch: int, logs: dict, saver: AtomicBestCheckpoint) -> None:
+    def _train_epoch(self, epoch: int, iterator, learning_rate: float) -> tuple[dict | None, str | None]:
+        """One epoch's steps: (logs, None), or (None, why) when a step's loss is not finite."""
+        self.optimizer.learning_rate = learning_rate
+        loss_sum, sums = 0.0, {}
+        for _ in range(self.steps):
+            step_loss, step_sums = self._train_step(iterator)
+            step_loss = float(step_loss)  # all-reduced: every worker sees the same value
+            if not math.isfinite(step_loss):
+                return None, f"non-finite loss {step_loss} in epoch {epoch + 1}"
+            loss_sum += step_loss
+            for key, value in step_sums.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        logs = {"loss": loss_sum / self.steps, **self._metrics(sums, ""), "learning_rate": learning_rate}
+        return logs, None
+
+    def _chief_epoch_end(self, epoch: int, logs: dict, callbacks) -> None:
         import tensorflow as tf
 
-        _append_csv(self.out / "log.csv", {"epoch": epoch, **logs})
         with _plain_batch_norm(self.model):
-            saver.on_epoch_end(epoch, logs)  # last.keras, and best.keras + best.json when better
+            callbacks.on_epoch_end(epoch, dict(logs))  # a copy: the timer adds epoch_seconds for log.csv
         with self.writer.as_default(step=epoch):
             for key, value in logs.items():
                 tf.summary.scalar(key, value)
@@ -725,38 +685,3 @@ class _MultiWorkerRun:
             self.writer.close()
         if not self.is_chief and self.write_dir is not None:
             shutil.rmtree(self.write_dir, ignore_errors=True)
-
-
-def _metric_sums(name: str, y_true, y_pred) -> dict:
-    """Sums behind the training metrics of ``c3ae.train.metrics_for``: age MAE, gender and group accuracy."""
-    import tensorflow as tf
-
-    y_pred = tf.cast(y_pred, tf.float32)
-    y_true = tf.cast(y_true, tf.float32)
-    if name == "age":
-        error = tf.abs(tf.reshape(y_true, (-1,)) - tf.reshape(y_pred, (-1,)))
-        return {"mae/sum": tf.reduce_sum(error), "mae/count": tf.cast(tf.size(error), tf.float32)}
-    if name == "gender":  # as MaskedBinaryAccuracy: p >= 0.5 is male, unknown labels left out
-        known = _known_labels(y_true)
-        predicted = tf.cast(tf.reshape(y_pred, (-1,)) >= 0.5, tf.float32)
-        hits = tf.cast(tf.equal(predicted, tf.reshape(y_true, (-1,))), tf.float32) * known
-        return {"gender_acc/sum": tf.reduce_sum(hits), "gender_acc/count": tf.reduce_sum(known)}
-    if name == "age_group":
-        hits = tf.cast(tf.equal(tf.argmax(y_true, -1), tf.argmax(y_pred, -1)), tf.float32)
-        return {"group_acc/sum": tf.reduce_sum(hits), "group_acc/count": tf.cast(tf.size(hits), tf.float32)}
-    return {}
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    """Append one epoch to the CSV log, keeping the columns of an existing log (a resumed run's)."""
-    fields, new = list(row), True
-    if path.is_file() and path.stat().st_size:
-        with open(path, newline="") as handle:
-            header = next(csv.reader(handle), None)
-        if header:
-            fields, new = header, False
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in fields})

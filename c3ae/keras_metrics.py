@@ -11,7 +11,14 @@ from c3ae.layers import register
 
 @register
 class MaskedBinaryAccuracy(keras.metrics.Metric):
-    """Gender accuracy (``p >= threshold`` is male) over samples whose label is known (not -1)."""
+    """Gender accuracy (``p >= threshold`` is male) over samples whose label is known (not -1).
+
+    Kept instead of Keras' ``BinaryAccuracy`` with unknown labels weighted 0: ``fit`` passes no sample
+    weights to compiled ``metrics``, and as a ``weighted_metric`` it would get the loss's weights, so the
+    accuracy would weigh rows by their balance weight and by their batch's ``batch size / known labels``
+    (``c3ae.task.mean_over_labelled``) instead of counting every known label once. It ignores
+    ``sample_weight``. The multi-worker loop sums its state (``stateless_update_state``) across workers.
+    """
 
     def __init__(self, threshold: float = 0.5, name: str = "masked_binary_accuracy", **kwargs):
         super().__init__(name=name, **kwargs)

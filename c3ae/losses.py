@@ -8,7 +8,8 @@ with the TensorFlow backend. Ages are float years; gender labels follow ``c3ae.c
 Differences from the unofficial C3AE reference, on purpose:
 
 - ``age_bin_weights`` stays finite when a bin has no training ages (the reference divides by zero, issue #5).
-- ``MaskedBinaryCrossentropy`` ignores unknown-gender samples instead of training them towards a label.
+- Unknown-gender samples are ignored (sample weights of 0, or ``MaskedBinaryCrossentropy``) instead of
+  being trained towards a label.
 """
 
 from __future__ import annotations
@@ -324,6 +325,11 @@ class MaskedBinaryCrossentropy(keras.losses.Loss):
     ``"sum"`` or ``"none"`` the values are the plain per-sample losses (0 for unknown).
     Labels are smoothed to ``1 - label_smoothing/2`` and ``label_smoothing/2`` (0.99 / 0.01 by default, as
     in the reference).
+
+    Training no longer uses it: unknown labels are sample weights of 0 for Keras' own
+    ``BinaryCrossentropy`` (``c3ae.data.label_weight``, ``c3ae.task.mean_over_labelled``), which gives the
+    same value, balance weights included (``tests/test_losses.py``). It stays registered so that models
+    saved with it load.
     """
 
     def __init__(
@@ -445,7 +451,9 @@ class DLDLLoss(keras.losses.Loss):
 class MaskedMeanAbsoluteError(keras.losses.Loss):
     """Mean absolute error over samples whose label is known (not -1): SSR-Net's gender loss (V = 1).
 
-    The mean is over known labels only; a batch with none gives 0.
+    The mean is over known labels only; a batch with none gives 0. Training now uses Keras' own mean
+    absolute error with unknown labels as sample weights of 0 (the same value, as for
+    :class:`MaskedBinaryCrossentropy`); the class stays registered so that models saved with it load.
     """
 
     def __init__(
@@ -472,13 +480,18 @@ class MaskedMeanAbsoluteError(keras.losses.Loss):
 
 def losses_by_output(output_names, loss_config, family: str, special: dict | None = None) -> tuple:
     """(loss, weight) per output: ``special[name]()`` for a family's own outputs, else the standard ones:
-    ``age`` MAE (years), ``gender`` binary cross-entropy on P(male) with unknown (-1) labels left out,
-    ``age_group`` categorical cross-entropy. Weights come from ``loss_config`` under the output's name."""
+    ``age`` MAE (years), ``gender`` binary cross-entropy on P(male) (labels smoothed by
+    ``loss_config.label_smoothing``), ``age_group`` categorical cross-entropy. Weights come from
+    ``loss_config`` under the output's name.
+
+    The standard losses are Keras' own, so unknown (-1) gender labels must come as sample weights of 0,
+    scaled per batch by ``c3ae.task.mean_over_labelled`` (``make_dataset(label_weights=True)`` gives
+    them): the loss is then the mean over the known labels, as :class:`MaskedBinaryCrossentropy` has it."""
     special = special or {}
     standard = {
-        "age": lambda: "mean_absolute_error",
-        "gender": lambda: MaskedBinaryCrossentropy(label_smoothing=loss_config.label_smoothing),
-        "age_group": lambda: "categorical_crossentropy",
+        "age": keras.losses.MeanAbsoluteError,
+        "gender": lambda: keras.losses.BinaryCrossentropy(label_smoothing=loss_config.label_smoothing),
+        "age_group": keras.losses.CategoricalCrossentropy,
     }
     loss, weights = {}, {}
     for name in output_names:

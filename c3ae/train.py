@@ -4,6 +4,10 @@ Outputs in the run folder: ``config.yaml`` (the resolved config), ``best.keras``
 or loss for models without an age output; written atomically), ``last.keras``, ``log.csv``, ``tensorboard/``,
 ``backup/`` (BackupAndRestore: rerunning on the same folder resumes a killed run at its last finished epoch),
 ``curves.png`` and ``summary.json``.
+
+What a run trains (model, losses, metrics, monitored metric, schedule) and what the end of an epoch does
+(checkpoints, ``log.csv``, early stopping) live in :mod:`c3ae.task`, shared with the multi-worker loop of
+:mod:`c3ae.distributed` (imported here only when ``train.strategy=multiworker`` asks for it).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import fnmatch
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,160 +25,44 @@ import keras
 import numpy as np
 
 from c3ae.config import Config, ConfigError, dump_config
-from c3ae.errors import C3AEError
 from c3ae.files import atomic_write_text
+from c3ae.task import (  # noqa: F401 - the shared pieces, importable from here as before
+    AtomicBestCheckpoint,
+    EpochTimer,
+    TrainingError,
+    build_model,
+    checked_training_ages,
+    epoch_callbacks,
+    learning_rate_schedule,
+    losses_for,
+    mean_over_labelled,
+    metrics_for,
+    monitored_metric,
+    plot_curves,
+    unwrap_single_input,
+)
 
 logger = logging.getLogger(__name__)
 
 AGE_OUTPUTS = ("age",)
 
 
-class TrainingError(C3AEError, RuntimeError):
-    """Training cannot start (no data, unusable labels) or produced nothing usable."""
-
-
-# ---------------------------------------------------------------------------------------------- model, losses
-def build_model(config: Config) -> keras.Model:
-    """The config's model: ``model.name`` (a family) built with ``model.options``."""
-    from c3ae.errors import UsageError
-    from c3ae.models.base import build_family
-
-    options = dict(config.model.options)
-    if config.data.input_size and "input_size" not in options:
-        options["input_size"] = config.data.input_size
-    try:
-        return build_family(config.model.name, **options)
-    except UsageError as error:
-        raise ConfigError(f"model.options: {error}") from error
-
-
-def losses_for(model: keras.Model, config: Config, train_ages: np.ndarray | None = None) -> tuple[dict, dict]:
-    """Per-output losses and weights: the family spec's (``c3ae.models.<model.name>.SPEC.losses``)."""
-    from c3ae.models.spec import family_spec
-
-    try:
-        return family_spec(config.model.name).losses(model, config.loss, train_ages)
-    except C3AEError as error:
-        raise ConfigError(str(error)) from error
-
-
-def metrics_for(model: keras.Model) -> dict:
-    """The compiled metrics per output (``c3ae.keras_metrics.metrics_for_outputs``)."""
-    from c3ae.keras_metrics import metrics_for_outputs
-
-    return metrics_for_outputs(model.output_names)
-
-
-def monitored_metric(model: keras.Model) -> tuple[str, str]:
-    """(metric, mode) that picks the best checkpoint: validation age MAE, else gender accuracy, else loss."""
-    names = model.output_names
-    single = len(names) == 1
-    if "age" in names:
-        return ("val_mae" if single else "val_age_mae"), "min"
-    if "gender" in names:
-        return ("val_acc" if single else "val_gender_acc"), "max"
-    if "age_group" in names:
-        return ("val_acc" if single else "val_age_group_acc"), "max"
-    return "val_loss", "min"
-
-
-def learning_rate_schedule(config: Config):
-    """Epoch -> learning rate: cosine from lr to lr * min_lr_ratio, or steps, after an optional warm-up."""
-    train = config.train
-
-    def schedule(epoch: int, _lr: float | None = None) -> float:
-        if epoch < train.warmup_epochs:
-            return train.lr * (epoch + 1) / train.warmup_epochs
-        if train.schedule == "constant":
-            return train.lr
-        if train.schedule == "step":
-            return train.lr * train.step_factor ** sum(epoch >= e for e in train.step_epochs)
-        span = max(train.epochs - train.warmup_epochs - 1, 1)
-        progress = min((epoch - train.warmup_epochs) / span, 1.0)
-        low = train.lr * train.min_lr_ratio
-        return low + 0.5 * (train.lr - low) * (1 + math.cos(math.pi * progress))
-
-    return schedule
-
-
 # ------------------------------------------------------------------------------------------------ callbacks
-class AtomicBestCheckpoint(keras.callbacks.Callback):
-    """Save the model when the monitored metric improves: to a temporary name, then rename, so a full disk
-    or a kill mid-save leaves the previous best file valid. Also keeps ``last.keras`` the same way."""
-
-    def __init__(self, folder: Path, monitor: str, mode: str):
-        super().__init__()
-        self.folder, self.monitor, self.mode = Path(folder), monitor, mode
-        self.best = math.inf if mode == "min" else -math.inf
-        state = self.folder / "best.json"
-        if state.is_file():  # resumed run: keep comparing against the earlier best
-            self.best = json.loads(state.read_text()).get("value", self.best)
-
-    def _save(self, name: str) -> None:
-        target = self.folder / name
-        temporary = self.folder / f".{name}.tmp-{os.getpid()}.keras"
-        try:
-            self.model.save(temporary)
-            os.replace(temporary, target)
-        finally:
-            if temporary.exists():
-                temporary.unlink()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        value = logs.get(self.monitor)
-        self._save("last.keras")
-        if value is None or not math.isfinite(value):
-            return
-        better = value < self.best if self.mode == "min" else value > self.best
-        if better:
-            self.best = float(value)
-            self._save("best.keras")
-            record = {"epoch": epoch + 1, "metric": self.monitor, "value": self.best}
-            (self.folder / "best.json").write_text(json.dumps(record) + "\n")
-
-
-class EpochTimer(keras.callbacks.Callback):
-    """Adds ``epoch_seconds`` (wall time of the epoch, validation included) to the logs, so that ``log.csv``
-    and the model card can state the training time."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._started = time.monotonic()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["epoch_seconds"] = time.monotonic() - self._started
-
-
 def _callbacks(config: Config, out: Path, monitor: str, mode: str) -> list:
-    callbacks = [
-        EpochTimer(),
+    """``fit``'s callbacks: the shared end of an epoch (``c3ae.task.epoch_callbacks``, its timer first)
+    around resuming (``backup/``), NaN stops, the learning-rate schedule and TensorBoard."""
+    timer, *epoch_end = epoch_callbacks(config, out, monitor, mode)
+    return [
+        timer,
         keras.callbacks.BackupAndRestore(str(out / "backup"), save_freq="epoch", delete_checkpoint=False),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.LearningRateScheduler(learning_rate_schedule(config)),
-        AtomicBestCheckpoint(out, monitor, mode),
-        keras.callbacks.CSVLogger(str(out / "log.csv"), append=True),
+        *epoch_end,
         keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False, profile_batch=0),
     ]
-    if config.train.early_stopping > 0:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=config.train.early_stopping)
-        )
-    return callbacks
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _training_ages(manifest: dict) -> np.ndarray:
-    from c3ae.preprocessing.shards import read_shard
-
-    ages = [
-        read_shard(s["path"], ["age"]).column("age").to_numpy()
-        for s in manifest["shards"]
-        if s["split"] == "train"
-    ]
-    return np.concatenate(ages) if ages else np.zeros(0)
-
-
 def init_weights_from(model: keras.Model, source: str, skip: Sequence[str] = ()) -> tuple[int, int]:
     """Copy weights from ``source`` (a .keras file or a bundled model's name) into ``model``, by weight path.
 
@@ -216,16 +103,6 @@ def init_weights_from(model: keras.Model, source: str, skip: Sequence[str] = ())
             "init_from: %d layers start fresh (init_skip): %s", len(skipped), ", ".join(sorted(skipped))
         )
     return copied, len(model.weights)
-
-
-def checked_training_ages(manifest: dict) -> np.ndarray:
-    """The training split's known ages; raises when any lies outside [0, 120] years, with the count."""
-    ages = _training_ages(manifest)
-    known = ages[np.isfinite(ages)]
-    out_of_range = int(((known < 0) | (known > 120)).sum())
-    if out_of_range:
-        raise TrainingError(f"{out_of_range} training ages lie outside [0, 120] years; fix the labels.")
-    return known
 
 
 def _strategy(config: Config):
@@ -352,10 +229,11 @@ def _compiled_model(config: Config, known: np.ndarray) -> keras.Model:
     return model
 
 
-def _fit(config: Config, out: Path, sources: list, known: np.ndarray) -> dict:
+def _datasets(config: Config, model: keras.Model, sources: list) -> tuple:
+    """(training data, [(source name, validation data)]) from ``make_dataset`` with per-output label weights
+    (unknown labels weigh 0; balance weights when ``data.balance``)."""
     from c3ae.data import Augmentation, Source, make_dataset, split_size
 
-    model = _compiled_model(config, known)
     try:
         augmentation = Augmentation.from_dict(config.data.augmentation)
     except (TypeError, ValueError) as error:
@@ -368,6 +246,7 @@ def _fit(config: Config, out: Path, sources: list, known: np.ndarray) -> dict:
         "seed": config.train.seed,
         "cache": config.data.cache,
         "context": config.data.context,
+        "label_weights": True,
     }
     mixed = [Source(info, weight, name) for name, info, weight in sources]
     train_data = make_dataset(
@@ -383,24 +262,35 @@ def _fit(config: Config, out: Path, sources: list, known: np.ndarray) -> dict:
         for name, info, _ in sources
         if split_size(info, "val") > 0
     ]
+    return train_data, validation
+
+
+def _for_fit(dataset, model: keras.Model):
+    """A ``make_dataset(label_weights=True)`` dataset as ``fit`` takes it: each batch's weights scaled to a
+    mean over its labelled rows (``c3ae.task.mean_over_labelled``), a bare tensor for single-input models."""
+    dataset = dataset.map(lambda inputs, targets, weights: (inputs, targets, mean_over_labelled(weights)))
+    return unwrap_single_input(dataset, model)
+
+
+def _fit(config: Config, out: Path, sources: list, known: np.ndarray) -> dict:
+    from c3ae.data import split_size
+
+    model = _compiled_model(config, known)
+    train_data, validation = _datasets(config, model, sources)
     steps = config.train.steps_per_epoch
     if steps is None and len(sources) > 1:  # the mix is endless: an epoch is one pass's worth of rows
         steps = math.ceil(sum(split_size(info, "train") for _, info, _ in sources) / config.data.batch_size)
-    if config.train.steps_per_epoch:
-        train_data = train_data.repeat()
-    monitor, mode = monitored_metric(model)
-    if not validation:
-        monitor = monitor.removeprefix("val_")
+    monitor, mode = monitored_metric(model, validation=bool(validation))
     callbacks = _callbacks(config, out, monitor, mode)
     fit_validation = None
     if len(validation) == 1 and len(sources) == 1:
-        fit_validation = _unwrap_single_input(validation[0][1], model)
+        fit_validation = _for_fit(validation[0][1], model)
     elif validation:  # before the checkpoint and early stopping, which read the mean it logs
-        callbacks.insert(1, PerSourceValidation([(n, _unwrap_single_input(d, model)) for n, d in validation]))
+        callbacks.insert(1, PerSourceValidation([(n, _for_fit(d, model)) for n, d in validation]))
 
     started = time.monotonic()
     history = model.fit(
-        _unwrap_single_input(train_data, model),
+        _for_fit(train_data.repeat() if config.train.steps_per_epoch else train_data, model),
         validation_data=fit_validation,
         epochs=config.train.epochs,
         steps_per_epoch=steps,
@@ -464,58 +354,10 @@ def _constant_layers(checkpoint: Path, dataset) -> list[str]:
     """Layers of the checkpoint whose output is the same for every face of one batch of ``dataset``."""
     from c3ae.diagnostics import constant_layers
 
-    inputs, _ = next(iter(dataset))  # make_dataset's batches: a dict of named crops
+    inputs = next(iter(dataset))[0]  # make_dataset's batches: a dict of named crops, targets, weights
     inputs = {name: np.asarray(crops) for name, crops in inputs.items()}
     if len(next(iter(inputs.values()))) < 2:  # one face cannot vary
         return []
     from c3ae.bundled import load_model
 
     return constant_layers(load_model(checkpoint), inputs)
-
-
-def _unwrap_single_input(dataset, model: keras.Model):
-    """Single-input models take the bare tensor; C3AE's triple-box model takes the dict."""
-    if dataset is None or isinstance(model.input, dict):
-        return dataset
-    name = model.inputs[0].name
-    return dataset.map(lambda inputs, *rest: (inputs[name], *rest))  # rest: targets[, sample weights]
-
-
-def plot_curves(log_csv: Path, png: Path) -> None:
-    """Loss, age MAE and gender accuracy per epoch (train and validation) from the CSV log."""
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(log_csv) as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        return
-    epochs = [int(r["epoch"]) + 1 for r in rows]
-    panels = [
-        ("loss", ["loss"]),
-        ("age MAE (years)", ["age_mae", "mae"]),
-        ("gender accuracy", ["gender_acc"]),
-    ]
-    panels = [(title, [k for k in keys if k in rows[0]]) for title, keys in panels]
-    panels = [(title, keys) for title, keys in panels if keys]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for axis, (title, keys) in zip(axes[0], panels, strict=True):
-        key = keys[0]
-        for prefix, style in (("", "-"), ("val_", "--")):
-            if prefix + key in rows[0]:
-                values = [float(r[prefix + key]) if r[prefix + key] else math.nan for r in rows]
-                axis.plot(epochs, values, style, label="validation" if prefix else "train")
-        axis.set_title(title)
-        axis.set_xlabel("epoch")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    from c3ae.files import atomic_path
-
-    with atomic_path(png) as temporary:
-        figure.savefig(temporary, dpi=100)
-    plt.close(figure)

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from c3ae.conventions import AGE_BANDS
 from c3ae.data import (
     Augmentation,
     age_to_group,
@@ -237,6 +238,27 @@ def test_nan_ages_dropped_only_for_age_targets(data):
     assert set(gender_only) == {"gender"}
     assert len(gender_only["gender"]) == 10  # the row without an age is kept
     assert sorted(gender_only["gender"][:, 0].tolist()) == sorted(float(g) for g in TRAIN_GENDERS)
+
+
+@pytest.mark.parametrize("balance", [0.0, 1.0])
+def test_label_weights_give_unknown_labels_a_weight_of_zero(data, balance):
+    """label_weights=True: per-output sample weights, the balance weight times 0 for unknown genders."""
+    from c3ae.data import balance_table
+
+    kwargs = {"batch_size": 4, "seed": 0, "augment": False, "balance": balance}
+    weighted = list(make_dataset(data["manifest"], label_weights=True, **kwargs))
+    assert all(set(weights) == set(targets) for _, targets, weights in weighted)
+    gender = np.concatenate([targets["gender"].numpy().ravel() for _, targets, _ in weighted])
+    age = np.concatenate([targets["age"].numpy().ravel() for _, targets, _ in weighted])
+    table = balance_table(data["manifest"], "train", balance)
+    bands = np.searchsorted([low for _, low, _ in AGE_BANDS], age, side="right") - 1
+    expected = table[bands, np.where(gender < 0, 2, gender).astype(int)]
+    for name in ("age", "age_bins", "gender"):
+        values = np.concatenate([weights[name].numpy() for *_, weights in weighted])
+        np.testing.assert_allclose(values, expected * (gender >= 0 if name == "gender" else 1), rtol=1e-6)
+    assert (gender == -1).any()
+    plain = list(make_dataset(data["manifest"], **kwargs))  # the same batches, weights aside
+    np.testing.assert_array_equal(np.concatenate([t["gender"].numpy().ravel() for _, t, *_ in plain]), gender)
 
 
 def test_outputs_restricts_targets_and_dldl_bins_are_ages(data):

@@ -195,6 +195,8 @@ def test_workers_train_in_lockstep(two_epochs):
 def test_only_the_chief_writes_the_run_folder(two_epochs):
     import keras
 
+    import c3ae.models.base  # noqa: F401 - registers FamilyModel, which the .keras files hold
+
     out, summaries, _seconds = two_epochs
     assert logged_epochs(out) == [0, 1]
     for name in ("best.keras", "last.keras", "best.json", "config.yaml", "curves.png", "summary.json"):
@@ -279,11 +281,13 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_replica_loss_is_the_compiled_keras_loss(family, manifest, tmp_path):
-    """One worker, no strategy: the loop's loss of a batch (unknown genders included) is model.fit's."""
+    """One worker, no strategy: the loop's loss of a batch (unknown genders included, as sample weights of 0)
+    is model.fit's, and its metrics are the compiled Keras metrics'."""
     import tensorflow as tf
 
     from c3ae.data import make_dataset, read_manifest
     from c3ae.distributed import _MultiWorkerRun
+    from c3ae.task import mean_over_labelled, metrics_for
 
     config = load_config(None, [f"data.manifest={manifest}", "data.batch_size=8", *FAMILIES[family]])
     cluster = ClusterInfo((), ("127.0.0.1:1",), "worker", 0)
@@ -291,12 +295,23 @@ def test_the_replica_loss_is_the_compiled_keras_loss(family, manifest, tmp_path)
     try:
         model = run.model
         dataset = make_dataset(run.manifest, "train", augment=False, shuffle=False, **run._common())
-        inputs, targets = next(iter(run._unwrap(dataset)))
+        inputs, targets, weights = next(iter(run._unwrap(dataset)))
         if "gender" in targets:
-            assert -1 in targets["gender"].numpy()  # the masked gender losses are exercised
+            unknown = targets["gender"].numpy().ravel() == -1
+            assert unknown.any() and not weights["gender"].numpy()[unknown].any()  # unknown labels weigh 0
         predictions = model(inputs, training=False)
-        ours, _ = run._batch_terms(targets, predictions, in_replica=True)
-        keras_loss = model.compute_loss(x=inputs, y=targets, y_pred=predictions, training=False)
+        ours, states = run._batch_terms(targets, predictions, weights, in_replica=True)
+        fit_weights = mean_over_labelled(weights)
+        keras_loss = model.compute_loss(
+            x=inputs, y=targets, y_pred=predictions, sample_weight=fit_weights, training=False
+        )
         np.testing.assert_allclose(float(ours), float(keras_loss), rtol=1e-5)
+        ours = run._metrics({key: float(value) for key, value in states.items()}, "")
+        compiled = metrics_for(model)
+        for name, metrics in compiled.items():
+            for metric in metrics:
+                metric.update_state(targets[name], predictions[name])
+                key = metric.name if len(compiled) == 1 else f"{name}_{metric.name}"
+                np.testing.assert_allclose(ours[key], float(metric.result()), rtol=1e-6)
     finally:
         run.close()

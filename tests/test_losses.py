@@ -20,6 +20,7 @@ from c3ae.losses import (
     DLDLLoss,
     KLDivergenceLoss,
     MaskedBinaryCrossentropy,
+    MaskedMeanAbsoluteError,
     age_bin_weights,
     gaussian_label_distribution,
     kl_divergence,
@@ -308,6 +309,77 @@ def test_masked_bce_in_model_fit():
     model.compile(optimizer="sgd", loss=MaskedBinaryCrossentropy())
     history = model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
+
+
+# ------------------------------------------------------------------- unknown labels as sample weights
+# One batch: unknown (-1) labels among the known, predictions at the clipped ends included.
+GENDER = np.array([1, 0, -1, 1, -1, 0, 1, 0], dtype=np.float32)[:, None]
+P_MALE = np.array([0.9, 0.2, 0.6, 0.3, 0.0, 1.0, 0.0, 0.45], dtype=np.float32)[:, None]
+BALANCE = np.array([0.5, 2.0, 1.0, 1.5, 0.3, 1.0, 0.8, 3.0], dtype=np.float32)
+BATCHES = {
+    "mixed": (GENDER, P_MALE),
+    "all known": (GENDER[GENDER[:, 0] >= 0], P_MALE[GENDER[:, 0] >= 0]),
+    "no known": (np.full((4, 1), UNKNOWN_GENDER, np.float32), P_MALE[:4]),
+}
+
+
+def _training_gender_losses() -> dict:
+    """The gender losses the family specs train with: the stock Keras ones."""
+    from types import SimpleNamespace
+
+    from c3ae.config import LossConfig
+    from c3ae.models.spec import family_spec
+
+    gender_only = SimpleNamespace(output_names=["gender"])
+    bce = family_spec("c3ae").losses(gender_only, LossConfig(), None)[0]["gender"]
+    assert isinstance(bce, keras.losses.BinaryCrossentropy) and bce.get_config()["label_smoothing"] == 0.02
+    mae = family_spec("ssrnet").losses(gender_only, LossConfig(), None)[0]["gender"]
+    assert isinstance(mae, keras.losses.MeanAbsoluteError)
+    return {
+        "bce": (MaskedBinaryCrossentropy(label_smoothing=0.02), bce),
+        "mae": (MaskedMeanAbsoluteError(), mae),
+    }
+
+
+def _as_trained(stock, y, p, balance):
+    """The stock loss as training computes it: unknown labels weigh 0 (``make_dataset(label_weights=True)``),
+    scaled per batch to a mean over the labelled rows (``c3ae.task.mean_over_labelled``)."""
+    import tensorflow as tf
+
+    from c3ae.data import label_weight
+    from c3ae.task import mean_over_labelled
+
+    weight = tf.ones(len(y)) if balance is None else tf.constant(balance)
+    weights = mean_over_labelled({"gender": label_weight("gender", tf.constant(y), weight)})
+    return stock(y, p, sample_weight=weights["gender"])
+
+
+@pytest.mark.parametrize("loss", ["bce", "mae"])
+@pytest.mark.parametrize("balanced", [False, True], ids=["unweighted", "balance-weighted"])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_stock_losses_with_zero_weights_equal_the_masked_losses(loss, balanced, batch):
+    import tensorflow as tf
+
+    masked, stock = _training_gender_losses()[loss]
+    y, p = BATCHES[batch]
+    balance = BALANCE[: len(y)] if balanced else None
+    p = tf.Variable(p)
+    with tf.GradientTape(persistent=True) as tape:
+        old = masked(y, p, sample_weight=balance)
+        new = _as_trained(stock, y, p, balance)
+    np.testing.assert_allclose(float(new), float(old), rtol=1e-6, atol=1e-7)
+    gradients = [tape.gradient(value, p).numpy() for value in (new, old)]
+    np.testing.assert_allclose(*gradients, rtol=1e-5, atol=1e-7)
+    if batch == "no known":
+        assert float(new) == 0.0 == float(old)  # not NaN
+    else:
+        assert float(new) > 0
+
+
+def test_the_stock_loss_without_the_weights_would_train_unknown_labels():
+    """Why the weights are needed: fed the -1 labels as they are, the stock losses differ."""
+    for masked, stock in _training_gender_losses().values():
+        assert abs(float(stock(GENDER, P_MALE)) - float(masked(GENDER, P_MALE))) > 0.05
 
 
 def test_smooth_gender_labels():

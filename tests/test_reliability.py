@@ -565,6 +565,7 @@ def test_every_library_error_shares_one_base():
     import c3ae.preprocessing.pipeline
     import c3ae.preprocessing.shards
     import c3ae.runtime
+    import c3ae.task
     import c3ae.train
     import c3ae.video
     from c3ae.errors import C3AEError
@@ -580,6 +581,7 @@ def test_every_library_error_shares_one_base():
         c3ae.files,
         c3ae.legacy,
         c3ae.runtime,
+        c3ae.task,
         c3ae.train,
         c3ae.video,
         c3ae.export.bundle,

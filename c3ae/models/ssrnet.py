@@ -136,8 +136,8 @@ def build_ssrnet(*args, **options) -> keras.Model:
 def _losses(model, loss_config, train_ages=None) -> tuple[dict, dict]:
     from c3ae import losses
 
-    # The original trains its V = 1 gender output with MAE.
-    special = {"gender": losses.MaskedMeanAbsoluteError}
+    # The original trains its V = 1 gender output with MAE (unknown labels weigh 0, as for the BCE).
+    special = {"gender": keras.losses.MeanAbsoluteError}
     return losses.losses_by_output(model.output_names, loss_config, "ssrnet", special)
 
 
