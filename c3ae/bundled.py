@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "c3ae-utk"  # what AgeGenderEstimator(), c3ae predict and c3ae video load
+DEFAULT_MODEL = "c3ae-utk-aaf"  # what AgeGenderEstimator(), c3ae predict and c3ae video load
 
 
 class ModelNotFoundError(C3AEError, ValueError):
@@ -217,13 +217,16 @@ def publish(
     split: str = "test",
     recipe: str | Path | None = None,
     cross_source: dict | None = None,
+    flip: bool = True,
 ) -> dict:
     """Copy a run's ``best.keras`` into the package as ``name`` with its model card, evaluated on ``split``.
 
     The card records the data (counts per source), the split, the face pipeline (preprocessing), the
     metrics (this split, per source and their mean for several sources, and the run's best validation
     value), the recipe's text, the cross-source check when given, the training time and the license note.
-    Without ``manifest`` the sources come from the run's ``config.yaml``. No machine path is kept. Refuses
+    Without ``manifest`` the sources come from the run's ``config.yaml``. ``flip``: evaluate as the estimator
+    runs by default, with mirror test-time augmentation (recorded under ``metrics.<split>.evaluation``, so
+    ``c3ae evaluate NAME --flip`` reproduces the numbers). No machine path is kept. Refuses
     weights with NaN or Inf. Returns the card as written (``ModelCard.to_dict()``; :func:`model_card`
     reads it back typed).
     """
@@ -243,9 +246,11 @@ def publish(
     sources = _card_sources(config, manifest)
     context = float((config.get("data") or {}).get("context", 0.0) or 0.0)
     if len(sources) == 1:
-        metrics, _ = evaluate(model, sources[0][1], split, context=context)
+        metrics, _ = evaluate(model, sources[0][1], split, context=context, flip=flip)
     else:
-        metrics, _ = evaluate_sources(model, [(n, info) for n, info, _ in sources], split, context=context)
+        pairs = [(n, info) for n, info, _ in sources]
+        metrics, _ = evaluate_sources(model, pairs, split, context=context, flip=flip)
+    metrics = {**metrics, "evaluation": {"context": context, "flip": bool(flip)}}
     info = sources[0][1]
     preprocessing = json.loads(json.dumps(info.get("face_pipeline", {})))
     preprocessing.setdefault("chip", {})["context"] = context

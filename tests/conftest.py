@@ -78,8 +78,10 @@ def legacy_weights() -> Path:
 
 @pytest.fixture(scope="session")
 def model() -> str:
-    """The bundled C3AE (age + gender) by name; it ships inside the package (tests/test_bundled.py)."""
-    return "c3ae-utk"
+    """The default bundled C3AE (age + gender) by name; it ships inside the package (tests/test_bundled.py)."""
+    from c3ae.bundled import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
 
 
 @pytest.fixture(autouse=True)
