@@ -78,7 +78,7 @@ def legacy_weights() -> Path:
 
 @pytest.fixture(scope="session")
 def model() -> str:
-    """The default bundled C3AE (age + gender) by name; it ships inside the package (tests/test_bundled.py)."""
+    """The default bundled C3AE (age + gender) by name; it ships in the package (tests/test_bundled.py)."""
     from c3ae.bundled import DEFAULT_MODEL
 
     return DEFAULT_MODEL
