@@ -159,6 +159,7 @@ def test_no_bundled_layer_gives_every_face_the_same_output(name):
     assert constant_layers(model, _asset_crops(model)) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ssrnet-utk", "ssrnet-utk-gender"])
 def test_ssrnet_int8_exports_and_runs_on_xnnpack(name, tmp_path):
     """int8 graphs with a dead layer have empty-range tensors, which XNNPACK (phones' default) cannot run:

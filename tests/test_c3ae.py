@@ -88,6 +88,7 @@ def test_keras_round_trip_safe_mode(kwargs, tmp_path):
     assert_keras_round_trip(build_c3ae(**kwargs), tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -80,6 +80,7 @@ def test_dead_layers_and_everything_they_feed_are_named(crops):
     ]
 
 
+@pytest.mark.slow
 def test_int8_export_of_a_dead_layer_is_reported_and_runs_off_xnnpack(crops, manifest, tmp_path):
     keras.utils.set_random_seed(0)
     model = kill(ssrnet(crops), "stage1_s_mix", "stage1_x_mix", relu=True)
@@ -98,6 +99,7 @@ def test_int8_export_of_a_dead_layer_is_reported_and_runs_off_xnnpack(crops, man
     assert np.isfinite(backend.predict({"image": crops["image"][:4]})["age"]).all()
 
 
+@pytest.mark.slow
 def test_xnnpack_probe_passes_a_healthy_int8_graph(crops, manifest, tmp_path):
     from c3ae.export.tflite import to_tflite
 

@@ -112,10 +112,12 @@ def test_config_round_trip(tiny_model):
     np.testing.assert_allclose(predict(clone, x)["age"], predict(tiny_model, x)["age"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tflite_builtin_ops_and_outputs(tiny_model):
     assert_tflite_builtin_and_close(tiny_model)
 
 
+@pytest.mark.slow
 def test_application_backbone_predicts_and_converts():
     keras.utils.set_random_seed(0)
     model = build_dldl(backbone="MobileNetV2", input_size=32, gender=True, backbone_kwargs={"alpha": 0.35})

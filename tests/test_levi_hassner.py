@@ -138,6 +138,7 @@ def test_config_round_trip(tiny_age):
     np.testing.assert_allclose(predict(clone, x)["age_group"], predict(tiny_age, x)["age_group"], atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["age_group", "gender"])
 def test_tflite_builtin_ops_and_outputs(task, tiny_age, tiny_gender):
     model = tiny_age if task == "age_group" else tiny_gender

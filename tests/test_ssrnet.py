@@ -56,12 +56,14 @@ def test_leaky_mix_layers_keep_the_layout_and_pass_negative_inputs():
     assert (out < 0).all() and np.std(out, axis=0).max() > 0  # still varies with the face
 
 
+@pytest.mark.slow
 def test_leaky_mix_converts_to_builtin_tflite():
     model = build_ssrnet(clamp_output=True, p_activation="softmax", mix_activation="leaky_relu")
     ops = assert_tflite_builtin_and_close(model, rtol=1e-3, atol=1e-3)
     assert "LEAKY_RELU" in ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("V", [101.0, 1.0])
 def test_tflite_builtin_ops_and_numerics(V):
     # Randomly initialised SSR-Net outputs can be huge (the original's instability), hence rtol.
