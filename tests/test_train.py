@@ -178,7 +178,9 @@ def test_publish_bundles_the_best_model_with_its_card(tiny_manifest, tmp_path, m
     assert set(card["metrics"]["val"]) == {
         *("mae", "ca3", "ca5", "gender_accuracy", "mae_by_band", "count", "gender_accuracy_by_band"),
         "gender_accuracy_by_gender",
+        "evaluation",
     }
+    assert card["metrics"]["val"]["evaluation"] == {"context": 0.0, "flip": True}  # as the estimator runs
     assert str(tmp_path) not in json.dumps(card)  # no path of the machine that trained it
     assert card["training"]["seconds"] > 0 and card["preprocessing"]["chip"]["size"] == 160
     assert card["preprocessing"]["chip"]["context"] == 0.0  # the run's data.context, applied at inference
