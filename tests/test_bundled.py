@@ -115,6 +115,7 @@ def test_c3ae_utk_on_real_utkface_photos():
     assert not math.isclose(np.std(errors), 0.0)  # not one age for every face
 
 
+@pytest.mark.slow  # evaluates 3,370 faces: about a minute
 @pytest.mark.skipif(
     not all((PREP / s / "manifest.json").is_file() for s in ("utkface", "aaf")),
     reason="needs the preprocessed manifests prep/utkface and prep/aaf (the README's preprocess commands)",
