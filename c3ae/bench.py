@@ -394,6 +394,26 @@ def bench_detect(image_bgr, runs: int = 50, warmup: int = 3, min_face: int = 20)
     return {"ms": 1000 * statistics.median(seconds), "faces": int((faces[:, 4] >= 0.9).sum()), "runs": runs}
 
 
+# Runs ``c3ae ARGV...`` and writes its peak resident memory (VmHWM, kB) as the last stderr line. Not
+# getrusage's ru_maxrss: Linux carries that across fork + exec, so a child of a large process reports the
+# parent's size whatever it used itself; VmHWM belongs to the new address space.
+MEASURED_CLI = """
+import sys
+
+from c3ae.cli import main
+
+code = main(sys.argv[1:])
+status = open("/proc/self/status").read()
+sys.stderr.write("\\npeak_rss_kb=" + status.split("VmHWM:", 1)[1].split()[0] + "\\n")
+sys.exit(code)
+"""
+
+
+def peak_rss_mb(stderr: str) -> float:
+    """The peak resident memory (MB) that :data:`MEASURED_CLI` wrote at the end of ``stderr``."""
+    return int(stderr.rsplit("peak_rss_kb=", 1)[1].split()[0]) / 1024
+
+
 def bench_command(argv: Sequence[str], runs: int = 5) -> dict:
     """Whole-process wall time (median, s) and peak resident memory (max, MB) of ``c3ae ARGV...``."""
     import subprocess
@@ -402,15 +422,18 @@ def bench_command(argv: Sequence[str], runs: int = 5) -> dict:
     seconds, peaks = [], []
     for _ in range(runs):
         start = time.perf_counter()
-        child = subprocess.Popen(
-            [sys.executable, "-m", "c3ae.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        done = subprocess.run(
+            [sys.executable, "-c", MEASURED_CLI, *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        _, status, usage = os.wait4(child.pid, 0)
         seconds.append(time.perf_counter() - start)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode != 0:
-            raise RuntimeError(f"c3ae {' '.join(argv)} exited with {child.returncode}.")
-        peaks.append(usage.ru_maxrss / 1024)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"c3ae {' '.join(argv)} exited with {done.returncode}: {done.stderr.strip()[-300:]}"
+            )
+        peaks.append(peak_rss_mb(done.stderr))
     return {"s": statistics.median(seconds), "mb": max(peaks), "runs": runs}
 
 

@@ -218,7 +218,7 @@ def publish(
     recipe: str | Path | None = None,
     cross_source: dict | None = None,
     flip: bool = True,
-) -> dict:
+) -> ModelCard:
     """Copy a run's ``best.keras`` into the package as ``name`` with its model card, evaluated on ``split``.
 
     The card records the data (counts per source), the split, the face pipeline (preprocessing), the
@@ -227,8 +227,7 @@ def publish(
     Without ``manifest`` the sources come from the run's ``config.yaml``. ``flip``: evaluate as the estimator
     runs by default, with mirror test-time augmentation (recorded under ``metrics.<split>.evaluation``, so
     ``c3ae evaluate NAME --flip`` reproduces the numbers). No machine path is kept. Refuses
-    weights with NaN or Inf. Returns the card as written (``ModelCard.to_dict()``; :func:`model_card`
-    reads it back typed).
+    weights with NaN or Inf. Returns the card as written (it reads like its JSON dict too).
     """
     import yaml
 
@@ -287,4 +286,4 @@ def publish(
     ):
         with atomic_path(WEIGHTS_DIR / f"{name}{suffix}") as temporary:  # Keras insists on ".keras"
             write(temporary)
-    return card.to_dict()
+    return card

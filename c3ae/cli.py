@@ -264,7 +264,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
     import json
 
     from c3ae.bundled import publish
-    from c3ae.records import ModelCard
 
     if not (Path(args.run) / "best.keras").is_file():
         raise UserError(
@@ -278,7 +277,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         card = publish(args.run, args.name, args.data, args.split, recipe=args.recipe, cross_source=cross)
     except (C3AEError, FileNotFoundError) as error:
         raise UserError(str(error)) from error
-    print(f"published {ModelCard.from_json(card)}")
+    print(f"published {card}")
     return 0
 
 

@@ -68,6 +68,7 @@ def test_same_faces_as_the_mtcnn_package_on_the_assets(detector, reference, path
     _compare(ours, reference(image), min_score=0.9)
 
 
+@pytest.mark.slow
 def test_same_faces_as_the_mtcnn_package_on_real_photos(detector, reference):
     if not MEDIA:
         pytest.skip(f"needs the photos in {SHARED / 'media'} (../shared is not beside this checkout)")
@@ -97,6 +98,7 @@ def test_our_keras_networks_are_the_packages(reference):
             np.testing.assert_allclose(outputs[output], expected.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_conversion_command_reproduces_the_shipped_files(tmp_path):
     pytest.importorskip("mtcnn", reason="the conversion reads the mtcnn package's weights")
     from c3ae.export.detector import main

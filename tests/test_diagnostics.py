@@ -45,6 +45,7 @@ def crops(manifest):
     return manifest_crops(build_ssrnet(), manifest, "verify")["inputs"]
 
 
+@pytest.mark.slow
 def test_untrained_relu_mixing_layers_are_easily_dead(crops):
     # Why mix_activation exists: on these 6 faces, fresh models with 3-unit ReLU mixing layers often have a
     # whole stage that ignores the face (seeds 0-7: 4 of 8); with leaky mixing none has.

@@ -173,6 +173,7 @@ def test_unknown_model_and_detector():
 
 
 # ------------------------------------------------------------------------------------------------ models
+@pytest.mark.slow
 def test_single_input_age_model_with_a_separate_gender_model(tmp_path, model):
     """SSR-Net: one ``image`` input, no age_bins; gender from a second model."""
     from c3ae.models import build_ssrnet

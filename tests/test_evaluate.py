@@ -75,6 +75,7 @@ def test_not_a_keras_file(tmp_path):
         load_model(path)
 
 
+@pytest.mark.slow
 def test_cli_evaluates_a_saved_model(tmp_path):
     from test_data import build_tiny_manifest
 

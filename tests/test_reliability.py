@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO, face_clip, utk_faces
 
+from c3ae.bench import MEASURED_CLI, peak_rss_mb
 from c3ae.cli import main
 from c3ae.estimator import AgeGenderEstimator, ModelOutputError
 from c3ae.faces import ImageReadError, read_image
@@ -371,6 +372,7 @@ import threading
 from pathlib import Path
 
 import c3ae.preprocessing.pipeline as pipeline
+from c3ae.bench import MEASURED_CLI, peak_rss_mb
 from c3ae.cli import main
 
 marker = Path(sys.argv[1])
@@ -475,20 +477,6 @@ def test_predict_without_permission_skips_the_photo_and_names_the_output(tmp_pat
     assert not list(readonly.iterdir())
 
 
-# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child of a pytest
-# process that holds 2.9 GB reported 2.9 GB whatever it used itself. VmHWM belongs to the new address space.
-MEASURED_PREDICT = """
-import sys
-
-from c3ae.cli import main
-
-code = main(sys.argv[1:])
-status = open("/proc/self/status").read()
-print("peak_rss_kb=" + status.split("VmHWM:", 1)[1].split()[0])
-sys.exit(code)
-"""
-
-
 def test_36_megapixel_photos_and_their_annotated_copies_stay_bounded(tmp_path):
     """Decode (OpenCV needs twice the photo while decoding), detection on a 1280-pixel copy, an annotated
     copy drawn in place, one such photo per batch: about 450 MB here, where 5.5 GB was once measured."""
@@ -506,7 +494,7 @@ def test_36_megapixel_photos_and_their_annotated_copies_stay_bounded(tmp_path):
         [
             sys.executable,
             "-c",
-            MEASURED_PREDICT,
+            MEASURED_CLI,
             "predict",
             str(photos),
             "--output-dir",
@@ -519,11 +507,11 @@ def test_36_megapixel_photos_and_their_annotated_copies_stay_bounded(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    peak = int(done.stdout.rsplit("peak_rss_kb=", 1)[1]) * 1024
+    peak = peak_rss_mb(done.stderr)
     # About 550 MB (VmHWM). The 1.55 GB once seen on CI, and 2.9 GB in a `-m "not slow"` run, were the
-    # pytest parent's size leaking in through ru_maxrss (MEASURED_PREDICT). The old growth was 5.5 GB.
-    assert peak < 1.5e9, f"peak RSS {peak / 1e6:.0f} MB"
-    records = json.loads(done.stdout.rsplit("peak_rss_kb=", 1)[0])
+    # pytest parent's size leaking in through ru_maxrss (see MEASURED_CLI). The old growth was 5.5 GB.
+    assert peak < 1430, f"peak RSS {peak:.0f} MB"
+    records = json.loads(done.stdout)
     assert [len(r["faces"]) for r in records] == [1, 1]
     assert cv2.imread(str(out / "big" / "b.jpg")).shape == (height, width, 3)
 

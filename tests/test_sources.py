@@ -96,6 +96,7 @@ def _ages(dataset, batches: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- mixing
+@pytest.mark.slow
 def test_mixing_follows_the_weights_and_the_seed(two_sources):
     young, old = two_sources
     sources = [Source(young, 3.0), Source(old, 1.0)]
@@ -210,7 +211,7 @@ def test_publish_cards_every_source_without_machine_paths(mixed_run, tmp_path, m
     assert [s["name"] for s in card["data"]["sources"]] == ["young", "old"]
     assert card["recipe"] == {"file": "recipes/tiny.yaml", "text": "recipe: {name: tiny}\n"}
     assert card["cross_source"] == cross
-    text = json.dumps(card)
+    text = card.to_json()
     assert str(out.parent) not in text and str(tmp_path) not in text
 
 
@@ -282,6 +283,7 @@ def test_each_recipe_trains_on_a_tiny_manifest(recipe, two_sources, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_evaluate_reports_every_source_and_their_mean(two_sources, tmp_path):
     from c3ae.models import build_c3ae
 
