@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -191,7 +192,7 @@ def _card_sources(config: dict, manifest) -> list[tuple[str, dict, float]]:
     return read_sources([Source(e["manifest"], e.get("weight", 1.0), e.get("name", "")) for e in entries])
 
 
-def _card_data(sources: list[tuple[str, dict, float]]) -> dict:
+def _card_data(sources: list[tuple[str, Mapping, float]]) -> dict:
     """The card's ``data``: the dataset and its counts, or each source's name, dataset, weight and counts."""
     if len(sources) == 1:
         _, info, _ = sources[0]

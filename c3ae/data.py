@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,12 +33,11 @@ from c3ae.conventions import AGE_BANDS, FEMALE, MALE
 from c3ae.errors import DataError, UsageError
 from c3ae.faces import crop, mask_context, warp
 from c3ae.models.spec import CROP_LAYOUTS
+from c3ae.records import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, Manifest
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "c3ae-manifest"
-MANIFEST_VERSIONS = (1,)
+MANIFEST_VERSIONS = (MANIFEST_VERSION,)  # the manifest versions this c3ae reads
 STANDARD_SPLITS = ("train", "val", "test")
 
 SHUFFLE_BUFFER = 2048
@@ -55,16 +54,17 @@ def _manifest_path(manifest: str | Path) -> Path:
     return path
 
 
-def read_manifest(manifest: str | Path | dict) -> dict:
-    """Read and validate ``manifest.json`` (or the folder holding it).
+def read_manifest(manifest: str | Path | Mapping) -> Manifest:
+    """Read and check ``manifest.json`` (or the folder holding it) as a :class:`~c3ae.records.Manifest`.
 
-    Returns the manifest as a dict with ``manifest_path`` and ``root`` (absolute) added, and each shard
-    entry given an absolute ``path``. Raises FileNotFoundError for a missing manifest and ValueError for one
-    that is not a c3ae manifest.
+    ``root`` is the manifest's folder (absolute), ``manifest_path`` (in ``extra``) its file, and each shard
+    gains an absolute ``path``; the record reads like the dict it was read from. A manifest this function
+    returned passes through. Raises FileNotFoundError for a missing manifest and
+    :class:`~c3ae.errors.DataError` for one that is not a c3ae manifest.
     """
-    if isinstance(manifest, dict):
+    if isinstance(manifest, Mapping):
         if "manifest_path" in manifest and all("path" in s for s in manifest.get("shards", [])):
-            return manifest
+            return manifest if isinstance(manifest, Manifest) else Manifest.from_json(manifest)
         raise DataError("A manifest dict must come from read_manifest().")
     path = _manifest_path(manifest).absolute()
     if not path.is_file():
@@ -94,10 +94,10 @@ def read_manifest(manifest: str | Path | dict) -> dict:
         if rows is not None and (not isinstance(rows, int) or rows < 0):
             raise DataError(f"{path}: shard {shard['file']} has an invalid row count {rows!r}.")
         resolved.append({**shard, "path": str((root / shard["file"]).absolute())})
-    return {**info, "shards": resolved, "manifest_path": str(path), "root": str(root)}
+    return Manifest.from_json({**info, "shards": resolved, "manifest_path": str(path), "root": str(root)})
 
 
-def manifest_splits(manifest: str | Path | dict) -> list[str]:
+def manifest_splits(manifest: str | Path | Mapping) -> list[str]:
     """The splits a manifest has shards for, in first-seen order."""
     info = read_manifest(manifest)
     return list(dict.fromkeys(str(s["split"]) for s in info["shards"]))
@@ -114,7 +114,7 @@ def _split_shards(info: dict, split: str) -> list[dict]:
     return shards
 
 
-def split_size(manifest: str | Path | dict, split: str) -> int:
+def split_size(manifest: str | Path | Mapping, split: str) -> int:
     """Rows of ``split`` as the manifest records them (rows dropped for a missing age are still counted)."""
     info = read_manifest(manifest)
     shards = [s for s in info["shards"] if s["split"] == split]
@@ -561,7 +561,7 @@ class Source:
     (``weight``, relative to the other sources') and the name its metrics are reported under (default: the
     manifest's ``dataset``)."""
 
-    manifest: str | Path | dict
+    manifest: str | Path | Mapping
     weight: float = 1.0
     name: str = ""
 
@@ -570,14 +570,14 @@ class Source:
 CROP_SETTINGS = ("detector", "chip", "template_in_box", "box_aspect")
 
 
-def read_sources(sources: Sequence[Source | dict | str | Path]) -> list[tuple[str, dict, float]]:
+def read_sources(sources: Sequence[Source | Mapping | str | Path]) -> list[tuple[str, Manifest, float]]:
     """(name, manifest, weight) per source, checked before any data is read: every manifest readable, every
     weight a positive number, names unique, and the same crop settings (``CROP_SETTINGS``) in all."""
-    if isinstance(sources, (str, Path, dict)) or not sources:
+    if isinstance(sources, (str, Path, Mapping)) or not sources:
         raise DataError("sources must be a non-empty list of manifests (or {manifest:, weight:} entries).")
     resolved, names = [], set()
     for index, entry in enumerate(sources):
-        if isinstance(entry, dict) and "manifest" in entry and "format" not in entry:
+        if isinstance(entry, Mapping) and "manifest" in entry and "format" not in entry:
             entry = Source(**entry)
         source = entry if isinstance(entry, Source) else Source(entry)
         weight = source.weight
@@ -601,7 +601,7 @@ def read_sources(sources: Sequence[Source | dict | str | Path]) -> list[tuple[st
     return resolved
 
 
-def balance_table(manifest: str | Path | dict, split: str, strength: float) -> np.ndarray:
+def balance_table(manifest: str | Path | Mapping, split: str, strength: float) -> np.ndarray:
     """Sample weights per (age band, gender) cell of a split, (len(AGE_BANDS) + 1, 3): rows are the bands
     and a last row for unknown ages, columns female, male, unknown. A cell's weight is its share of the
     split's rows, relative to an even spread over the non-empty cells, to the power ``-strength`` (0: all
@@ -687,7 +687,7 @@ def _mixed_rows(streams: list, weights: list[float], shuffle: bool, seed: int | 
 
 
 def make_dataset(
-    manifest: str | Path | dict | Sequence[Source | dict | str | Path],
+    manifest: str | Path | Mapping | Sequence[Source | Mapping | str | Path],
     split: str = "train",
     model="c3ae",
     batch_size: int = 64,
@@ -742,7 +742,7 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    mixing = not isinstance(manifest, (str, Path, dict))
+    mixing = not isinstance(manifest, (str, Path, Mapping))
     sources = read_sources(manifest) if mixing else [("", read_manifest(manifest), 1.0)]
     spec, input_names, model_size, model_outputs = _resolve_model(model)
     if outputs is None and model_outputs:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from c3ae.config import Config, ConfigError
 from c3ae.errors import C3AEError
+from c3ae.files import atomic_path
 
 
 class TrainingError(C3AEError, RuntimeError):
@@ -172,14 +172,8 @@ class AtomicBestCheckpoint(keras.callbacks.Callback):
             self.best = json.loads(state.read_text()).get("value", self.best)
 
     def _save(self, name: str) -> None:
-        target = self.folder / name
-        temporary = self.folder / f".{name}.tmp-{os.getpid()}.keras"
-        try:
+        with atomic_path(self.folder / name) as temporary:  # keeps ".keras", which Keras insists on
             self.model.save(temporary)
-            os.replace(temporary, target)
-        finally:
-            if temporary.exists():
-                temporary.unlink()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}

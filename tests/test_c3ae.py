@@ -82,7 +82,13 @@ def test_single_crop_model_takes_image():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"se": True, "se_pooling": "gem", "activation": "mish6", "white_norm": True, "gender": True}],
+    [
+        {},
+        pytest.param(
+            {"se": True, "se_pooling": "gem", "activation": "mish6", "white_norm": True, "gender": True},
+            marks=pytest.mark.slow,
+        ),
+    ],
 )
 def test_keras_round_trip_safe_mode(kwargs, tmp_path):
     assert_keras_round_trip(build_c3ae(**kwargs), tmp_path)

@@ -60,6 +60,7 @@ def test_untrained_relu_mixing_layers_are_easily_dead(crops):
     assert sum(bool(names) for names in dead.values()) >= 1, dead  # keras 3.15: seeds 0 and 1 have one
 
 
+@pytest.mark.slow
 def test_healthy_model_has_no_constant_layer(crops):
     keras.utils.set_random_seed(0)
     model = ssrnet(crops, mix_activation="leaky_relu")

@@ -437,6 +437,7 @@ def test_public_names():
         assert hasattr(losses, name), name
 
 
+@pytest.mark.slow
 def test_bin_losses_train_from_tf_data():
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(1)

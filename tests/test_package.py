@@ -26,6 +26,7 @@ def test_subpackages_import_under_c3ae():
     assert Path(c3ae.export.tflite.__file__).parent.name == "export"
 
 
+@pytest.mark.slow
 def test_wheel_maps_folders_into_the_c3ae_namespace(tmp_path):
     """preprocessing/ and export/ must land as c3ae/preprocessing and c3ae/export, never top level."""
     wheel = build_wheel(REPO, tmp_path)

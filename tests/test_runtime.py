@@ -56,6 +56,7 @@ def test_three_backends_agree(model, crops, files):
     assert results["keras"]["age"].shape == (5, 1) and results["keras"]["age_bins"].shape == (5, 12)
 
 
+@pytest.mark.slow
 def test_keras_model_in_memory_converted_for_each_backend(model, crops):
     expected = load_backend(model).predict(crops)
     for name in ("tflite", "onnx"):

@@ -28,6 +28,7 @@ def test_age_and_gender_heads():
     assert gender.count_params() == 40_915
 
 
+@pytest.mark.slow
 def test_softmax_and_clamp_options():
     model = build_ssrnet(p_activation="softmax", clamp_output=True)
     assert model.count_params() == 40_915
@@ -39,6 +40,7 @@ def test_softmax_and_clamp_options():
     np.testing.assert_allclose(next(iter(p.values())).sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_keras_round_trip_safe_mode(tmp_path):
     assert_keras_round_trip(build_ssrnet(clamp_output=True), tmp_path)
 
