@@ -530,8 +530,9 @@ def _crop_rows(
 
 # ------------------------------------------------------------------------------------------------ dataset
 def _resolve_model(model) -> tuple:
-    """(family spec, input names in crop order, input side, output names or None) for a family name, a
-    registered variant name, a :class:`~c3ae.models.spec.ModelInfo` or a model built by ``c3ae.models``."""
+    """(family spec, crop layout (``"triple"`` or ``"single"``), input side, output names or None) for a
+    family name, a registered variant name, a :class:`~c3ae.models.spec.ModelInfo` or a model built by
+    ``c3ae.models``."""
     from c3ae.models.spec import FAMILIES, ModelInfo, family_spec
 
     if not isinstance(model, (str, ModelInfo)):
@@ -539,16 +540,16 @@ def _resolve_model(model) -> tuple:
 
         model = model_info(model)
     if isinstance(model, ModelInfo):
-        return family_spec(model.family), CROP_LAYOUTS[model.crop_layout], model.input_size, model.outputs
+        return family_spec(model.family), model.crop_layout, model.input_size, model.outputs
     if model.replace("-", "_") in FAMILIES:
         spec = family_spec(model)
-        return spec, spec.input_names({}), spec.input_size, None
+        return spec, spec.crop_layout(), spec.input_size, None
     from c3ae.models.catalog import VARIANTS
 
     if model in VARIANTS:
         variant = VARIANTS[model]
         spec = family_spec(variant.family)
-        return spec, spec.input_names(variant.kwargs), variant.input_size, variant.outputs
+        return spec, spec.crop_layout(variant.kwargs), variant.input_size, variant.outputs
     raise DataError(
         f"Unknown model family {model!r}; expected one of {', '.join(FAMILIES)} (or a variant name: "
         f"{', '.join(VARIANTS)})."
@@ -744,7 +745,7 @@ def make_dataset(
 
     mixing = not isinstance(manifest, (str, Path, Mapping))
     sources = read_sources(manifest) if mixing else [("", read_manifest(manifest), 1.0)]
-    spec, input_names, model_size, model_outputs = _resolve_model(model)
+    spec, layout, model_size, model_outputs = _resolve_model(model)
     if outputs is None and model_outputs:
         outputs = [o for o in model_outputs if o in spec.targets]
     try:
@@ -772,12 +773,12 @@ def make_dataset(
         _crop_rows,
         size=size,
         augment=augment,
-        use_single=input_names != CROP_LAYOUTS["triple"],
+        use_single=layout == "single",
         context=float(context),
         params=augmentation or DEFAULT_AUGMENTATION,
     )
     dataset = rows.map(
-        partial(_to_crops, cropper=cropper, input_names=input_names, size=size),
+        partial(_to_crops, cropper=cropper, input_names=CROP_LAYOUTS[layout], size=size),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
     )
