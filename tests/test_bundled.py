@@ -95,6 +95,7 @@ def test_shipped_artifacts_match_keras(name, suffix):
         np.testing.assert_allclose(got[output], value, atol=1e-3 * max(1.0, float(np.abs(value).max())))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "data" / "utkface").is_dir(), reason="needs ../shared/data/utkface")
 def test_c3ae_utk_on_real_utkface_photos():
     """200 held-out UTKFace photos (the test split the card was measured on: same seed, same split rule)
@@ -166,7 +167,9 @@ def test_models_command_lists_the_bundled_models(capsys):
             assert f"{headline['mae']:.2f}" in listing
 
 
-@pytest.mark.parametrize("name", BUNDLED)
+@pytest.mark.parametrize(
+    "name", [BUNDLED[0], *(pytest.param(n, marks=pytest.mark.slow) for n in BUNDLED[1:])]
+)
 def test_no_bundled_layer_gives_every_face_the_same_output(name):
     """The authors' SSR-Net IMDB weights have every stage's p and eta constant (dead ReLU units); the
     bundled models must not."""

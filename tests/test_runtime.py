@@ -98,6 +98,7 @@ assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "TensorFl
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_bundled_name_prefers_the_shipped_artifact(files, crops, monkeypatch, tmp_path):
     import c3ae.bundled
 
