@@ -177,7 +177,7 @@ def without_machine_paths(value):
     return value
 
 
-def _card_sources(config: dict, manifest) -> list[tuple[str, dict, float]]:
+def _card_sources(config: dict, manifest) -> list[tuple[str, Mapping, float]]:
     """(name, manifest, weight) of what the card evaluates: ``manifest`` when given, else the run's
     ``data.sources`` (or ``data.manifest``)."""
     from c3ae.data import Source, read_manifest, read_sources

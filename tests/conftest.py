@@ -56,6 +56,12 @@ def utk_faces(root: Path) -> Path:
     return root
 
 
+def slow_except(values, fast) -> list:
+    """``values`` as pytest parameters, those not in ``fast`` marked slow: the quick loop
+    (``pytest -m "not slow"``) keeps one case of each kind, CI runs them all."""
+    return [value if value in fast else pytest.param(value, marks=pytest.mark.slow) for value in values]
+
+
 def build_wheel(source: Path, out_dir: Path) -> Path:
     """``pip wheel`` of the project at ``source`` into ``out_dir`` (no dependencies, no build isolation)."""
     import subprocess

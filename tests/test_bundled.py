@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, slow_except
 
 from c3ae.bundled import WEIGHTS_DIR, available_models, load_model, model_card
 
@@ -167,9 +167,7 @@ def test_models_command_lists_the_bundled_models(capsys):
             assert f"{headline['mae']:.2f}" in listing
 
 
-@pytest.mark.parametrize(
-    "name", [BUNDLED[0], *(pytest.param(n, marks=pytest.mark.slow) for n in BUNDLED[1:])]
-)
+@pytest.mark.parametrize("name", slow_except(BUNDLED, {BUNDLED[0]}))
 def test_no_bundled_layer_gives_every_face_the_same_output(name):
     """The authors' SSR-Net IMDB weights have every stage's p and eta constant (dead ReLU units); the
     bundled models must not."""

@@ -6,7 +6,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import SHARED, slow_except
 
 from c3ae.legacy import LegacyLayoutError, load_c3ae_h5, load_ssrnet_h5
 
@@ -17,14 +17,7 @@ SSRNET_AGE = [
     "ssrnet_age_megaface_asian.h5",
 ]
 SSRNET_GENDER = ["ssrnet_gender_imdb.h5", "ssrnet_gender_wiki.h5", "ssrnet_gender_morph.h5"]
-FAST = {"ssrnet_age_imdb.h5", "ssrnet_gender_imdb.h5", "c3ae_se_imdb_v89.h5"}  # the others only under CI
-
-
-def some_slow(filenames: list[str]) -> list:
-    """``filenames`` as parameters, those outside ``FAST`` marked slow (one of each layout stays fast)."""
-    return [name if name in FAST else pytest.param(name, marks=pytest.mark.slow) for name in filenames]
-
-
+FAST = {"ssrnet_age_imdb.h5", "ssrnet_gender_imdb.h5", "c3ae_se_imdb_v89.h5"}  # one file of each layout
 BN_EPSILON = 1e-3  # Keras 2 default, used by both originals
 
 
@@ -177,7 +170,7 @@ def face_batch(n: int = 4, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 255, (n, 64, 64, 3)).astype("float32")
 
 
-@pytest.mark.parametrize("filename", some_slow(SSRNET_AGE + SSRNET_GENDER))
+@pytest.mark.parametrize("filename", slow_except(SSRNET_AGE + SSRNET_GENDER, FAST))
 def test_ssrnet_loader_matches_numpy_forward_pass(legacy_weights, filename):
     model = load_ssrnet_h5(legacy_weights / filename)
     is_gender = "gender" in filename
@@ -188,7 +181,7 @@ def test_ssrnet_loader_matches_numpy_forward_pass(legacy_weights, filename):
     assert model.count_params() == 40_915
 
 
-@pytest.mark.parametrize("filename", some_slow(["c3ae_plain_imdb_v84.h5", "c3ae_se_imdb_v89.h5"]))
+@pytest.mark.parametrize("filename", slow_except(["c3ae_plain_imdb_v84.h5", "c3ae_se_imdb_v89.h5"], FAST))
 def test_c3ae_loader_matches_numpy_forward_pass(legacy_weights, filename):
     model = load_c3ae_h5(legacy_weights / filename)
     faces = face_batch()
