@@ -29,6 +29,11 @@ def _quiet_tensorflow() -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     if args.name:
+        from c3ae.bundled import available_models
+
+        if args.name in available_models():
+            _print_bundled_model(args.name)
+            return 0
         from c3ae.models import VARIANTS, build_variant
 
         if args.name not in VARIANTS:
@@ -85,6 +90,30 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
         _print_table(("name", "family", "params", "test MAE", "gender acc", "trained on"), bundled)
     return 0
+
+
+def _print_bundled_model(name: str) -> None:
+    """A bundled model's facts from its card (no Keras): family, inputs, outputs, test metrics, files."""
+    from c3ae.bundled import WEIGHTS_DIR, model_card
+
+    card = model_card(name)
+    print(f"{name}: bundled {card.family} model, {card.parameters:,} parameters, trained on", card.trained_on)
+    inputs = ", ".join(f"{key} {tuple(shape)}" for key, shape in sorted(card.inputs.items()))
+    print(f"inputs:  {inputs}  ({card.input_convention})")
+    print(f"outputs: {', '.join(card.outputs)}")
+    split = (card.split or {}).get("evaluated", "test")
+    metrics = (card.metrics or {}).get(split) or {}
+    rows = {**(metrics.get("sources") or {"": metrics}), "mean over sources": metrics.get("mean")}
+    for source, values in rows.items():
+        facts = []
+        if (values or {}).get("mae") is not None:
+            facts.append(f"MAE {values['mae']:.2f}")
+        if (values or {}).get("gender_accuracy") is not None:
+            facts.append(f"gender accuracy {values['gender_accuracy']:.3f}")
+        if facts:
+            print(f"{split}{' ' + source if source else ''}: {', '.join(facts)}")
+    files = sorted(path.name for path in WEIGHTS_DIR.glob(f"{name}.*") if path.suffix != ".json")
+    print(f"files: {', '.join(files)} in {WEIGHTS_DIR}")
 
 
 def _print_table(header: tuple, rows: list) -> None:
@@ -640,7 +669,9 @@ def _asset(name: str):
 def _add_models(commands) -> None:
     """The ``models`` subcommand's arguments."""
     models = commands.add_parser("models", help="list the model families with their parameter counts")
-    models.add_argument("name", nargs="?", help="show the layer-by-layer summary of one model")
+    models.add_argument(
+        "name", nargs="?", help="a bundled model: its card's facts; a variant: its layer-by-layer summary"
+    )
     models.set_defaults(func=cmd_models)
 
 

@@ -17,13 +17,22 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-import h5py
-import keras
 import numpy as np
 
 from c3ae.errors import C3AEError
-from c3ae.models.c3ae import build_c3ae
-from c3ae.models.ssrnet import build_ssrnet
+
+try:
+    import h5py
+    import keras
+
+    from c3ae.models.c3ae import build_c3ae
+    from c3ae.models.ssrnet import build_ssrnet
+except ImportError as error:  # the runtime install: one line naming the extra, not a bare ModuleNotFoundError
+    from c3ae.extras import missing_extra
+
+    if (extra := missing_extra(error)) is None:
+        raise
+    raise extra from None
 
 SSRNET_CONVS = (
     [f"x_conv{i}" for i in range(1, 5)]

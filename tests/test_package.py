@@ -75,3 +75,29 @@ def test_unknown_model_is_one_clear_line_without_traceback():
 def test_no_command_prints_help_and_fails():
     result = run_cli()
     assert result.returncode == 2 and "usage: c3ae" in result.stdout
+
+
+def test_models_describes_every_bundled_model_it_lists(capsys):
+    """`c3ae models NAME` takes the bundled names `c3ae models` lists, from their cards (no Keras)."""
+    from c3ae.bundled import DEFAULT_MODEL, available_models
+
+    for name in available_models():
+        assert main(["models", name]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{name}: bundled ") and f"{name}.tflite" in out and "test" in out, out
+    assert main(["models", DEFAULT_MODEL]) == 0
+    out = capsys.readouterr().out
+    assert "test utkface: MAE 5.67, gender accuracy 0.900" in out and "test aaf: MAE 6.22" in out
+
+
+MISSING_KERAS = "this needs the 'train' extra (keras is not installed): pip install \"c3ae[train]\""
+
+
+@pytest.mark.parametrize("statement", ["from c3ae.models import build_c3ae", "import c3ae.legacy"])
+def test_the_keras_api_without_keras_is_the_one_line_extra_error(statement):
+    """As in the runtime install (no Keras): the README's models snippet and c3ae.legacy name the extra."""
+    code = f"import sys\nsys.modules['keras'] = None  # `import keras` fails as if not installed\n{statement}"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"c3ae.extras.MissingExtraError: {MISSING_KERAS}"
+    assert "ModuleNotFoundError" not in result.stderr
