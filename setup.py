@@ -27,7 +27,8 @@ def read_requirements() -> dict[str, list[str]]:
 
 
 REQUIREMENTS = read_requirements()
-TEST = ["pytest>=8", "hypothesis>=6", "ruff", *REQUIREMENTS["train"]]
+# build and twine: tests/test_package.py builds the sdist and wheel and checks them as PyPI would
+TEST = ["pytest>=8", "hypothesis>=6", "ruff", "build>=1", "twine>=5", *REQUIREMENTS["train"]]
 
 
 setup(
@@ -58,9 +59,9 @@ setup(
         "onnx": REQUIREMENTS["onnx"],
         "train": REQUIREMENTS["train"],
         "test": TEST,
-        "coreml": ["coremltools==9.0"],
+        "coreml": ["coremltools>=9,<10"],
         # The CUDA build replaces tensorflow-cpu: `pip install c3ae[gpu]` then `pip uninstall tensorflow-cpu`.
-        "gpu": [*REQUIREMENTS["train"], "tensorflow[and-cuda]==2.21.0"],
+        "gpu": [*REQUIREMENTS["train"], "tensorflow[and-cuda]>=2.21,<3"],
     },
     entry_points={"console_scripts": ["c3ae = c3ae.cli:main"]},
 )

@@ -101,3 +101,31 @@ def test_the_keras_api_without_keras_is_the_one_line_extra_error(statement):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"c3ae.extras.MissingExtraError: {MISSING_KERAS}"
     assert "ModuleNotFoundError" not in result.stderr
+
+
+@pytest.mark.slow
+def test_build_makes_an_sdist_and_a_wheel_that_twine_passes(tmp_path):
+    """`python -m build` builds the sdist, then the wheel from it (so the sdist holds what setup.py reads)."""
+    import shutil
+    import tarfile
+
+    from test_runtime_install import SOURCE_IGNORE
+
+    source, dist = tmp_path / "source", tmp_path / "dist"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
+    # no isolation: the test environment's setuptools and wheel, nothing fetched
+    build = [sys.executable, "-m", "build", "--no-isolation", "--skip-dependency-check", "--outdir"]
+    built = subprocess.run([*build, str(dist), str(source)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (sdist,) = dist.glob(f"c3ae-{c3ae.__version__}.tar.gz")
+    (wheel,) = dist.glob(f"c3ae-{c3ae.__version__}-py3-none-any.whl")
+    names = {name.split("/", 1)[-1] for name in tarfile.open(sdist).getnames()}
+    assert {"requirements.txt", "constraints.txt", "CHANGELOG.md", "c3ae/_version.py"} <= names
+    checked = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", str(sdist), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.count("PASSED") == 2, checked.stdout

@@ -7,6 +7,7 @@ wheel with its runtime dependencies from the package index (pip's cache makes re
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ pytestmark = pytest.mark.slow  # trains, converts or installs: `pytest -m 'not s
 OBAMA = REPO / "assets" / "obama.jpg"
 HEAVY = ("tensorflow", "keras", "pandas", "pyarrow", "tf2onnx", "onnx", "onnxruntime", "mtcnn", "absl")
 STARTUP_NOISE = ("tensorflow", "absl", "All log messages before", "cpu_feature_guard", "XNNPACK delegate")
+# not copied to build the wheel: version control, environments, build outputs, data, training runs
+SOURCE_IGNORE = (".git", ".venv*", ".ci-venv", "build", "dist", "*.egg-info", "__pycache__", "prep", "runs")
 
 
 def make_clip(path: Path, frames: int = 24) -> Path:
@@ -65,13 +68,7 @@ def runtime_venv(tmp_path_factory) -> Path:
     """A fresh venv with the built wheel installed as `pip install c3ae` would (runtime dependencies only)."""
     root = tmp_path_factory.mktemp("runtime")
     source = root / "source"
-    shutil.copytree(
-        REPO,
-        source,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv*", ".ci-venv", "build", "dist", "*.egg-info", "__pycache__"
-        ),
-    )
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
     wheel = build_wheel(source, root)
     venv = root / "venv"
     assert _run([sys.executable, "-m", "venv", str(venv)], cwd=root).returncode == 0
@@ -162,6 +159,27 @@ def test_a_command_needing_a_missing_extra_says_which_in_one_line(runtime_venv, 
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and 'pip install "c3ae[' in lines[0], lines
+
+
+@pytest.mark.parametrize("statement", ["from c3ae.models import build_c3ae", "import c3ae.legacy"])
+def test_the_keras_api_in_the_runtime_names_the_extra(runtime_venv, tmp_path, statement):
+    """The README's models snippet and c3ae.legacy end in the one-line extra error, not a bare
+    ModuleNotFoundError for keras."""
+    result = _run([str(runtime_venv / "bin" / "python"), "-c", statement], cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]  # legacy imports h5py first, which is missing too
+    assert re.fullmatch(
+        r"c3ae\.extras\.MissingExtraError: this needs the 'train' extra \((keras|h5py) is not installed\): "
+        r'pip install "c3ae\[train\]"',
+        last,
+    ), last
+    assert "ModuleNotFoundError" not in result.stderr
+
+
+def test_the_runtime_describes_a_bundled_model(runtime_venv, tmp_path):
+    result = _run([str(runtime_venv / "bin" / "c3ae"), "models", "c3ae-utk-aaf"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("c3ae-utk-aaf: bundled c3ae model, 55,530 parameters")
 
 
 def test_the_wheel_exports_without_the_repository(runtime_venv, tmp_path):

@@ -1,0 +1,89 @@
+"""The runtime at the lowest versions requirements.txt claims: installed together with the wheel into a fresh
+virtual environment, `c3ae predict` and `c3ae video` work, and the ONNX extra's lowest ONNX Runtime too.
+
+The bounds are read from requirements.txt (``>=`` of each line of ``[runtime]`` and ``[onnx]``), so raising
+one there raises it here. Each runs twice: with the lowest NumPy, and with the NumPy of constraints.txt (pip
+upgrades NumPy beside an older OpenCV or ONNX Runtime when a newer dependency needs it). pip's cache makes
+reruns quick (about a minute each; the first run downloads ~100 MB).
+"""
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, build_wheel
+from test_runtime_install import OBAMA, SOURCE_IGNORE, STARTUP_NOISE, _run, make_clip
+
+pytestmark = pytest.mark.slow  # installs: `pytest -m 'not slow'` skips it
+
+
+def lower_bounds(*sections: str) -> dict[str, str]:
+    """``{distribution: lowest version}`` of the requirements in ``sections`` of requirements.txt."""
+    bounds = {}
+    current = None
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        if line.startswith("# [") and line.endswith("]"):
+            current = line[3:-1]
+        elif current in sections and line.strip() and not line.startswith("#"):
+            match = re.match(r"^([A-Za-z0-9_.\-]+)\s*>=\s*([^,;\s]+)", line)
+            assert match, f"requirements.txt: {line!r} states no lower bound (>=)"
+            bounds[match.group(1).lower()] = match.group(2)
+    return bounds
+
+
+def tested_version(name: str) -> str:
+    """The version constraints.txt pins ``name`` to."""
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if "==" in line)[name]
+
+
+@pytest.fixture(scope="module", params=["lowest", "tested"], ids=lambda numpy: f"{numpy}-numpy")
+def lowest_venv(tmp_path_factory, request) -> Path:
+    """A fresh venv holding the wheel and exactly the lowest supported runtime and ONNX Runtime, with the
+    lowest NumPy or with the tested one."""
+    root = tmp_path_factory.mktemp("lowest")
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
+    wheel = build_wheel(source, root)
+    venv = root / "venv"
+    assert _run([sys.executable, "-m", "venv", str(venv)], cwd=root).returncode == 0
+    versions = lower_bounds("runtime", "onnx")
+    if request.param == "tested":
+        versions["numpy"] = tested_version("numpy")
+    pins = [f"{name}=={version}" for name, version in versions.items()]
+    installed = _run([str(venv / "bin" / "pip"), "install", "-q", str(wheel), *pins], cwd=root, timeout=900)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    return venv
+
+
+def test_the_lowest_versions_are_what_got_installed(lowest_venv, tmp_path):
+    listed = _run([str(lowest_venv / "bin" / "pip"), "list", "--format", "json"], cwd=tmp_path)
+    versions = {row["name"].lower(): row["version"] for row in json.loads(listed.stdout)}
+    for name, version in lower_bounds("runtime", "onnx").items():
+        assert versions.get(name) == version or name == "numpy", (name, versions.get(name))
+    assert versions["numpy"] in (lower_bounds("runtime")["numpy"], tested_version("numpy"))
+
+
+@pytest.mark.parametrize("backend", ["tflite", "onnx"])
+def test_the_lowest_runtime_predicts_on_a_photo(lowest_venv, tmp_path, backend):
+    photo = shutil.copy(OBAMA, tmp_path / "photo.jpg")
+    command = [str(lowest_venv / "bin" / "c3ae"), "predict", str(photo), "--backend", backend]
+    result = _run([*command, "--json", "faces.json"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (record,) = json.loads((tmp_path / "faces.json").read_text())
+    (face,) = record["faces"]
+    assert face["gender"] == "male" and abs(face["age"] - 61.5) < 1.0, face  # 61.51 at the tested set
+    assert not [line for line in result.stderr.splitlines() if any(w in line for w in STARTUP_NOISE)]
+
+
+def test_the_lowest_runtime_annotates_a_video(lowest_venv, tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4")
+    command = [str(lowest_venv / "bin" / "c3ae"), "video", str(clip), "--output", "out.mp4"]
+    result = _run([*command, "--jsonl", "out.jsonl"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[-1])["summary"]
+    assert summary["frames"] == 24 and summary["faces"] == 1
+    assert (tmp_path / "out.mp4").stat().st_size > 10_000
