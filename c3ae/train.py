@@ -153,9 +153,24 @@ def resolve_sources(config: Config) -> list[tuple[str, dict, float]]:
         if split_size(info, "train") == 0:
             raise TrainingError(f"{key}: manifest {source.manifest} has no training rows.")
     try:
-        return read_sources([Source(s.manifest, s.weight, s.name) for s in sources])
+        resolved = read_sources([Source(s.manifest, s.weight, s.name) for s in sources])
     except ValueError as error:
         raise TrainingError(f"data.sources: {error}") from error
+    _check_teacher_labels(config, keys, resolved)
+    return resolved
+
+
+def _check_teacher_labels(config: Config, keys: list[str], resolved: list) -> None:
+    """Every source with teacher shares is labelled, for its training split, by the teacher the config
+    names: refused before training otherwise."""
+    from c3ae.label import check_teacher_labels
+
+    for key, source, (_, info, _) in zip(keys, config.data.source_list(), resolved, strict=True):
+        if source.teacher:
+            try:
+                check_teacher_labels(info, "train", expected=config.data.teacher)
+            except ValueError as error:
+                raise TrainingError(f"{key}: {error}") from error
 
 
 def train(config: Config, out: str | Path) -> dict:
@@ -249,12 +264,14 @@ def _datasets(config: Config, model: keras.Model, sources: list) -> tuple:
         "label_weights": True,
     }
     mixed = [Source(info, weight, name) for name, info, weight in sources]
+    shares = [s.teacher or None for s in config.data.source_list()]
     train_data = make_dataset(
         mixed if len(sources) > 1 else sources[0][1],
         split="train",
         augment=config.data.augment,
         balance=config.data.balance,
         augmentation=augmentation,
+        distill=shares if any(shares) else None,
         **common,
     )
     validation = [

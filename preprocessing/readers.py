@@ -7,7 +7,7 @@ images it cannot label. Decoding, detection and cropping happen later, in the fa
     samples, rejects = scan_dataset("utkface", "../shared/data/utkface")
 
 Registry keys (``READERS``): utkface, asia, afad, imdb_wiki, megaage, megaage_asian, appa_real, fgnet, csv,
-folders. Files whose extension is not an image extension (jpg, jpeg, png, bmp, webp) are ignored, as are
+folders, ffhq. Files whose extension is not an image extension (jpg, jpeg, png, bmp, webp) are ignored, as are
 hidden files and folders (names starting with ``.``). Results are sorted by path.
 
 Reject reasons:
@@ -528,6 +528,44 @@ class CsvReader(DatasetReader):
         return f"CsvReader(csv_path={self.csv_path!r}, source={self.source!r})"
 
 
+class FFHQReader(DatasetReader):
+    """FFHQ with the ffhq-features labels: ``<root>/labels.csv`` (``file,age,gender,yaw,pitch,roll,...``).
+
+    The ages and genders are a face service's *estimates*, not ground truth. A row with empty age and
+    gender (no face was found when the labels were made) stays in as an unlabelled face (age None, gender
+    -1), for training on a teacher's outputs alone; a row with only one of them empty keeps the other.
+    Head pose (degrees) goes to ``extra``. No identities: FFHQ holds one photo per Flickr image.
+    """
+
+    name = "ffhq"
+    LABELS = "labels.csv"
+
+    def _scan(self, root: Path) -> tuple[list[Sample], list[Reject]]:
+        csv_path = root / self.LABELS
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"FFHQ labels not found: {csv_path} (file,age,gender,yaw,pitch,roll,...)")
+        columns, rows = _read_csv(csv_path)
+        missing = [c for c in ("file", "age", "gender") if c not in columns]
+        if missing:
+            raise DataError(f"{csv_path}: needs the columns file, age and gender; lacks {', '.join(missing)}")
+        samples, rejects = [], []
+        for line, row in rows:
+            cell = _cell(row, columns, "file")
+            path = str(_absolute(root / cell)) if cell else f"{csv_path}:{line}"
+            try:
+                if not cell:
+                    raise _RowError("missing_file")
+                age_text = _cell(row, columns, "age")
+                age = _check_age(_number(age_text)) if age_text else None
+                gender = parse_gender(_cell(row, columns, "gender"))
+                pose = {k: _number(_cell(row, columns, k)) for k in ("yaw", "pitch", "roll") if k in columns}
+                extra = {k: v for k, v in pose.items() if v is not None}
+                samples.append(Sample(_require_file(Path(path)), age, gender, None, self.name, extra=extra))
+            except _RowError as error:
+                rejects.append(Reject(path, error.reason))
+        return samples, rejects
+
+
 _CLASS_GENDERS = {"male": MALE, "m": MALE, "female": FEMALE, "f": FEMALE}
 
 
@@ -795,6 +833,7 @@ READERS: dict[str, type[DatasetReader]] = {
         FGNetReader,
         CsvReader,
         FoldersReader,
+        FFHQReader,
     )
 }
 
