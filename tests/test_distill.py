@@ -321,7 +321,7 @@ def test_each_distilled_recipe_trains_on_a_tiny_labelled_manifest(recipe, teache
 
     text = yaml.safe_load(recipe.read_text())
     entries = []
-    for index, source in enumerate(text["data"]["sources"]):
+    for source in text["data"]["sources"]:
         rows = [(8.0 + 20 * i, i % 2) for i in range(6)] + [(float("nan"), -1)]
         manifest = _manifest(tmp_path / source["name"], source["name"], {"train": rows, "val": rows[:4]})
         label_manifest(manifest, teacher_dir, progress=False)
