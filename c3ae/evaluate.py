@@ -16,6 +16,7 @@ from c3ae.metrics import (
     gender_accuracy,
     gender_accuracy_by_band,
     gender_accuracy_by_gender,
+    gender_calibration_error,
     mae,
     mae_by_band,
 )
@@ -85,6 +86,7 @@ def metrics_from_predictions(predictions: dict) -> dict:
         "ca3": cumulative_accuracy(age_true, age_pred, 3) if has_age else None,
         "ca5": cumulative_accuracy(age_true, age_pred, 5) if has_age else None,
         "gender_accuracy": gender_accuracy(gender_true, gender_prob) if gender_prob is not None else None,
+        "gender_ece": gender_calibration_error(gender_true, gender_prob) if gender_prob is not None else None,
         "mae_by_band": mae_by_band(age_true, age_pred) if has_age else None,
         "count": int(count),
         **(

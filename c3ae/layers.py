@@ -223,9 +223,13 @@ class SoftStagewiseRegression(layers.Layer):
         lambda_d: float = 1.0,
         V: float = 101.0,
         clamp: bool = False,
+        clip_output: bool | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # clamp keeps every stage's dynamic range positive and, unless clip_output says otherwise, the
+        # output in [0, V]; a score that feeds a probability stays unclipped so its gradient never stops.
+        self.clip_output = bool(clamp) if clip_output is None else bool(clip_output)
         self.stage_num = tuple(int(s) for s in stage_num)
         if not self.stage_num or any(s < 1 for s in self.stage_num):
             raise UsageError(f"stage_num needs at least one stage and every stage >= 1, got {stage_num}.")
@@ -252,7 +256,7 @@ class SoftStagewiseRegression(layers.Layer):
             stage_sum = ops.sum((index + self.lambda_local * etas[k]) * probs[k], axis=-1, keepdims=True)
             total = total + stage_sum / denominator
         output = self.V * total
-        if self.clamp:
+        if self.clip_output:
             output = ops.minimum(ops.maximum(output, 0.0), self.V)
         return output
 
@@ -267,6 +271,7 @@ class SoftStagewiseRegression(layers.Layer):
             "lambda_d": self.lambda_d,
             "V": self.V,
             "clamp": self.clamp,
+            "clip_output": self.clip_output,
         }
 
 
@@ -353,3 +358,32 @@ class BatchToFeatures(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_crops": self.num_crops}
+
+
+@register
+class ScoreToProbability(layers.Layer):
+    """A score around ``centre`` as a probability: ``sigmoid(scale * (score - centre))``, ``scale`` trained.
+
+    SSR-Net's gender model regresses 0 (female) to 1 (male); trained with MAE, clipped to [0, 1], it says
+    exactly 0 or 1 for almost every face. This head turns the unclipped score into P(male), trained with
+    binary cross-entropy, so the probability means something and can be calibrated.
+    """
+
+    def __init__(self, centre: float = 0.5, initial_scale: float = 8.0, **kwargs):
+        super().__init__(**kwargs)
+        self.centre = float(centre)
+        self.initial_scale = float(initial_scale)
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(self.initial_scale), name="scale"
+        )
+
+    def call(self, inputs):
+        return ops.sigmoid(ops.cast(self.scale, inputs.dtype) * (inputs - self.centre))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "centre": self.centre, "initial_scale": self.initial_scale}

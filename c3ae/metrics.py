@@ -19,6 +19,8 @@ __all__ = [
     "gender_accuracy",
     "gender_accuracy_by_band",
     "gender_accuracy_by_gender",
+    "gender_calibration_error",
+    "fit_gender_temperature",
     "mae_by_band",
     "summarize",
 ]
@@ -97,6 +99,44 @@ def gender_accuracy(y_true, prob_male, threshold: float = 0.5) -> float | None:
         return None
     predicted = (probs[known] >= threshold).astype(np.float64)
     return float(np.mean(predicted == labels[known]))
+
+
+def gender_calibration_error(y_true, prob_male, bins: int = 10) -> float | None:
+    """Expected calibration error of P(male) over known-gender samples: the confidence of the predicted
+    gender (max(p, 1 - p)) in ``bins`` equal-width bins over [0.5, 1], |accuracy - confidence| per bin
+    weighted by its share of the samples. 0 is perfectly calibrated; None without known labels."""
+    labels, probs = _pair(y_true, prob_male, "gender_true", "prob_male")
+    labels = _gender_labels(labels)
+    known = labels != UNKNOWN_GENDER
+    if not known.any():
+        return None
+    probs, labels = probs[known], labels[known]
+    confidence = np.maximum(probs, 1 - probs)
+    correct = ((probs >= 0.5) == (labels == 1)).astype(np.float64)
+    index = np.minimum(((confidence - 0.5) * 2 * bins).astype(int), bins - 1)
+    error = 0.0
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            error += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(error)
+
+
+def fit_gender_temperature(y_true, prob_male) -> float:
+    """The temperature T that minimises the cross-entropy of ``sigmoid(logit(p) / T)`` on known-gender
+    samples (temperature scaling, Guo et al. 2017): T > 1 softens over-confident probabilities."""
+    labels, probs = _pair(y_true, prob_male, "gender_true", "prob_male")
+    labels = _gender_labels(labels)
+    known = labels != UNKNOWN_GENDER
+    p = np.clip(probs[known], 1e-7, 1 - 1e-7)
+    logits, y = np.log(p / (1 - p)), (labels[known] == 1).astype(np.float64)
+
+    def loss(t: float) -> float:
+        q = np.clip(1 / (1 + np.exp(-logits / t)), 1e-12, 1 - 1e-12)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+    grid = np.exp(np.linspace(np.log(0.25), np.log(16), 241))
+    return float(grid[int(np.argmin([loss(t) for t in grid]))])
 
 
 def mae_by_band(

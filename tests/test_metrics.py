@@ -122,3 +122,20 @@ def test_gender_accuracy_by_band_by_hand():
     assert bands["60+"] == {"accuracy": 0.0, "count": 1}
     with pytest.raises(ValueError, match="age_true has 1 values"):
         gender_accuracy_by_band([3], labels, probs)
+
+
+def test_gender_calibration_error_and_temperature():
+    from c3ae.metrics import fit_gender_temperature, gender_calibration_error
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, 20000)
+    labels = (rng.random(20000) < 1 / (1 + np.exp(-logits))).astype(float)  # calibrated by construction
+    calibrated = 1 / (1 + np.exp(-logits))
+    assert gender_calibration_error(labels, calibrated) < 0.02
+    overconfident = 1 / (1 + np.exp(-3 * logits))
+    assert gender_calibration_error(labels, overconfident) > 0.08
+    assert fit_gender_temperature(labels, overconfident) == pytest.approx(3.0, rel=0.1)
+    assert fit_gender_temperature(labels, calibrated) == pytest.approx(1.0, rel=0.1)
+    # by hand: two known faces at confidence 0.9, one right and one wrong; the unknown one is ignored
+    assert gender_calibration_error([1, 1, UNKNOWN_GENDER], [0.9, 0.1, 0.5]) == pytest.approx(0.4)
+    assert gender_calibration_error([UNKNOWN_GENDER], [0.3]) is None

@@ -153,6 +153,30 @@ def test_asia(tmp_path):
     assert reasons(rejects) == {"00002A200.jpg": "age_out_of_range", "face.jpg": "unparsable_name"}
 
 
+def test_ffhq(tmp_path):
+    touch(tmp_path, "00000.jpg", "00003.jpg", "00009.jpg", "00011.jpg")
+    (tmp_path / "labels.csv").write_text(
+        "file,age,gender,yaw,pitch,roll,glasses,faces_found\n"
+        "00000.jpg,0.0,female,15.3,5.4,1.5,NoGlasses,1\n"
+        "00003.jpg,,,,,,,0\n"  # no face found when the labels were made: an unlabelled face
+        "00009.jpg,26.0,male,25.8,11.6,1.5,ReadingGlasses,1\n"
+        "00010.jpg,30.0,male,0,0,0,NoGlasses,1\n"  # not on disk
+        "00011.jpg,231.0,male,0,0,0,NoGlasses,1\n"
+    )
+    samples, rejects = scan_dataset("ffhq", tmp_path)
+    check_sorted(samples, rejects)
+    found = by_name(samples)
+    assert found["00000.jpg"] == Sample(
+        str(tmp_path / "00000.jpg"), 0.0, FEMALE, None, "ffhq", extra={"yaw": 15.3, "pitch": 5.4, "roll": 1.5}
+    )
+    assert found["00003.jpg"].age is None and found["00003.jpg"].gender == -1
+    assert found["00009.jpg"].gender == MALE and found["00009.jpg"].age == 26.0
+    assert reasons(rejects) == {"00010.jpg": "missing_file", "00011.jpg": "age_out_of_range"}
+    (tmp_path / "labels.csv").write_text("file,gender\n00000.jpg,male\n")
+    with pytest.raises(ValueError, match="needs the columns file, age and gender; lacks age"):
+        scan_dataset("ffhq", tmp_path)
+
+
 def test_afad(tmp_path):
     touch(tmp_path, "15/111/a.jpg", "15/112/b.jpg", "72/111/c.jpeg", "20/113/d.jpg", "misc/e.jpg", "f.jpg")
     touch(tmp_path, "x/111/g.jpg", "15/111/readme.txt")
@@ -559,6 +583,7 @@ def test_registry():
         "fgnet",
         "csv",
         "folders",
+        "ffhq",
     }
     assert all(cls.name == key for key, cls in READERS.items())
     assert get_reader("APPA-REAL", target="apparent").target == "apparent"

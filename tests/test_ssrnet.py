@@ -87,3 +87,33 @@ def test_tflite_builtin_ops_and_numerics(V):
 def test_rejects_impossible_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_ssrnet(**kwargs)
+
+
+def test_gender_probability_head_gives_probabilities_trained_with_cross_entropy():
+    """The original gender model (MAE on a clipped output) says 0 or 1; with gender_probability its
+    unclipped score goes through a trained sigmoid, and the family's loss is cross-entropy."""
+    from c3ae.config import LossConfig
+    from c3ae.layers import ScoreToProbability
+    from c3ae.models.ssrnet import SPEC
+
+    model = build_ssrnet(V=1, p_activation="softmax", clamp_output=True, gender_probability=True)
+    assert model.output_names == ["gender"] and model.count_params() == 40_916
+    assert isinstance(model.get_layer("gender"), ScoreToProbability)
+    assert not model.get_layer("gender_score").clip_output and model.get_layer("gender_score").clamp
+    score = keras.Model(model.input, model.get_layer("gender_score").output)
+    inputs = random_inputs(model, batch=8)
+    raw, p = np.asarray(score(inputs["image"])).ravel(), predict(model, inputs)["gender"].ravel()
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-8.0 * (raw - 0.5))), rtol=1e-5)
+    losses, _ = SPEC.losses(model, LossConfig())
+    assert isinstance(losses["gender"], keras.losses.BinaryCrossentropy)
+    plain, _ = SPEC.losses(build_ssrnet(V=1), LossConfig())
+    assert isinstance(plain["gender"], keras.losses.MeanAbsoluteError)
+    with pytest.raises(ValueError, match="gender_probability needs V = 1"):
+        build_ssrnet(gender_probability=True)
+
+
+@pytest.mark.slow
+def test_gender_probability_round_trips_and_converts(tmp_path):
+    model = build_ssrnet(V=1, p_activation="softmax", clamp_output=True, gender_probability=True)
+    assert_keras_round_trip(model, tmp_path)
+    assert "LOGISTIC" in assert_tflite_builtin_and_close(model, rtol=1e-3, atol=1e-4)

@@ -13,7 +13,7 @@ import keras
 from keras import layers
 
 from c3ae.errors import UsageError
-from c3ae.layers import OUTPUT_DTYPE, SoftStagewiseRegression
+from c3ae.layers import OUTPUT_DTYPE, ScoreToProbability, SoftStagewiseRegression
 from c3ae.models.c3ae import smallest_input
 from c3ae.models.spec import FamilySpec, standard_target
 
@@ -59,6 +59,7 @@ def ssrnet_graph(
     clamp_output: bool = False,
     mix_activation: str = "relu",
     dropout: float = 0.2,
+    gender_probability: bool = False,
     output_name: str | None = None,
     name: str = "ssrnet",
 ) -> keras.Model:
@@ -74,6 +75,9 @@ def ssrnet_graph(
             ``*_feat``): ``"relu"`` (official) or ``"leaky_relu"`` (slope 0.2). Those layers have only 3-6
             units and ReLU kills them: the authors' IMDB age weights output the same ``p`` and ``eta`` for
             every face in all three stages, and retraining from them killed stage 2 again within 2 epochs.
+        gender_probability: (V = 1) turn the unclipped score into P(male) with a trained sigmoid
+            (:class:`~c3ae.layers.ScoreToProbability`), trained with cross-entropy; the original (False) is
+            trained with MAE and its clipped output is 0 or 1 for almost every face.
         output_name: defaults to ``"gender"`` when V == 1, else ``"age"``.
     """
     stage_num = tuple(int(s) for s in stage_num)
@@ -93,6 +97,8 @@ def ssrnet_graph(
             f"use at least {smallest_input(_smallest_feature)} (64 in the paper)."
         )
     output_name = output_name or ("gender" if V == 1 else "age")
+    if gender_probability and V != 1:
+        raise UsageError("gender_probability needs V = 1 (the gender model).")
 
     image = keras.Input(shape=(input_size, input_size, 3), name="image")
     x4, x1, x2 = _stream(image, "x", 32, "relu", layers.AveragePooling2D)
@@ -120,9 +126,19 @@ def ssrnet_graph(
         probs.append(layers.Dense(size, activation=p_activation, name=f"{tag}_p")(fused))
         etas.append(layers.Dense(size, activation="tanh", name=f"{tag}_eta")(fused))
 
-    output = SoftStagewiseRegression(
-        stage_num, lambda_local, lambda_d, V, clamp=clamp_output, dtype=OUTPUT_DTYPE, name=output_name
-    )(probs + etas + deltas)
+    regression = SoftStagewiseRegression(
+        stage_num,
+        lambda_local,
+        lambda_d,
+        V,
+        clamp=clamp_output,
+        clip_output=False if gender_probability else None,
+        dtype=OUTPUT_DTYPE,
+        name=f"{output_name}_score" if gender_probability else output_name,
+    )
+    output = regression(probs + etas + deltas)
+    if gender_probability:
+        output = ScoreToProbability(dtype=OUTPUT_DTYPE, name=output_name)(output)
     return keras.Model(image, {output_name: output}, name=name)
 
 
@@ -136,8 +152,10 @@ def build_ssrnet(*args, **options) -> keras.Model:
 def _losses(model, loss_config, train_ages=None) -> tuple[dict, dict]:
     from c3ae import losses
 
-    # The original trains its V = 1 gender output with MAE (unknown labels weigh 0, as for the BCE).
-    special = {"gender": keras.losses.MeanAbsoluteError}
+    # The original trains its V = 1 gender output with MAE (unknown labels weigh 0, as for the BCE); with
+    # gender_probability the output is P(male), trained with the standard cross-entropy.
+    probability = any(isinstance(layer, ScoreToProbability) for layer in model.layers)
+    special = {} if probability else {"gender": keras.losses.MeanAbsoluteError}
     return losses.losses_by_output(model.output_names, loss_config, "ssrnet", special)
 
 
