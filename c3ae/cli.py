@@ -257,10 +257,9 @@ def _named_sources(values: list[str]) -> list[tuple[str, str]]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
-    import json
 
     from c3ae.bundled import ModelNotFoundError, load_model, trained_context
-    from c3ae.evaluate import evaluate, evaluate_sources, write_report
+    from c3ae.evaluate import evaluate, evaluate_sources
 
     sources = _named_sources(args.data)
     inputs = [p for p in (args.model, *(path for _, path in sources)) if Path(p).exists()]
@@ -269,6 +268,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for option, value in (("--json", args.json), ("--report", args.report)):
         if value and not Path(value).resolve().parent.is_dir():
             raise UserError(f"{option} {value}: the folder {Path(value).parent} does not exist.")
+    if args.model == TEACHER_MODEL:
+        metrics, reports = _teacher_metrics(sources, args.split)
+        return _write_evaluation(args, metrics, reports)
     try:
         model = load_model(args.model)
     except ModelNotFoundError as error:
@@ -284,6 +286,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             reports = {name: (metrics["sources"][name], predictions[name]) for name, _ in sources}
     except (C3AEError, FileNotFoundError) as error:
         raise UserError(str(error)) from error
+    return _write_evaluation(args, metrics, reports)
+
+
+TEACHER_MODEL = "teacher"  # `c3ae evaluate teacher`: the teacher's stored labels (c3ae label), not a model
+
+
+def _teacher_metrics(sources: list, split: str) -> tuple[dict, dict]:
+    """Metrics of the teacher outputs that ``c3ae label`` stored in each source, as a model's."""
+    from c3ae.evaluate import mean_over_sources, metrics_from_predictions
+    from c3ae.label import teacher_predictions
+
+    try:
+        predictions = {name: teacher_predictions(path, split) for name, path in sources}
+    except (C3AEError, FileNotFoundError) as error:
+        raise UserError(str(error)) from error
+    per_source = {name: metrics_from_predictions(p) for name, p in predictions.items()}
+    if len(sources) == 1:
+        ((name, _),) = sources
+        return per_source[name], {"": (per_source[name], predictions[name])}
+    metrics = {"sources": per_source, "mean": mean_over_sources(per_source)}
+    return metrics, {name: (per_source[name], predictions[name]) for name, _ in sources}
+
+
+def _write_evaluation(args: argparse.Namespace, metrics: dict, reports: dict) -> int:
+    import json
+
+    from c3ae.evaluate import write_report
+
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:
@@ -765,7 +795,11 @@ def _add_evaluate(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="MAE, CA(3), CA(5), gender accuracy and MAE per age band on a split"
     )
-    evaluate.add_argument("model", help="a .keras file or a bundled model's name")
+    evaluate.add_argument(
+        "model",
+        help="a .keras file or a bundled model's name; 'teacher' reads the teacher outputs that 'c3ae label' "
+        "stored in the manifests",
+    )
     evaluate.add_argument(
         "--data",
         required=True,

@@ -426,3 +426,35 @@ def test_training_gender_accuracy_reads_soft_labels_as_their_side_of_one_half():
     metric = MaskedBinaryAccuracy()
     metric.update_state(np.array([1, 0, -1, 0.9, 0.2]), np.array([0.8, 0.3, 0.9, 0.7, 0.6]))
     assert float(metric.result()) == pytest.approx(3 / 4)  # the -1 is skipped, 0.2 vs 0.6 is a miss
+
+
+def test_evaluate_teacher_reports_the_stored_teacher_answers_per_source(teacher_dir, tiny, tmp_path, capsys):
+    from c3ae.cli import main
+
+    label_manifest(tiny, teacher_dir, progress=False)
+    other = _manifest(tmp_path / "other", "other", {"val": [(40.0, 1), (12.0, 0)]})
+    label_manifest(other, teacher_dir, progress=False)
+    out = tmp_path / "teacher.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "teacher",
+                "--data",
+                f"a={tiny}",
+                "--data",
+                f"b={other}",
+                "--split",
+                "val",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads(out.read_text())
+    assert set(metrics["sources"]) == {"a", "b"} and metrics["sources"]["a"]["count"] == 3
+    assert 0 <= metrics["sources"]["b"]["gender_accuracy"] <= 1 and metrics["mean"]["mae"] > 0
+    unlabelled = _manifest(tmp_path / "plain", "plain", {"val": [(40.0, 1)]})
+    assert main(["evaluate", "teacher", "--data", str(unlabelled), "--split", "val"]) == 2
+    assert "has no teacher labels; run `c3ae label" in capsys.readouterr().err

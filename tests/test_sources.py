@@ -18,7 +18,8 @@ from c3ae.preprocessing.shards import write_shard
 from c3ae.train import TrainingError, train, train_stages
 
 SPEC = ChipSpec()
-RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+# the distilled recipes need teacher labels: tests/test_distill.py trains them on labelled manifests
+RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if "data:\n  teacher:" not in p.read_text())
 
 
 def _faces() -> list:
