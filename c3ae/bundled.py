@@ -211,6 +211,28 @@ def _license(datasets: list[str], lineage: list[dict]) -> str:
     return " ".join(notes) + _initial_weights_note(lineage)
 
 
+def _teacher_card(config: dict, sources: list, split: str) -> dict | None:
+    """A distilled run's teacher for its card: name, package, files (sha256) and its metrics on ``split``
+    of every source it labelled (``c3ae label``), laid out like the model's; None without a teacher."""
+    from c3ae.evaluate import mean_over_sources, metrics_from_predictions
+    from c3ae.label import teacher_predictions
+
+    name = (config.get("data") or {}).get("teacher")
+    labelled = [(n, info) for n, info, _ in sources if (info.get("teacher") or {}).get("name") == name]
+    if not name or not labelled:
+        return None
+    block = labelled[0][1]["teacher"]
+    per_source = {n: metrics_from_predictions(teacher_predictions(info, split)) for n, info in labelled}
+    metrics = {"sources": per_source, "mean": mean_over_sources(per_source)} if len(sources) > 1 else None
+    return {
+        "name": name,
+        "package": block.get("package"),
+        "files": block.get("files"),
+        "flip": block.get("flip"),
+        "metrics": {split: metrics or next(iter(per_source.values()))},
+    }
+
+
 def publish(
     run_dir: str | Path,
     name: str,
@@ -251,6 +273,7 @@ def publish(
         pairs = [(n, info) for n, info, _ in sources]
         metrics, _ = evaluate_sources(model, pairs, split, context=context, flip=flip)
     metrics = {**metrics, "evaluation": {"context": context, "flip": bool(flip)}}
+    teacher = _teacher_card(config, sources, split)
     info = sources[0][1]
     preprocessing = json.loads(json.dumps(info.get("face_pipeline", {})))
     preprocessing.setdefault("chip", {})["context"] = context
@@ -277,6 +300,7 @@ def publish(
             "stages": lineage,
         },
         license=_license([str(i.get("dataset", "")) for _, i, _ in sources], lineage),
+        teacher=teacher,
     )
     card = ModelCard.from_json(without_machine_paths(card.to_dict()))
     WEIGHTS_DIR.mkdir(exist_ok=True)

@@ -169,6 +169,9 @@ class ModelCard(Record):
     recipe: dict[str, str] | None = None
     training: dict[str, Any]
     license: str
+    # a distilled model's teacher: {"name", "package", "files": {file: sha256}, "metrics": {split: ...}},
+    # its metrics laid out as ``metrics`` (per source and their mean) on the same faces
+    teacher: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -38,6 +38,7 @@ def test_metrics_on_hand_made_predictions():
         "count",
         "gender_accuracy_by_band",
         "gender_accuracy_by_gender",
+        "gender_ece",
     }
     assert sum(band["count"] for band in metrics["gender_accuracy_by_band"].values()) == 5  # known labels
     # women: 0.2 right, 0.6 wrong; men: 0.9 right, 0.4 wrong, 0.5 right (>= 0.5 is male)

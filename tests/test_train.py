@@ -178,6 +178,7 @@ def test_publish_bundles_the_best_model_with_its_card(tiny_manifest, tmp_path, m
     assert set(card["metrics"]["val"]) == {
         *("mae", "ca3", "ca5", "gender_accuracy", "mae_by_band", "count", "gender_accuracy_by_band"),
         "gender_accuracy_by_gender",
+        "gender_ece",
         "evaluation",
     }
     assert card["metrics"]["val"]["evaluation"] == {"context": 0.0, "flip": True}  # as the estimator runs
