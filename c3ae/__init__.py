@@ -5,6 +5,10 @@ Heavy modules (Keras, TensorFlow) load on first use, so ``import c3ae`` and ``c3
 """
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
 
 from c3ae._version import __version__
 from c3ae.conventions import CHANNEL_ORDER, PIXEL_RANGE
@@ -41,6 +45,36 @@ _LAZY_SUBMODULES = {
     "train",
     "video",
 }
+
+
+# In a source checkout, c3ae.export and c3ae.preprocessing live beside this folder (setup.py maps export/ and
+# preprocessing/ into the package when it installs). Python started in the repository's root imports this
+# folder ahead of any installed c3ae, so a finder maps those two names to their folders here, as the install
+# does; an installed package has no such folders beside it and is left alone.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+_CHECKOUT_PACKAGES = {
+    f"c3ae.{name}": _CHECKOUT / name
+    for name in ("export", "preprocessing")
+    if (_CHECKOUT / "setup.py").is_file()
+    and (_CHECKOUT / name / "__init__.py").is_file()
+    and not (Path(__file__).parent / name).exists()
+}
+
+
+class _CheckoutFinder(importlib.abc.MetaPathFinder):
+    """``c3ae.export`` and ``c3ae.preprocessing`` from the checkout's ``export/`` and ``preprocessing/``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        folder = _CHECKOUT_PACKAGES.get(fullname)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+
+
+if _CHECKOUT_PACKAGES and not any(isinstance(f, _CheckoutFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _CheckoutFinder())
 
 
 def __getattr__(name: str):

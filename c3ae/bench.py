@@ -207,6 +207,23 @@ def _is_artifact(model) -> bool:
     return isinstance(model, (str, Path)) and path.suffix.lower() in (".tflite", ".onnx") and path.is_file()
 
 
+def _shipped_artifacts(model, backends: Sequence[str], quants: Sequence[str]) -> list[Path] | None:
+    """A bundled model's shipped ``.tflite`` / ``.onnx`` files, when they are all the bench needs: no Keras
+    backend, and fp32 only or no Keras installed (the runtime install, which times the shipped fp32 files and
+    cannot convert to other quantisations); None otherwise."""
+    import importlib.util
+
+    from c3ae.bundled import WEIGHTS_DIR, available_models
+
+    if not isinstance(model, str) or model not in available_models() or "keras" in backends:
+        return None
+    if set(quants) - {"none"} and importlib.util.find_spec("keras") is not None:
+        return None
+    suffixes = {"tflite": ".tflite", "onnx": ".onnx"}
+    files = [WEIGHTS_DIR / f"{model}{suffixes[b]}" for b in backends if b in suffixes]
+    return files if files and all(f.is_file() for f in files) else None
+
+
 def _keras_model_for_bench(model):
     """(keras model or None, label): a bundled name, a .keras file, a registered variant (untrained)."""
     path = Path(str(model))
@@ -274,6 +291,7 @@ def bench_models(
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise UsageError(f"Unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}.")
+    models = [a for m in models for a in (_shipped_artifacts(m, backends, quants) or [m])]
     if not all(_is_artifact(model) for model in models):  # conversions ahead: they need TensorFlow
         from c3ae.export.tflite import QUANT_TYPES
 

@@ -67,28 +67,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     ]
     _print_table(("model", "family", "inputs", "outputs", "params", "description"), rows)
     from c3ae.bundled import available_models, model_card
+    from c3ae.docs_tables import ordered_sources, per_source
 
+    # one column pair per source, so that models trained on one source and on several compare on the same
+    # test split (a mean over two sources beside one source's MAE would mislead)
+    cards = {name: model_card(name).to_dict() for name in available_models()}
+    metrics = {name: per_source(card) for name, card in cards.items()}
+    sources = ordered_sources({source for values in metrics.values() for source in values})
     bundled = []
-    for name in available_models():
-        card = model_card(name)
-        test = card.headline("test")  # several sources: their mean
-        mae, accuracy = test.get("mae"), test.get("gender_accuracy")
-        bundled.append(
-            (
-                name,
-                card.family or "",
-                f"{card.parameters:,}",
+    for name, card in cards.items():
+        cells = []
+        for source in sources:
+            values = metrics[name].get(source) or {}
+            mae, accuracy = values.get("mae"), values.get("gender_accuracy")
+            cells += [
                 f"{mae:.2f}" if mae is not None else "-",
                 f"{accuracy:.3f}" if accuracy is not None else "-",
-                card.trained_on,
-            )
-        )
+            ]
+        bundled.append((name, card.get("family") or "", f"{card.get('parameters', 0):,}", *cells))
     if bundled:
         print(
-            "\nbundled pretrained models (offline; metrics on their test split, the mean over sources for "
-            "several, from the model cards):"
+            "\nbundled pretrained models (offline; test MAE and gender accuracy per source, from the model "
+            "cards):"
         )
-        _print_table(("name", "family", "params", "test MAE", "gender acc", "trained on"), bundled)
+        header = [column for source in sources for column in (f"{source} MAE", f"{source} gender")]
+        _print_table(("name", "family", "params", *header), bundled)
     return 0
 
 
@@ -700,9 +703,15 @@ def _positive_int(text: str) -> int:
 
 
 def _asset(name: str):
+    """A bundled photo: ``c3ae/assets/`` in an installed package (the wheel ships them there), ``assets/``
+    in a source checkout."""
     from pathlib import Path
 
-    return Path(__file__).resolve().parents[1] / "assets" / name
+    here = Path(__file__).resolve().parent
+    for folder in (here / "assets", here.parent / "assets"):
+        if (folder / name).is_file():
+            return folder / name
+    return here / "assets" / name
 
 
 def _add_models(commands) -> None:
@@ -980,7 +989,7 @@ def _add_bench(commands) -> None:
         help="the inference targets: whole-process predict, 640x360 detection, 12 MP photo, video, install",
     )
     runtime.add_argument(
-        "--photo", default=str(_asset("obama.jpg")), help="photo for predict (default: assets/obama.jpg)"
+        "--photo", default=str(_asset("obama.jpg")), help="photo for predict (default: the bundled obama.jpg)"
     )
     runtime.add_argument(
         "--video", help="clip for the video rows (e.g. ../shared/media/short_hamilton_clip.mp4)"

@@ -73,6 +73,55 @@ def build_wheel(source: Path, out_dir: Path) -> Path:
     return wheel
 
 
+# not copied to build the wheel: version control, environments, build outputs, data, training runs
+SOURCE_IGNORE = (
+    ".git",
+    ".venv*",
+    ".ci-venv",
+    "build",
+    "dist",
+    "site",
+    "*.egg-info",
+    "__pycache__",
+    "prep",
+    "runs",
+    "logs",
+    "teacher",
+)
+
+
+def clean_environment() -> dict:
+    """This process's environment less Python's and the virtualenv's variables and the TensorFlow log level:
+    a child sees what a user's shell would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the inference path must be quiet without it
+    return env
+
+
+@pytest.fixture(scope="session")
+def runtime_venv(tmp_path_factory) -> Path:
+    """A fresh venv with the built wheel installed as `pip install c3ae` would (runtime dependencies only);
+    one per session, shared by tests/test_runtime_install.py and the runtime blocks of tests/test_docs.py."""
+    import shutil
+    import subprocess
+    import sys
+
+    def run(command, timeout=600):
+        return subprocess.run(
+            command, cwd=root, capture_output=True, text=True, timeout=timeout, env=clean_environment()
+        )
+
+    root = tmp_path_factory.mktemp("runtime")
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
+    wheel = build_wheel(source, root)
+    venv = root / "venv"
+    assert run([sys.executable, "-m", "venv", str(venv)]).returncode == 0
+    installed = run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], timeout=900)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    return venv
+
+
 @pytest.fixture(scope="session")
 def legacy_weights() -> Path:
     if not LEGACY_WEIGHTS.is_dir():

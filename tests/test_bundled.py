@@ -160,11 +160,20 @@ def test_models_command_lists_the_bundled_models(capsys):
 
     assert main(["models"]) == 0
     listing = capsys.readouterr().out.split("bundled pretrained models", 1)[1]
+    from c3ae.docs_tables import ordered_sources, per_source
+
+    # one MAE and gender column per source, never one model's mean over sources beside another's single
+    # source (issue 20, point 8)
+    metrics = {name: per_source(model_card(name).to_dict()) for name in BUNDLED}
+    sources = ordered_sources({source for values in metrics.values() for source in values})
+    assert [f"{source} MAE" in listing.splitlines()[1] for source in sources] == [True] * len(sources)
     for name in BUNDLED:
-        headline = model_card(name).headline()
-        assert name in listing
-        if headline.get("mae") is not None:
-            assert f"{headline['mae']:.2f}" in listing
+        (row,) = [line.split() for line in listing.splitlines() if line.split()[:1] == [name]]
+        for i, source in enumerate(sources):
+            values = metrics[name].get(source) or {}
+            mae, accuracy = values.get("mae"), values.get("gender_accuracy")
+            assert row[3 + 2 * i] == (f"{mae:.2f}" if mae is not None else "-"), (name, source)
+            assert row[4 + 2 * i] == (f"{accuracy:.3f}" if accuracy is not None else "-"), (name, source)
 
 
 @pytest.mark.parametrize("name", slow_except(BUNDLED, {BUNDLED[0]}))

@@ -15,25 +15,20 @@ from pathlib import Path
 
 import cv2
 import pytest
-from conftest import REPO, build_wheel, face_clip
+from conftest import REPO, SOURCE_IGNORE, clean_environment, face_clip  # noqa: F401 (SOURCE_IGNORE: re-exported)
 
 pytestmark = pytest.mark.slow  # trains, converts or installs: `pytest -m 'not slow'` skips it
 
 OBAMA = REPO / "assets" / "obama.jpg"
 HEAVY = ("tensorflow", "keras", "pandas", "pyarrow", "tf2onnx", "onnx", "onnxruntime", "mtcnn", "absl")
 STARTUP_NOISE = ("tensorflow", "absl", "All log messages before", "cpu_feature_guard", "XNNPACK delegate")
-# not copied to build the wheel: version control, environments, build outputs, data, training runs
-SOURCE_IGNORE = (".git", ".venv*", ".ci-venv", "build", "dist", "*.egg-info", "__pycache__", "prep", "runs")
 
 
 def make_clip(path: Path, frames: int = 24) -> Path:
     return face_clip(path, frames, size=(640, 360), fps=24.0)
 
 
-def _environment() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the inference path must be quiet without it
-    return env
+_environment = clean_environment  # what a user's shell would pass (the runtime venv's fixture uses it too)
 
 
 def test_the_inference_path_imports_no_tensorflow_and_prints_no_startup_lines(tmp_path):
@@ -61,20 +56,6 @@ def _run(command: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     return subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_environment()
     )
-
-
-@pytest.fixture(scope="module")
-def runtime_venv(tmp_path_factory) -> Path:
-    """A fresh venv with the built wheel installed as `pip install c3ae` would (runtime dependencies only)."""
-    root = tmp_path_factory.mktemp("runtime")
-    source = root / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
-    wheel = build_wheel(source, root)
-    venv = root / "venv"
-    assert _run([sys.executable, "-m", "venv", str(venv)], cwd=root).returncode == 0
-    installed = _run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], cwd=root, timeout=900)
-    assert installed.returncode == 0, installed.stderr[-3000:]
-    return venv
 
 
 def test_the_runtime_wheel_has_no_tensorflow(runtime_venv, tmp_path):
@@ -211,3 +192,25 @@ def test_the_wheel_exports_without_the_repository(runtime_venv, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0].startswith(str(unpacked))  # the wheel's c3ae, not the repository's
     assert (tmp_path / "m.tflite").stat().st_size > 10_000
+
+
+def test_the_runtime_wheel_finds_its_bundled_photo_for_bench_runtime(runtime_venv, tmp_path):
+    """`c3ae bench runtime` without --photo times predict on the photo the wheel ships as c3ae/assets (issue
+    20, point 2: it looked for site-packages/assets/obama.jpg)."""
+    code = "from c3ae.cli import _asset; print(_asset('obama.jpg'))"
+    result = _run([str(runtime_venv / "bin" / "python"), "-c", code], cwd=tmp_path)
+    photo = Path(result.stdout.strip())
+    assert result.returncode == 0 and photo.is_file(), result.stderr
+    assert photo.parent.name == "assets" and photo.parent.parent.name == "c3ae"
+    help_text = _run([str(runtime_venv / "bin" / "c3ae"), "bench", "runtime", "--help"], cwd=tmp_path)
+    assert "the bundled obama.jpg" in help_text.stdout
+
+
+def test_the_runtime_wheel_benches_a_bundled_model_by_name_on_its_shipped_tflite(runtime_venv, tmp_path):
+    """`c3ae bench models NAME --backends tflite` in the runtime install times the shipped .tflite (issue 20,
+    point 4: it needed the train extra to convert)."""
+    command = [str(runtime_venv / "bin" / "c3ae"), "bench", "models", "c3ae-utk-aaf", "--backends", "tflite"]
+    result = _run([*command, "--runs", "3", "--batch", "1", "--threads", "1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "c3ae-utk-aaf.tflite" in line]
+    assert len(rows) == 1 and "| none |" in rows[0], result.stdout
