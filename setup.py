@@ -28,7 +28,9 @@ def read_requirements() -> dict[str, list[str]]:
 
 REQUIREMENTS = read_requirements()
 # build and twine: tests/test_package.py builds the sdist and wheel and checks them as PyPI would
+# docs: tests/test_docs.py builds the site with mkdocs build --strict
 TEST = ["pytest>=8", "hypothesis>=6", "ruff", "build>=1", "twine>=5", *REQUIREMENTS["train"]]
+TEST += REQUIREMENTS["docs"]
 
 
 setup(
@@ -59,6 +61,7 @@ setup(
         "onnx": REQUIREMENTS["onnx"],
         "train": REQUIREMENTS["train"],
         "test": TEST,
+        "docs": REQUIREMENTS["docs"],
         "coreml": ["coremltools>=9,<10"],
         # The CUDA build replaces tensorflow-cpu: `pip install c3ae[gpu]` then `pip uninstall tensorflow-cpu`.
         "gpu": [*REQUIREMENTS["train"], "tensorflow[and-cuda]>=2.21,<3"],

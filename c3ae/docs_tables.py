@@ -210,7 +210,7 @@ def sources_table(cards: Mapping[str, Mapping], only: Iterable[str] | None = Non
 
 def accuracy_table(cards: Mapping[str, Mapping], peers: list[dict]) -> str:
     """One row per model, teacher and peer: MAE and gender accuracy per source (test splits) and the mean."""
-    groups = model_groups(cards)
+    groups = sorted(model_groups(cards), key=lambda group: group[0] != _default_model())  # default first
     all_sources = {s for card in cards.values() for s in per_source(card)}
     all_sources |= {s for _, t in teachers(cards).values() for s in per_source(t)}
     all_sources |= {s for p in peers for s in p.get("sources", {})}
@@ -248,7 +248,9 @@ def accuracy_table(cards: Mapping[str, Mapping], peers: list[dict]) -> str:
         label = f"teacher: {teacher_name}"
         rows.append(row(label, teacher.get("parameters"), metrics, mean_metrics(teacher)))
     for peer in peers:
-        rows.append(row(peer["name"], peer.get("parameters"), peer.get("sources", {}), None))
+        rows.append(
+            row(f"{peer['name']}, authors' weights", peer.get("parameters"), peer.get("sources", {}), None)
+        )
     return _table(header, align, rows)
 
 
@@ -320,11 +322,13 @@ def card_section(name: str, card: Mapping, cards: Mapping[str, Mapping]) -> str:
         )
     evaluation = ((card.get("metrics") or {}).get("test") or {}).get("evaluation")
     if evaluation:
-        lines.append(
-            "- **Evaluated** "
-            + ", ".join(f"{k} {json.dumps(v)}" for k, v in evaluation.items())
-            + " (as the estimator runs it)."
+        settings = ", ".join(f"{k} {json.dumps(v)}" for k, v in evaluation.items() if k != "note")
+        note = (
+            f" {evaluation['note'][:1].upper()}{evaluation['note'][1:].rstrip('.')}."
+            if evaluation.get("note")
+            else ""
         )
+        lines.append(f"- **Evaluated** {settings} (as the estimator runs it).{note}")
     best = (card.get("metrics") or {}).get("best_validation") or {}
     if best:
         lines.append(
