@@ -18,6 +18,7 @@ array([[x1, y1, x2, y2, score, lx1..lx5, ly1..ly5], ...])
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import cv2
 import numpy as np
 
 from c3ae.errors import BrokenFileError, UsageError
-from c3ae.litert import quiet_first_delegate
+from c3ae.litert import abandon, quiet_first_delegate, rebuild_after_fork
 
 DETECTOR_DIR = Path(__file__).parent / "weights" / "mtcnn"
 NETWORK_FILES = {name: f"{name}.tflite" for name in ("pnet", "rnet", "onet")}
@@ -60,18 +61,30 @@ def pyramid_scales(width: int, height: int, min_face: float = MIN_FACE) -> np.nd
 
 
 _RESAMPLERS = None
+_RESAMPLERS_LOCK = threading.Lock()
 
 
 def _resampler():
-    """Threads for the pyramid's resampling: OpenCV's area resize runs on one core, and releases the GIL."""
+    """Threads for the pyramid's resampling: OpenCV's area resize runs on one core, and releases the GIL.
+    One pool per process: a forked child makes its own (the parent's threads are not in the child)."""
     global _RESAMPLERS
-    if _RESAMPLERS is None:
-        from concurrent.futures import ThreadPoolExecutor
+    with _RESAMPLERS_LOCK:
+        if _RESAMPLERS is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        _RESAMPLERS = ThreadPoolExecutor(
-            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="c3ae-pyramid"
-        )
-    return _RESAMPLERS
+            _RESAMPLERS = ThreadPoolExecutor(
+                max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="c3ae-pyramid"
+            )
+        return _RESAMPLERS
+
+
+def _forget_resamplers() -> None:
+    global _RESAMPLERS, _RESAMPLERS_LOCK
+    _RESAMPLERS, _RESAMPLERS_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_resamplers)
 
 
 def pyramid(image: np.ndarray, scales: np.ndarray):
@@ -178,7 +191,8 @@ def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarr
 
 
 class _Network:
-    """One LiteRT network; interpreters kept per input shape (least recently used dropped)."""
+    """One LiteRT network; interpreters kept per input shape (least recently used dropped). Calls from
+    several threads take turns (one lock per network); a forked child builds its own interpreters."""
 
     def __init__(self, path: Path, threads: int | None, cache: int = INTERPRETER_CACHE):
         from ai_edge_litert.interpreter import Interpreter
@@ -200,6 +214,14 @@ class _Network:
         self._threads = threads
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._limit = cache
+        self._lock = threading.Lock()
+        rebuild_after_fork(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a new lock, and the parent's interpreters set aside for fresh ones."""
+        self._lock = threading.Lock()
+        abandon(*self._cache.values())
+        self._cache = OrderedDict()
 
     def _interpreter(self, shape: tuple):
         interpreter = self._cache.get(shape)
@@ -217,10 +239,11 @@ class _Network:
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        interpreter = self._interpreter(batch.shape)
-        interpreter.set_tensor(self._input, batch)
-        interpreter.invoke()
-        return {name: interpreter.get_tensor(index) for name, index in self._outputs.items()}
+        with self._lock:
+            interpreter = self._interpreter(batch.shape)
+            interpreter.set_tensor(self._input, batch)
+            interpreter.invoke()
+            return {name: interpreter.get_tensor(index) for name, index in self._outputs.items()}
 
 
 # Pyramid levels above 512 x 512 pixels run P-Net on tiles of at most 257 x 257: a few interpreter shapes

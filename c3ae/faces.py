@@ -33,6 +33,7 @@ import numpy as np
 
 from c3ae.detector import DEFAULT_MAX_SIDE
 from c3ae.errors import C3AEError, UsageError
+from c3ae.litert import rebuild_after_fork, stderr_lock
 from c3ae.models.spec import CROP_LAYOUTS, TRIPLE
 
 EXIF_ORIENTATION = 0x0112
@@ -138,7 +139,6 @@ _CORRUPT_JPEG = re.compile(
     r"Corrupt JPEG data: (premature end of data segment|bad Huffman code|bad arithmetic code|found marker)"
     r"|Premature end of JPEG file"
 )
-_STDERR_LOCK = threading.Lock()
 _CAPTURE: dict[int, object] = {}  # process id -> the temporary file libjpeg's stderr goes to
 
 
@@ -150,7 +150,7 @@ def _imdecode_jpeg(data: bytes) -> tuple[np.ndarray | None, str | None]:
     was written there meanwhile is passed on.
     """
     buffer = np.frombuffer(data, np.uint8)
-    with _STDERR_LOCK:
+    with stderr_lock():  # shared with c3ae.litert: fd 2 is the process's; a fork waits for it
         try:
             capture = _CAPTURE.get(os.getpid())
             if capture is None:
@@ -309,13 +309,19 @@ class HaarDetector:
             raise RuntimeError(f"OpenCV's Haar cascade could not be loaded from {path}.")
         self.min_face = int(min_face)
         self.min_neighbors = int(min_neighbors)
+        self._lock = threading.Lock()  # a cascade keeps scratch buffers: one call at a time
+        rebuild_after_fork(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # a forked child gets the lock free, whoever held it in the parent
 
     def detect(self, image_bgr: np.ndarray, min_score: float | None = None) -> list[Detection]:
         """Faces in a BGR uint8 image, largest first (``min_score`` is accepted and ignored)."""
         gray = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
-        faces = self._cascade.detectMultiScale(
-            gray, scaleFactor=1.1, minNeighbors=self.min_neighbors, minSize=(self.min_face, self.min_face)
-        )
+        with self._lock:
+            faces = self._cascade.detectMultiScale(
+                gray, scaleFactor=1.1, minNeighbors=self.min_neighbors, minSize=(self.min_face, self.min_face)
+            )
         detections = [
             Detection(_haar_to_mtcnn_box(float(x), float(y), float(w), float(h)), 1.0, None)
             for x, y, w, h in faces
@@ -603,12 +609,19 @@ class FacePipeline:
         # MTCNN searches photos whose longer side exceeds this on a downscaled copy (None: never).
         self.max_side = None if max_side is None else int(max_side)
         self._detector = None
+        self._lock = threading.Lock()  # held while the detector is built
+        rebuild_after_fork(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     @property
     def detector(self):
         if self._detector is None:  # built lazily: the detector's interpreters load on first use
-            options = {"max_side": self.max_side} if self.detector_name == "mtcnn" else {}
-            self._detector = make_detector(self.detector_name, min_face=self.min_face, **options)
+            with self._lock:  # once, however many threads ask first
+                if self._detector is None:
+                    options = {"max_side": self.max_side} if self.detector_name == "mtcnn" else {}
+                    self._detector = make_detector(self.detector_name, min_face=self.min_face, **options)
         return self._detector
 
     def detect(self, image: np.ndarray) -> list[Detection]:

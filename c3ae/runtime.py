@@ -14,6 +14,7 @@ Running a shipped ``.tflite`` or ``.onnx`` file imports neither TensorFlow nor K
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from c3ae.errors import C3AEError, UsageError
-from c3ae.litert import quiet_first_delegate
+from c3ae.litert import abandon, quiet_first_delegate, rebuild_after_fork
 from c3ae.models.spec import ModelInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,7 +119,9 @@ def _as_list(outputs) -> list:
 class TFLiteBackend(Backend):
     """A TFLite flatbuffer run by LiteRT (``ai_edge_litert``) through its ``serving_default`` signature.
 
-    Inputs are resized (and tensors reallocated) only when the batch size changes.
+    Inputs are resized (and tensors reallocated) only when the batch size changes. Safe to share between
+    threads (each call runs under the backend's lock) and across ``os.fork`` (the child builds its own
+    interpreter on its first call; see ``c3ae.litert``).
     """
 
     name = "tflite"
@@ -129,25 +132,22 @@ class TFLiteBackend(Backend):
         which XNNPACK refuses to prepare or, in LiteRT 2.3, aborts the process on (double free)."""
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+        self.flatbuffer = bytes(flatbuffer)
+        self.threads = threads
         plain = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interpreter = Interpreter(
-                model_content=flatbuffer, num_threads=threads, experimental_op_resolver_type=plain
+            probe = Interpreter(
+                model_content=self.flatbuffer, num_threads=threads, experimental_op_resolver_type=plain
             )
-            self.delegate = (
-                not degenerate_int8_tensors(self.interpreter) if xnnpack is None else bool(xnnpack)
-            )
-            if self.delegate:
-                with quiet_first_delegate():
-                    self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
-                    self.interpreter.allocate_tensors()
+            self.delegate = not degenerate_int8_tensors(probe) if xnnpack is None else bool(xnnpack)
+            self._interpreter = probe if not self.delegate else self._build()
         except ValueError as error:
             raise BackendError(f"Not a readable TFLite model: {error}") from error
-        signatures = self.interpreter.get_signature_list()
+        signatures = self._interpreter.get_signature_list()
         if not signatures:
             raise BackendError("The TFLite model has no signature; export it with 'c3ae export'.")
         key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
-        runner = self.interpreter.get_signature_runner(key)
+        runner = self._interpreter.get_signature_runner(key)
         self._inputs = runner.get_input_details()
         self._outputs = runner.get_output_details()
         self._key = key
@@ -158,15 +158,49 @@ class TFLiteBackend(Backend):
         self.input_size = int(self._inputs[self.input_names[0]]["shape_signature"][1])
         self.metadata = tflite_metadata(flatbuffer)
         self._shape: tuple | None = None
-        self.flatbuffer = bytes(flatbuffer)
         self.size_bytes = len(flatbuffer)
+        self._lock = threading.Lock()
+        rebuild_after_fork(self)
+
+    def _build(self):
+        """A fresh interpreter of the flatbuffer: on XNNPACK when ``delegate``, else on builtin kernels."""
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        if not self.delegate:
+            plain = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            return Interpreter(
+                model_content=self.flatbuffer, num_threads=self.threads, experimental_op_resolver_type=plain
+            )
+        with quiet_first_delegate():
+            interpreter = Interpreter(model_content=self.flatbuffer, num_threads=self.threads)
+            interpreter.allocate_tensors()
+        return interpreter
+
+    @property
+    def interpreter(self):
+        """The LiteRT ``Interpreter`` (built again in a forked child). Not thread-safe on its own: hold
+        the backend's lock, or call :meth:`predict`."""
+        if self._interpreter is None:
+            self._interpreter = self._build()
+            self._shape = None
+        return self._interpreter
+
+    def _after_fork(self) -> None:
+        """In a forked child: a new lock, and the parent's interpreter set aside for a fresh one."""
+        self._lock = threading.Lock()
+        abandon(self._interpreter)
+        self._interpreter, self._shape = None, None
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = {n: _quantize(a, self._inputs[n]) for n, a in self._check(inputs).items()}
-        if not self._direct:
-            results = self.interpreter.get_signature_runner(self._key)(**arrays)
-            return {n: _dequantize(results[n], self._outputs[n]) for n in self.output_names}
+        with self._lock:
+            return self._invoke(arrays)
+
+    def _invoke(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         interpreter = self.interpreter
+        if not self._direct:
+            results = interpreter.get_signature_runner(self._key)(**arrays)
+            return {n: _dequantize(results[n], self._outputs[n]) for n in self.output_names}
         shape = next(iter(arrays.values())).shape
         if shape != self._shape:
             for name, array in arrays.items():
@@ -177,7 +211,7 @@ class TFLiteBackend(Backend):
         for name, array in arrays.items():
             interpreter.set_tensor(self._inputs[name]["index"], array)
         interpreter.invoke()
-        return {
+        return {  # get_tensor copies: the results outlive the next call
             n: _dequantize(interpreter.get_tensor(self._outputs[n]["index"]), self._outputs[n])
             for n in self.output_names
         }
@@ -229,39 +263,61 @@ def tflite_metadata(flatbuffer: bytes) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- onnx
 class OnnxBackend(Backend):
-    """An ONNX model run by ONNX Runtime on the CPU."""
+    """An ONNX model run by ONNX Runtime on the CPU. Safe to share between threads (each call runs under
+    the backend's lock) and across ``os.fork`` (the child builds its own session on its first call)."""
 
     name = "onnx"
 
     def __init__(self, model_bytes: bytes, threads: int | None = None):
         from c3ae.extras import import_optional
 
-        ort = import_optional("onnxruntime")
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        self._ort = import_optional("onnxruntime")
+        self._model_bytes = bytes(model_bytes)
+        self.threads = threads
+        self._lock = threading.Lock()
         try:
-            self.session = ort.InferenceSession(
-                model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            self._session = self._build()
         except Exception as error:  # onnxruntime raises its own (non-ValueError) exception types
             raise BackendError(f"Not a readable ONNX model: {error}") from error
-        self.input_names = tuple(_ordered_inputs([i.name for i in self.session.get_inputs()]))
-        self.output_names = tuple(sorted(o.name for o in self.session.get_outputs()))
-        self.input_size = int(self.session.get_inputs()[0].shape[1])
-        props = self.session.get_modelmeta().custom_metadata_map
+        self.input_names = tuple(_ordered_inputs([i.name for i in self._session.get_inputs()]))
+        self.output_names = tuple(sorted(o.name for o in self._session.get_outputs()))
+        self.input_size = int(self._session.get_inputs()[0].shape[1])
+        props = self._session.get_modelmeta().custom_metadata_map
         try:
             self.metadata = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
         except json.JSONDecodeError:
             self.metadata = {}
         self.size_bytes = len(model_bytes)
+        rebuild_after_fork(self)
+
+    def _build(self):
+        options = self._ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        return self._ort.InferenceSession(
+            self._model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+
+    @property
+    def session(self):
+        """The ONNX Runtime ``InferenceSession`` (built again in a forked child). Hold the backend's lock
+        while running it, or call :meth:`predict`."""
+        if self._session is None:
+            self._session = self._build()
+        return self._session
+
+    def _after_fork(self) -> None:
+        """In a forked child: a new lock, and the parent's session set aside for a fresh one."""
+        self._lock = threading.Lock()
+        abandon(self._session)
+        self._session = None
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = self._check(inputs)
-        values = self.session.run(list(self.output_names), arrays)
+        with self._lock:  # one run at a time: a fork then never lands inside ONNX Runtime
+            values = self.session.run(list(self.output_names), arrays)
         return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.output_names, values, strict=True)}
 
 
