@@ -180,6 +180,7 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
         raise UserError(
             f"--data {manifest} is not a manifest.json (or a folder holding one) from 'c3ae preprocess'."
         )
+    _check_output(args.json, "--json", [manifest], ("json",))  # never over the manifest it reads
     try:
         rows = [
             bench_data(
@@ -196,9 +197,8 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     ratio = rows[0]["images_per_s_median"] / rows[2]["images_per_s_median"]
     print(f"\ninput pipeline with augmentation / {args.train_model} training step: {ratio:.1f}x")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"rows": rows, "pipeline_over_training": ratio}, indent=2) + "\n"
-        )
+        result = {"rows": rows, "pipeline_over_training": ratio}
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -266,6 +266,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     sources = _named_sources(args.data)
     inputs = [p for p in (args.model, *(path for _, path in sources)) if Path(p).exists()]
+    _distinct_outputs(("--json", args.json), ("--report", args.report))
     _check_output(args.json, "--json", inputs, ("json",))
     _check_output(args.report, "--report", inputs, ("image",))
     for option, value in (("--json", args.json), ("--report", args.report)):
@@ -408,6 +409,16 @@ def _check_output(path, option: str, inputs=(), replaceable=(), folder: bool = F
         raise UserError(str(error)) from error
 
 
+def _distinct_outputs(*outputs: tuple[str, object]) -> None:
+    """Two outputs of one command on one path, refused as a one-line user error."""
+    from c3ae.files import OutputError, distinct_outputs
+
+    try:
+        distinct_outputs(outputs)
+    except OutputError as error:
+        raise UserError(str(error)) from error
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
     import io
@@ -423,6 +434,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UserError(f"{option} {value}: the folder {Path(value).parent} does not exist.")
     if args.csv == "-" and args.json == "-":
         raise UserError("--json - and --csv - cannot both write to stdout; give one of them a file name.")
+    _distinct_outputs(("--json", args.json), ("--csv", args.csv), ("--output-dir", args.output_dir))
     _check_output(args.json, "--json", args.paths, ("json",))
     _check_output(args.csv, "--csv", args.paths, ("text",))
     _check_output(args.output_dir, "--output-dir", args.paths, folder=True)
@@ -510,6 +522,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     source = args.camera if args.camera is not None else args.input
     if args.output and Path(args.output).suffix.lower() not in FOURCC:
         raise UserError(f"--output {args.output}: use a file name ending in {', '.join(FOURCC)}.")
+    _distinct_outputs(("--output", args.output), ("--jsonl", args.jsonl))
     open_capture(source).release()  # fail before loading the model
     estimator = _make_estimator(args, pad_retry=0.0)
     summary = process_video(

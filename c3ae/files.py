@@ -1,10 +1,16 @@
-"""Writing files without ever leaving a half-written one: a temporary name in the same folder, then rename."""
+"""Writing files without ever leaving a half-written one: a temporary name in the same folder, then rename.
+
+Outputs that are not regular files (a character device such as ``/dev/null``, a FIFO, ``/dev/stdout`` and
+anything else under ``/dev`` or ``/proc``) are written in place: a rename would replace the device or the
+pipe with a regular file (for the whole machine, as root).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -20,6 +26,28 @@ def temporary_path(target: str | Path) -> Path:
     return target.with_name(f".{target.stem}{TEMPORARY_MARK}{os.getpid()}{target.suffix}")
 
 
+_SPECIAL_ROOTS = ("/dev/", "/proc/")
+
+
+def written_in_place(target: str | Path) -> bool:
+    """Whether ``target`` is written in place rather than through a temporary and a rename: a path that
+    is, or whose symbolic links pass, under ``/dev`` or ``/proc`` (``/dev/stdout`` leads to a pipe, a
+    terminal or the file the shell redirected to, none of which a rename may replace), or an existing path
+    that is not a regular file or a folder once links are followed (a device, a FIFO, a socket)."""
+    path = os.path.abspath(os.fspath(Path(target).expanduser()))
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        if path.startswith(_SPECIAL_ROOTS):
+            return True
+        if not os.path.islink(path):
+            break
+        path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing (or unreadable: the writer will say so)
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def remove_path(path: str | Path) -> None:
     """Delete a file, a symlink or a folder tree; nothing when ``path`` does not exist."""
     path = Path(path)
@@ -32,19 +60,26 @@ def remove_path(path: str | Path) -> None:
 class AtomicOutput:
     """A temporary path beside ``target`` for writers that outlive one ``with`` block (a video encoder, a
     JSON-lines stream): write to :attr:`path`, then :meth:`commit` (rename onto the target) or
-    :meth:`discard` (delete). A folder (a SavedModel) replaces a folder of the same name."""
+    :meth:`discard` (delete). A folder (a SavedModel) replaces a folder of the same name. A target that is
+    not a regular file (:func:`written_in_place`) is its own :attr:`path`: commit and discard leave it be."""
 
     def __init__(self, target: str | Path, fsync: bool = False):
         self.target = Path(target)
+        self.fsync = fsync
+        self.in_place = written_in_place(self.target)
+        if self.in_place:
+            self.path = self.target
+            return
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.path = temporary_path(self.target)
-        self.fsync = fsync
         remove_path(self.path)  # left by a killed run of this process id
 
     def commit(self) -> Path:
         """Rename the written temporary onto the target (``fsync`` first when asked); returns the target.
         A temporary the writer already moved elsewhere (a failed export kept under another name) is not
         an error: nothing is published."""
+        if self.in_place:
+            return self.target
         if not (self.path.exists() or self.path.is_symlink()):
             return self.target
         if self.fsync and self.path.is_file():
@@ -57,7 +92,8 @@ class AtomicOutput:
 
     def discard(self) -> None:
         """Delete the temporary (a file or a folder); the target is left as it was."""
-        remove_path(self.path)
+        if not self.in_place:
+            remove_path(self.path)
 
     def named(self, error: BaseException) -> None:
         """Make ``error``, an ``OSError`` met while writing (a full disk), name the target rather than the
@@ -95,7 +131,10 @@ def atomic_write_text(target: str | Path, text: str) -> Path:
 
 def probe_writable(target: str | Path, size: int = 1 << 16) -> None:
     """Write ``size`` bytes beside ``target`` and delete them: raises the ``OSError`` (naming ``target``) of a
-    full or read-only disk or a folder we may not write, for writers that only say "cannot open" (OpenCV)."""
+    full or read-only disk or a folder we may not write, for writers that only say "cannot open" (OpenCV).
+    Nothing for a target written in place (a device or a pipe has no folder of ours to probe)."""
+    if written_in_place(target):
+        return
     probe = temporary_path(target)
     try:
         with open(probe, "wb") as handle:
@@ -151,10 +190,13 @@ _MAGIC = (
 
 def file_kind(path: str | Path) -> str:
     """What an existing file holds, from its first bytes: ``"empty"``, ``"image"``, ``"video"``,
-    ``"tflite"``, ``"archive"``, ``"json"``, ``"text"`` or ``"binary"``; ``"folder"`` for a directory."""
+    ``"tflite"``, ``"archive"``, ``"json"``, ``"text"`` or ``"binary"``; ``"folder"`` for a directory;
+    ``"special"`` for a device, a FIFO or a socket (never read: a FIFO would block)."""
     path = Path(path)
     if path.is_dir():
         return "folder"
+    if written_in_place(path):
+        return "special"
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if not head:
@@ -215,7 +257,7 @@ def _check_output(path, option: str, inputs, replaceable, folder: bool) -> Path:
             raise OutputError(f"{option} {path} holds the input {given}; choose a folder outside the inputs.")
     if not folder and target.exists():
         kind = file_kind(target)
-        if kind not in {*replaceable, "empty"}:
+        if kind not in {*replaceable, "empty", "special"}:  # a device or a pipe is written in place
             article = "an" if kind[0] in "aeiou" else "a"
             holds = "a folder" if kind == "folder" else f"{article} {kind} file"
             raise OutputError(
@@ -223,3 +265,24 @@ def _check_output(path, option: str, inputs, replaceable, folder: bool) -> Path:
                 "remove it or choose another name."
             )
     return Path(path)
+
+
+def distinct_outputs(outputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Refuse (``OutputError``) two outputs of one command on one path (``(option, path)`` pairs; None and
+    ``"-"`` are skipped): the second would replace the first. Character devices (``/dev/null``) may be
+    named twice."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs:
+        if path is None or str(path) == "-":
+            continue
+        target = _resolved(path)
+        with contextlib.suppress(OSError):
+            if stat.S_ISCHR(os.stat(target).st_mode):
+                continue
+        for other_path, other in seen.items():
+            same = target == other_path or (
+                target.exists() and other_path.exists() and os.path.samefile(target, other_path)
+            )
+            if same:
+                raise OutputError(f"{other} and {option} both name {path}; give each output its own file.")
+        seen[target] = option

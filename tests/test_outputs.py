@@ -144,3 +144,115 @@ def test_check_output_and_file_kinds(tmp_path):
     with pytest.raises(OutputError, match="is the input"):
         check_output(hard, "--json", [photo], ("json",))
     assert check_output(tmp_path / "new.json", "--json", [photo], ("json",)) == tmp_path / "new.json"
+
+
+# ------------------------------------------------------------------------- outputs that are not regular files
+def fake_null(folder):
+    """A character device like /dev/null (1, 3) in ``folder``: needs root and a file system that allows
+    device nodes; never the real /dev/null, which a regression would turn into a file for the machine."""
+    import stat
+
+    if os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    node = folder / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        with open(node, "wb") as handle:
+            handle.write(b"probe")
+    except OSError as error:
+        pytest.skip(f"no device nodes here ({error.strerror})")
+    return node
+
+
+def is_device(path) -> bool:
+    import stat
+
+    return stat.S_ISCHR(os.lstat(path).st_mode)
+
+
+def test_a_device_output_is_written_in_place_never_replaced(album, tmp_path, capsys):
+    from c3ae.files import AtomicOutput, atomic_write_text, written_in_place
+
+    null = fake_null(tmp_path)
+    assert written_in_place(null) and file_kind(null) == "special"
+    atomic_write_text(null, "{}")
+    staged = AtomicOutput(null)
+    assert staged.path == null
+    staged.discard()
+    staged.commit()
+    assert is_device(null)
+    # Both outputs of one command on the one device: allowed (it discards), and it stays a device.
+    assert main(["predict", str(album / "obama.jpg"), "--json", str(null), "--csv", str(null)]) == 0
+    assert is_device(null)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["album", "null"]  # no temporary left beside it
+
+
+def test_a_fifo_output_is_written_into_the_pipe(album, tmp_path, capsys):
+    import threading
+
+    fifo = tmp_path / "faces.json"
+    os.mkfifo(fifo)
+    assert file_kind(fifo) == "special"  # not read: reading a FIFO blocks
+    received = []
+
+    def read() -> None:
+        with open(fifo, "rb") as handle:
+            received.append(handle.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert main(["predict", str(album / "obama.jpg"), "--json", str(fifo)]) == 0
+    finally:
+        if reader.is_alive() and not received:  # unblock a reader that never got a writer
+            with open(fifo, "wb"):
+                pass
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    (result,) = json.loads(received[0])
+    assert result["path"].endswith("obama.jpg") and len(result["faces"]) == 1
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["album", "faces.json"]
+
+
+def test_dev_stdout_is_written_where_stdout_goes(tmp_path):
+    """A link to /proc/self/fd/1 (what /dev/stdout is) with stdout redirected to a regular file: the JSON
+    goes into that file through the link, which stays a link (a rename would have replaced it)."""
+    import subprocess
+    import sys
+
+    from c3ae.files import written_in_place
+
+    assert written_in_place("/dev/stdout") and written_in_place("/dev/null")
+    link = tmp_path / "stdout"
+    os.symlink("/proc/self/fd/1", link)
+    assert written_in_place(link)
+    out = tmp_path / "out.txt"
+    code = "import sys; from c3ae.files import atomic_write_text; atomic_write_text(sys.argv[1], '[1, 2]')"
+    with open(out, "wb") as handle:
+        subprocess.run([sys.executable, "-c", code, str(link)], stdout=handle, check=True, timeout=120)
+    assert out.read_text() == "[1, 2]" and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "stdout"]
+
+
+def test_two_outputs_on_one_path_are_refused(album, tmp_path, capsys):
+    out = tmp_path / "faces.out"
+    err = refused(capsys, "predict", str(album / "obama.jpg"), "--json", str(out), "--csv", str(out))
+    assert f"--json and --csv both name {out}" in err
+    link = tmp_path / "link.out"
+    os.symlink(out, link)
+    err = refused(capsys, "predict", str(album / "obama.jpg"), "--json", str(out), "--csv", str(link))
+    assert "--json and --csv both name" in err
+    assert not out.exists()
+
+
+def test_bench_data_never_writes_over_its_manifest(tmp_path, capsys):
+    data = tmp_path / "prep"
+    data.mkdir()
+    manifest = data / "manifest.json"
+    manifest.write_text('{"shards": []}\n')
+    before = digests(data)
+    err = refused(capsys, "bench", "data", "--data", str(manifest), "--json", str(manifest))
+    assert f"--json {manifest} is the input" in err
+    err = refused(capsys, "bench", "data", "--data", str(data), "--json", str(manifest))
+    assert "inside the input folder" in err
+    assert digests(data) == before
