@@ -413,6 +413,70 @@ def stale(root: Path = ROOT, blocks: Mapping[str, str] | None = None) -> list[Pa
     ]
 
 
+# ------------------------------------------------------------------------------ the printed example
+EXAMPLE_PHOTO = "assets/obama.jpg"
+_EXAMPLE_PATTERNS = (
+    # the README's caption and the docs' index: "... the default model, `NAME`: `62 M`" / "`62 M` with ..."
+    (re.compile(r"with the default model, `[^`]+`: `[^`]+`"), "with the default model, `{model}`: `{short}`"),
+    (
+        re.compile(r"`\d+ [MF](?:, \d+ [MF])*` with the default model, `[^`]+`"),
+        "`{short}` with the default model, `{model}`",
+    ),
+    # the API snippet's printed line and the model it names
+    (re.compile(r'(\(\{face\.gender_prob:\.2f\}\)"\)  # )[^\n]*'), r"\g<1>{long}"),
+    (re.compile(r"the default bundled model, [\w.-]+,"), "the default bundled model, {model},"),
+)
+
+
+def example_text(faces, model: str) -> dict[str, str]:
+    """What the docs print for the example photo: ``short`` as ``c3ae predict`` writes it (``62 M``),
+    ``long`` as the API snippet prints the first face (``62 male (0.63)``), and the model's name."""
+    short = ", ".join(f"{f.age:.0f} {f.gender[0].upper()}" for f in faces)
+    first = faces[0]
+    return {
+        "model": model,
+        "short": short,
+        "long": f"{first.age:.0f} {first.gender} ({first.gender_prob:.2f})",
+    }
+
+
+def with_example(text: str, example: Mapping[str, str]) -> str:
+    """``text`` with the example's printed answers and model name replaced by ``example``'s."""
+    for pattern, template in _EXAMPLE_PATTERNS:
+        text = pattern.sub(template.format(**example), text)
+    return text
+
+
+def current_example(root: Path = ROOT) -> dict[str, str]:
+    """The default model's answers on the example photo, now."""
+    from c3ae import AgeGenderEstimator
+
+    return example_text(AgeGenderEstimator().predict(root / EXAMPLE_PHOTO), _default_model())
+
+
+def write_example(root: Path = ROOT) -> None:
+    """Redraw ``assets/example_annotated.jpg`` (and the site's copy) as ``c3ae predict --output-dir`` draws
+    it with the default model, and rewrite the printed answers in the README and the docs."""
+    import shutil
+    import tempfile
+
+    from c3ae.cli import main as cli
+
+    with tempfile.TemporaryDirectory() as folder:
+        if cli(["predict", str(root / EXAMPLE_PHOTO), "--output-dir", folder]) != 0:
+            raise SystemExit("c3ae predict failed on the example photo")
+        for target in (
+            root / "assets" / "example_annotated.jpg",
+            root / "docs" / "images" / "example_annotated.jpg",
+        ):
+            shutil.copyfile(Path(folder) / Path(EXAMPLE_PHOTO).name, target)
+    example = current_example(root)
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        if with_example(text, example) != text:
+            path.write_text(with_example(text, example), encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m c3ae.docs_tables",
@@ -420,7 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--check", action="store_true", help="only report stale documents (exit 1 if any)")
     parser.add_argument("--root", type=Path, default=ROOT, help="the repository (default: this checkout)")
+    parser.add_argument(
+        "--example",
+        action="store_true",
+        help="also redraw assets/example_annotated.jpg and rewrite the printed example answers with the "
+        "default model",
+    )
     args = parser.parse_args(argv)
+    if args.example and not args.check:
+        write_example(args.root)
     blocks = render(peers=load_peers(args.root))
     changed = stale(args.root, blocks)
     for path in changed:

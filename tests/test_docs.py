@@ -294,3 +294,19 @@ def test_the_source_folder_imports_export_and_preprocessing_without_an_editable_
         str(REPO / "export" / "__init__.py"),
         str(REPO / "preprocessing" / "__init__.py"),
     ]
+
+
+def test_the_printed_example_is_what_the_api_returns_now():
+    """The README's and the docs' printed answers for the example photo (the caption's ``62 M``, the API
+    snippet's ``# 62 male (0.63)``, the default model's name) are what the default model says today
+    (issue 19); ``python -m c3ae.docs_tables --example`` rewrites them and redraws the picture."""
+    from c3ae import docs_tables
+
+    example = docs_tables.current_example()
+    for path in [REPO / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        assert docs_tables.with_example(text, example) == text, (
+            f"{path.name}: run python -m c3ae.docs_tables --example"
+        )
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"# {example['long']}" in readme and f"`{example['short']}`" in readme
