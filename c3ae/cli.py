@@ -335,8 +335,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     _quiet_tensorflow()
     import json
 
-    from c3ae.bundled import publish
+    from c3ae.bundled import check_publishable, publish
 
+    try:
+        check_publishable(args.name, args.force)
+    except C3AEError as error:
+        raise UserError(str(error)) from error
     if not (Path(args.run) / "best.keras").is_file():
         raise UserError(
             f"{args.run} holds no best.keras; give the --out folder of a finished 'c3ae train' run."
@@ -346,7 +350,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
             raise UserError(f"{option} {value} is not a file.")
     try:
         cross = json.loads(Path(args.cross_source).read_text()) if args.cross_source else None
-        card = publish(args.run, args.name, args.data, args.split, recipe=args.recipe, cross_source=cross)
+        options = {"recipe": args.recipe, "cross_source": cross, "force": args.force}
+        card = publish(args.run, args.name, args.data, args.split, **options)
     except (C3AEError, FileNotFoundError) as error:
         raise UserError(str(error)) from error
     print(f"published {card}")
@@ -860,6 +865,11 @@ def _add_publish(commands) -> None:
         "--cross-source", metavar="JSON", help="a cross-source check (train without a source, test on it)"
     )
     publish.add_argument("--split", default="test", help="split the card's metrics come from (default test)")
+    publish.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a bundled model of that name: all its files (its .tflite and .onnx are removed)",
+    )
     publish.set_defaults(func=cmd_publish)
 
 
