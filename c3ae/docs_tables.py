@@ -30,6 +30,7 @@ from c3ae.conventions import AGE_BANDS
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = "docs/peers.json"
 SOURCE_NAMES = {"utkface": "UTKFace", "aaf": "All-Age-Faces", "ffhq": "FFHQ", "mean": "mean"}
+DISTILLED_FROM = ("c3ae-utk-aaf", "ssrnet-utk-aaf")  # the models the distilled ones started from
 SOURCE_ORDER = ("utkface", "aaf")  # first, in this order; any other source follows, alphabetically
 BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- /generated: \2 -->)", re.DOTALL)
 
@@ -380,9 +381,13 @@ def render(cards: Mapping[str, Mapping] | None = None, peers: list[dict] | None 
     """``{block name: Markdown}`` of every generated block."""
     cards = load_cards() if cards is None else cards
     peers = load_peers() if peers is None else peers
+    distilled = [name for name, card in cards.items() if card.get("teacher")]
+    before = [name for name in DISTILLED_FROM if name in cards]
     return {
         "accuracy": accuracy_table(cards, peers),
         "sources": sources_table(cards),
+        # the distilled models with their teacher, beside the models they were distilled from
+        "distilled": sources_table(cards, only=[*distilled, *before]),
         "peers": peers_table(peers),
         "cards": cards_page(cards),
     }
