@@ -13,6 +13,8 @@ from c3ae.bundled import WEIGHTS_DIR, available_models, load_model, model_card
 
 BUNDLED = [
     "c3ae-kd",
+    "ssrnet-kd",
+    "ssrnet-kd-gender",
     "c3ae-utk-aaf",
     "c3ae-utk",
     "ssrnet-utk-aaf",
@@ -20,7 +22,15 @@ BUNDLED = [
     "ssrnet-utk",
     "ssrnet-utk-gender",
 ]
-MULTI_SOURCE = ["c3ae-kd", "c3ae-utk-aaf", "ssrnet-utk-aaf", "ssrnet-utk-aaf-gender"]  # those with a recipe
+# those with a recipe
+MULTI_SOURCE = [
+    "c3ae-kd",
+    "ssrnet-kd",
+    "ssrnet-kd-gender",
+    "c3ae-utk-aaf",
+    "ssrnet-utk-aaf",
+    "ssrnet-utk-aaf-gender",
+]
 PREP = REPO / "prep"  # where the README's preprocess commands write the manifests
 CARD_KEYS = {
     "name",
