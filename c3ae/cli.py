@@ -22,8 +22,20 @@ class UserError(C3AEError):
     """A mistake the user can fix; printed as one line, exit code 2."""
 
 
-def _quiet_tensorflow() -> None:
+def _quiet_tensorflow(load: bool = False) -> None:
+    """Keep TensorFlow's start-up lines (absl's and oneDNN's, written by C++ straight to file descriptor 2,
+    whatever TF_CPP_MIN_LOG_LEVEL says) off the terminal: ``load`` imports TensorFlow now, with fd 2
+    silenced, for the commands that need it. ``c3ae --verbose`` shows them."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not load or os.environ.get("C3AE_VERBOSE") or "tensorflow" in sys.modules:
+        return
+    from c3ae.litert import _native_stderr_silenced
+
+    with _native_stderr_silenced():
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:  # the command says which extra is missing when it needs it
+            pass
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -203,7 +215,7 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
+    _quiet_tensorflow(load=True)
     import logging
     from pathlib import Path
 
@@ -259,7 +271,7 @@ def _named_sources(values: list[str]) -> list[tuple[str, str]]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
+    _quiet_tensorflow(load=True)
 
     from c3ae.bundled import ModelNotFoundError, load_model, trained_context
     from c3ae.evaluate import evaluate, evaluate_sources
@@ -332,7 +344,7 @@ def _write_evaluation(args: argparse.Namespace, metrics: dict, reports: dict) ->
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
+    _quiet_tensorflow(load=True)
     import json
 
     from c3ae.bundled import check_publishable, publish
@@ -581,7 +593,7 @@ def _estimator_options(parser: argparse.ArgumentParser, min_face: int) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
+    _quiet_tensorflow(load=True)
     from pathlib import Path
 
     inputs = [args.model] if Path(args.model).exists() else []
@@ -1039,6 +1051,11 @@ def build_parser() -> argparse.ArgumentParser:
         "DLDL and Levi-Hassner models.",
     )
     parser.add_argument("--version", action="version", version=f"c3ae {__version__}")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the frameworks' start-up lines (TensorFlow, absl, oneDNN)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_models(commands)
     _add_preprocess(commands)
@@ -1063,6 +1080,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.verbose:
+        os.environ["C3AE_VERBOSE"] = "1"
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # the reader of our output went away (`c3ae models | head`): not an error

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -306,14 +307,17 @@ def _fit(config: Config, out: Path, sources: list, known: np.ndarray) -> dict:
         callbacks.insert(1, PerSourceValidation([(n, _for_fit(d, model)) for n, d in validation]))
 
     started = time.monotonic()
-    history = model.fit(
-        _for_fit(train_data.repeat() if config.train.steps_per_epoch else train_data, model),
-        validation_data=fit_validation,
-        epochs=config.train.epochs,
-        steps_per_epoch=steps,
-        callbacks=callbacks,
-        verbose=config.train.verbose,
-    )
+    with warnings.catch_warnings():
+        # Keras warns that fit's shuffle=True is ignored for a tf.data dataset: ours shuffles itself
+        warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed", category=UserWarning)
+        history = model.fit(
+            _for_fit(train_data.repeat() if config.train.steps_per_epoch else train_data, model),
+            validation_data=fit_validation,
+            epochs=config.train.epochs,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            verbose=config.train.verbose,
+        )
     elapsed = time.monotonic() - started
     if not (out / "best.keras").is_file():
         raise TrainingError(f"No finite {monitor} was reached; nothing was saved (see {out / 'log.csv'}).")

