@@ -154,7 +154,7 @@ def _losses(model, loss_config, train_ages=None) -> tuple[dict, dict]:
 
     # The original trains its V = 1 gender output with MAE (unknown labels weigh 0, as for the BCE); with
     # gender_probability the output is P(male), trained with the standard cross-entropy.
-    probability = any(isinstance(layer, ScoreToProbability) for layer in model.layers)
+    probability = any(isinstance(layer, ScoreToProbability) for layer in getattr(model, "layers", ()))
     special = {} if probability else {"gender": keras.losses.MeanAbsoluteError}
     return losses.losses_by_output(model.output_names, loss_config, "ssrnet", special)
 
