@@ -575,8 +575,20 @@ def _estimator_options(parser: argparse.ArgumentParser, min_face: int) -> None:
         default=DEFAULT_MODEL,
         help=f"bundled model name or .keras/.tflite/.onnx file ({DEFAULT_MODEL})",
     )
-    parser.add_argument("--backend", choices=("auto", "keras", "tflite", "onnx"), default="auto")
-    parser.add_argument("--detector", choices=("mtcnn", "haar"), default="mtcnn")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "keras", "tflite", "onnx"),
+        default="auto",
+        help="what runs the model: auto (default: a bundled model's shipped .tflite, a file by its format), "
+        "tflite (LiteRT), onnx (the onnx extra) or keras (the train extra)",
+    )
+    parser.add_argument(
+        "--detector",
+        choices=("mtcnn", "haar"),
+        default="mtcnn",
+        help="face detector: mtcnn (default: 5 landmarks, as the models were trained) or haar (faster, "
+        "frontal faces only, no landmarks)",
+    )
     parser.add_argument(
         "--no-flip",
         dest="flip",
@@ -795,7 +807,12 @@ def _add_preprocess(commands) -> None:
     )
     prep.add_argument("--seed", type=int, default=0, help="seed of the split and of --limit (default 0)")
     prep.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (default 0.8,0.1,0.1)")
-    prep.add_argument("--detector", choices=("mtcnn", "haar"), default="mtcnn")
+    prep.add_argument(
+        "--detector",
+        choices=("mtcnn", "haar"),
+        default="mtcnn",
+        help="face detector: mtcnn (default, 5 landmarks) or haar (frontal faces, no landmarks)",
+    )
     prep.add_argument("--min-face", type=_positive_int, default=20, help="smallest face side in pixels")
     prep.add_argument(
         "--fallback",

@@ -31,6 +31,7 @@ from c3ae.faces import (
     Detection,
     FacePipeline,
     align_face,
+    is_url,
     model_crops,
     read_image,
 )
@@ -342,6 +343,10 @@ def collect_images(paths: Iterable[str | Path], exclude: str | Path | None = Non
     exclude = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path]] = []
     for given in paths:
+        if isinstance(given, str) and is_url(given):
+            raise UsageError(
+                f"{given} is a URL; c3ae reads local files and downloads nothing: save the photo first."
+            )
         path = Path(given)
         if path.is_file():
             found.append((path, Path(path.name)))

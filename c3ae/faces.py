@@ -61,16 +61,31 @@ class ImageReadError(C3AEError, ValueError):
 MAX_PIXELS = 100_000_000  # photos above 100 megapixels are refused before they are decoded
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(text: str) -> bool:
+    """True for ``scheme://...`` (http, https, s3, ...): not a local path."""
+    return bool(_URL.match(text))
+
+
 def read_image(source: str | Path | bytes | np.ndarray, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Decode a photo to an (H, W, 3) uint8 BGR array.
 
-    Accepts a path, encoded bytes, or an array (H x W, H x W x 1/3/4; arrays are taken as BGR[A], as
-    OpenCV returns them). Applies the EXIF orientation; converts grayscale, palette, RGBA, CMYK and 16-bit
-    images. Raises :class:`ImageReadError` for missing, empty, corrupt or truncated files, and (reason
-    ``too_large``, read from the header, before decoding) for files over ``max_pixels`` pixels.
+    Accepts a path, encoded bytes, a PIL image (RGB, as PIL holds it), or an array (H x W, H x W x 1/3/4;
+    arrays are taken as BGR[A], as OpenCV returns them). A URL is refused: nothing is downloaded. Applies
+    the EXIF orientation; converts grayscale, palette, RGBA, CMYK and 16-bit images. Raises
+    :class:`ImageReadError` for missing, empty, corrupt or truncated files, and (reason ``too_large``, read
+    from the header, before decoding) for files over ``max_pixels`` pixels.
     """
     if isinstance(source, np.ndarray):
         return _array_to_bgr(source, "array")
+    if hasattr(source, "getbands") and hasattr(source, "convert"):  # a PIL image, already decoded
+        return _pil_to_bgr(source)
+    if isinstance(source, str) and is_url(source):
+        raise ImageReadError(
+            source, "is_a_url", "c3ae reads local files and downloads nothing; save the photo first"
+        )
     import io
     import warnings
 

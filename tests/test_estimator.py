@@ -204,3 +204,30 @@ def test_import_c3ae_stays_light():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_pil_image_is_a_photo_and_a_url_is_refused_in_one_sentence(tmp_path):
+    """Issue 20: a PIL image gave a raw TypeError; a URL was mangled into 'https:/... does not exist'."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from c3ae import AgeGenderEstimator
+    from c3ae.faces import ImageReadError, read_image
+
+    photo = REPO / "assets" / "obama.jpg"
+    with Image.open(photo) as image:
+        np.testing.assert_array_equal(read_image(image), read_image(photo))
+        estimator = AgeGenderEstimator()
+        assert estimator.predict(image)[0].to_dict() == estimator.predict(photo)[0].to_dict()
+    with pytest.raises(ImageReadError, match="is a url: c3ae reads local files and downloads nothing"):
+        read_image("https://example.com/a.jpg")
+    done = subprocess.run(
+        [sys.executable, "-m", "c3ae.cli", "predict", "https://example.com/a.jpg"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "https://example.com/a.jpg is a URL; c3ae reads local files and downloads nothing" in done.stderr
