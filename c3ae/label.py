@@ -56,8 +56,8 @@ class LabelReport:
         )
 
 
-def _chip_faces(images: list, landmarks: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, list[str | None]]:
-    """Decode each chip; ``(chips, landmarks, reasons)`` with a reason where a face cannot be read."""
+def _chip_faces(images: list, landmarks: np.ndarray) -> tuple[list[np.ndarray], list[str | None]]:
+    """Decode each chip; ``(chips, reasons)`` with a reason where a face cannot be read."""
     chips, reasons = [], []
     for data, points in zip(images, landmarks, strict=True):
         chip = None
@@ -70,7 +70,7 @@ def _chip_faces(images: list, landmarks: np.ndarray) -> tuple[list[np.ndarray], 
         else:
             reasons.append(None)
         chips.append(chip if chip is not None else np.zeros((2, 2, 3), np.uint8))
-    return chips, landmarks, reasons
+    return chips, reasons
 
 
 def _label_shard(teacher, shard_path: Path, flip: bool, progress) -> tuple[dict, list[dict]]:
@@ -88,7 +88,8 @@ def _label_shard(teacher, shard_path: Path, flip: bool, progress) -> tuple[dict,
     skipped = []
     for start in range(0, n, BATCH):
         stop = min(start + BATCH, n)
-        chips, points, reasons = _chip_faces(images[start:stop], landmarks[start:stop])
+        points = landmarks[start:stop]
+        chips, reasons = _chip_faces(images[start:stop], points)
         good = [i for i, reason in enumerate(reasons) if reason is None]
         skipped += [{"path": paths[start + i], "reason": r} for i, r in enumerate(reasons) if r is not None]
         if good:

@@ -434,15 +434,20 @@ class Teacher:
             outputs.append(np.asarray(probabilities, dtype=np.float32))
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
+    def _chips(self, images: list[np.ndarray], points: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The age and gender chips (uint8 BGR, N x S x S x 3) of each face from dlib's 5 landmarks."""
+        return tuple(
+            np.stack([face_chip(image, p, spec.size) for image, p in zip(images, points, strict=True)])
+            if len(images)
+            else np.zeros((0, spec.size, spec.size, 3), np.uint8)
+            for spec in (self.age_spec, self.gender_spec)
+        )
+
     def chips(self, images: list[np.ndarray], landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The age and gender chips (uint8 BGR) of each face: ``images[i]`` (BGR) with its 5 landmarks."""
-        age_chips, gender_chips = [], []
-        for image, points in zip(
-            images, np.asarray(landmarks, dtype=np.float64).reshape(-1, 5, 2), strict=True
-        ):
-            for spec, out in ((self.age_spec, age_chips), (self.gender_spec, gender_chips)):
-                out.append(face_chip(image, dlib_points(points), spec.size))
-        return np.stack(age_chips), np.stack(gender_chips)
+        """The age and gender chips (uint8 BGR) of each face: ``images[i]`` (BGR) with its 5 MTCNN
+        landmarks, mapped onto dlib's (:func:`dlib_points`)."""
+        points = np.asarray(landmarks, dtype=np.float64).reshape(-1, 5, 2)
+        return self._chips(images, [dlib_points(p) for p in points])
 
     def predict_chips(
         self, age_chips: np.ndarray, gender_chips: np.ndarray, flip: bool = False
@@ -486,19 +491,11 @@ class Teacher:
     def predict_boxes(self, images: list[np.ndarray], boxes, flip: bool = False) -> TeacherOutput:
         """The teacher's outputs as the package gives them for (BGR image, face box) pairs: its own
         landmarks in the box, its own chips (``predict(image, face_bounding_boxes=[box])``)."""
-        age_chips, gender_chips = [], []
-        for image, box in zip(images, boxes, strict=True):
-            points = self.dlib_landmarks(image, box)
-            age_chips.append(face_chip(image, points, self.age_spec.size))
-            gender_chips.append(face_chip(image, points, self.gender_spec.size))
-        if not age_chips:
-            return self.predict_chips(np.zeros((0,)), np.zeros((0,)), flip)
-        return self.predict_chips(np.stack(age_chips), np.stack(gender_chips), flip=flip)
+        points = [self.dlib_landmarks(image, box) for image, box in zip(images, boxes, strict=True)]
+        return self.predict_chips(*self._chips(images, points), flip=flip)
 
     def predict(self, images: list[np.ndarray], landmarks: np.ndarray, flip: bool = False) -> TeacherOutput:
         """The teacher's outputs for faces given as (BGR image, 5 MTCNN landmarks in its pixels)."""
-        if len(images) == 0:
-            return self.predict_chips(np.zeros((0,)), np.zeros((0,)), flip)
         return self.predict_chips(*self.chips(images, landmarks), flip=flip)
 
 
