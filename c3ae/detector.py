@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -42,6 +43,14 @@ NMS_PNET_LEVEL, NMS_PNET_ALL, NMS_RNET, NMS_ONET = 0.5, 0.7, 0.7, 0.7
 OUTSIDE_PIXEL = 127.5  # the package's normalised 0: patches are mid-grey where they leave the photo
 
 DEFAULT_MAX_SIDE = 1280  # photos are searched at most this large (faces from 20 px of it)
+# The smallest face searched: P-Net's 12-pixel window on the photo itself. A smaller ``min_face`` would
+# search an upscaled photo (min_face 1: 12 times wider and higher, a pyramid of billions of pixels); it is
+# searched from this size instead, so detection stays bounded by the photo's pixels.
+MIN_SEARCHED_FACE = CELL
+# Patches per R-Net/O-Net call and per ``cv2.remap`` call: crowds are processed in chunks of this many
+# faces, below OpenCV's limit of SHRT_MAX (32767) rows per remap (256 x 48 = 12288) and with bounded memory.
+BATCH_LIMIT = 256
+REMAP_LIMIT = 32767  # OpenCV's SHRT_MAX: remap's largest source and destination side
 INTERPRETER_CACHE = 32  # P-Net interpreters kept, one per pyramid-level shape (video frames reuse them)
 
 
@@ -99,40 +108,84 @@ def pyramid(image: np.ndarray, scales: np.ndarray):
         yield scale, level.result()
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray, method: str = "union") -> np.ndarray:
-    """Overlap of every box of ``a`` (N, 4) with every box of ``b`` (M, 4), boxes (x1, y1, x2, y2), no +1:
+def overlap(a: np.ndarray, b: np.ndarray, method: str = "union") -> np.ndarray:
+    """Overlap of boxes ``a`` (..., 4) with boxes ``b`` (..., 4), broadcast, boxes (x1, y1, x2, y2), no +1:
     intersection over union, or over the smaller area (``method="min"``)."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    width = np.maximum(0, np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]))
-    height = np.maximum(
-        0, np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    )
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    width = np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]))
+    height = np.maximum(0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]))
     inter = width * height
     if method == "union":
-        denominator = area_a[:, None] + area_b[None, :] - inter
+        denominator = area_a + area_b - inter
     else:
-        denominator = np.minimum(area_a[:, None], area_b[None, :])
+        denominator = np.minimum(area_a, area_b)
     with np.errstate(divide="ignore", invalid="ignore"):
         return inter / denominator
 
 
-def nms(boxes: np.ndarray, threshold: float, method: str = "union", sort: bool = True) -> np.ndarray:
+def iou_matrix(a: np.ndarray, b: np.ndarray, method: str = "union") -> np.ndarray:
+    """Overlap of every box of ``a`` (N, 4) with every box of ``b`` (M, 4), boxes (x1, y1, x2, y2), no +1:
+    intersection over union, or over the smaller area (``method="min"``)."""
+    return overlap(a[:, None, :4], b[None, :, :4], method)
+
+
+DENSE_NMS = 256  # up to this many boxes, NMS computes every pair's overlap at once
+
+
+def nms(
+    boxes: np.ndarray,
+    threshold: float,
+    method: str = "union",
+    sort: bool = True,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
     """The package's suppression on rows (x1, y1, x2, y2, score, ...): optionally sorted by score (its
     argsort, descending), then every row that overlaps *any* earlier row by more than ``threshold`` is
-    dropped, suppressed or not. Computed in blocks, so memory stays bounded for thousands of proposals."""
+    dropped, suppressed or not; with ``groups`` (a label per row), only rows of the same group count
+    (P-Net's levels, each suppressed on its own in one call).
+
+    Up to ``DENSE_NMS`` rows, every pair's overlap is computed at once. Beyond, only pairs whose x-ranges
+    intersect can overlap: they are found by a sweep along x and their overlaps computed as ``iou_matrix``
+    would (the same float operations), in chunks, so time and memory follow the overlapping pairs (a
+    crowd's thousands of proposals), not their square."""
     if len(boxes) == 0:
         return boxes
     if sort:
-        boxes = boxes[np.argsort(boxes[:, 4])[::-1]]
+        order = np.argsort(boxes[:, 4])[::-1]
+        boxes = boxes[order]
+        groups = None if groups is None else groups[order]
     coords = boxes[:, :4]
-    keep = np.ones(len(boxes), dtype=bool)
-    block = 1024
-    for start in range(0, len(boxes), block):
-        stop = min(start + block, len(boxes))
-        overlap = iou_matrix(coords[:stop], coords[start:stop], method) > threshold
-        earlier = np.arange(stop)[:, None] < np.arange(start, stop)[None, :]
-        keep[start:stop] = ~np.any(overlap & earlier, axis=0)
+    count = len(boxes)
+    if count <= DENSE_NMS:  # a video frame's few hundred proposals: one matrix, fewer NumPy calls
+        later = np.triu(iou_matrix(coords, coords, method) > threshold, 1)
+        if groups is not None:
+            later &= groups[:, None] == groups[None, :]
+        return boxes[~later.any(axis=0)]
+    by_x = np.argsort(coords[:, 0], kind="stable")
+    # Box by_x[p] can meet the boxes by_x[p + 1 : ends[p]]: those starting before it ends.
+    ends = np.searchsorted(coords[by_x, 0], coords[by_x, 2], side="left")
+    partners = np.maximum(ends - np.arange(1, count + 1), 0)
+    y1, y2 = np.ascontiguousarray(coords[:, 1]), np.ascontiguousarray(coords[:, 3])
+    keep = np.ones(count, dtype=bool)
+    first, budget = 0, 1 << 20  # pairs per chunk
+    totals = np.cumsum(partners)
+    while first < count:
+        done = totals[first - 1] if first else 0
+        last = max(int(np.searchsorted(totals, done + budget, side="right")), first + 1)
+        counts = partners[first:last]
+        rows = np.repeat(np.arange(first, last), counts)
+        if len(rows):
+            step = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+            a, b = by_x[rows], by_x[rows + 1 + step]
+            # Only pairs that also meet along y can overlap (a cheap test on most of them).
+            meet = np.minimum(y2[a], y2[b]) > np.maximum(y1[a], y1[b])
+            if groups is not None:
+                meet &= groups[a] == groups[b]
+            a, b = a[meet], b[meet]
+            hit = overlap(coords[a], coords[b], method) > threshold
+            keep[np.maximum(a[hit], b[hit])] = False  # the later (lower-scoring) box of each pair
+        first = last
     return boxes[keep]
 
 
@@ -162,7 +215,8 @@ def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarr
     """(N, size, size, 3) float32 bilinear patches of ``boxes`` (x1, y1, x2, y2 in pixels) from a float32
     image, sampled where ``tf.image.crop_and_resize`` samples boxes normalised by the image's width and
     height (corner samples at x1 (W - 1) / W and x2 (W - 1) / W); samples outside the image are
-    ``OUTSIDE_PIXEL``. One ``cv2.remap`` call for all boxes (its bilinear weights are 1/32-pixel steps)."""
+    ``OUTSIDE_PIXEL``. ``cv2.remap`` (bilinear weights in 1/32-pixel steps) samples ``BATCH_LIMIT`` boxes
+    per call, below its limit of SHRT_MAX rows, whatever the number of faces."""
     height, width = image.shape[:2]
     steps = np.arange(size, dtype=np.float32)
     coords = boxes[:, :4].astype(np.float32) / np.array([width, height, width, height], np.float32)
@@ -173,7 +227,25 @@ def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarr
 
     ys = positions(coords[:, 1], coords[:, 3], height)
     xs = positions(coords[:, 0], coords[:, 2], width)
-    count = len(boxes)
+    patches = np.empty((len(boxes), size, size, 3), np.float32)
+    chunk = max(1, min(BATCH_LIMIT, (REMAP_LIMIT - 1) // size))
+    for start in range(0, len(boxes), chunk):
+        stop = min(start + chunk, len(boxes))
+        patches[start:stop] = _remap_patches(image, xs[start:stop], ys[start:stop])
+    # tf.image.crop_and_resize fills a whole sample row or column that leaves the image.
+    inside = ((ys >= 0) & (ys <= height - 1))[:, :, None] & ((xs >= 0) & (xs <= width - 1))[:, None, :]
+    patches[~inside] = OUTSIDE_PIXEL
+    return patches
+
+
+def _remap_patches(image: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Bilinear samples (N, size, size, 3) of ``image`` at columns ``xs`` (N, size) and rows ``ys`` (N,
+    size): one ``cv2.remap``. An image with a side of SHRT_MAX pixels or more (remap's limit) is first
+    reduced to the rows and columns the samples read (each sample's two neighbours), which keeps every
+    bilinear weight."""
+    count, size = xs.shape
+    if max(image.shape[:2]) >= REMAP_LIMIT:
+        image, xs, ys = _needed_pixels(image, xs, ys)
     map_x = np.ascontiguousarray(np.broadcast_to(xs[:, None, :], (count, size, size)).reshape(-1, size))
     map_y = np.ascontiguousarray(np.broadcast_to(ys[:, :, None], (count, size, size)).reshape(-1, size))
     patches = cv2.remap(
@@ -183,11 +255,25 @@ def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarr
         cv2.INTER_LINEAR,
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=(OUTSIDE_PIXEL,) * 3,
-    ).reshape(count, size, size, 3)
-    # tf.image.crop_and_resize fills a whole sample row or column that leaves the image.
-    inside = ((ys >= 0) & (ys <= height - 1))[:, :, None] & ((xs >= 0) & (xs <= width - 1))[:, None, :]
-    patches[~inside] = OUTSIDE_PIXEL
-    return patches
+    )
+    return patches.reshape(count, size, size, 3)
+
+
+def _needed_pixels(image: np.ndarray, xs: np.ndarray, ys: np.ndarray):
+    """The image's rows and columns that bilinear samples at ``xs``, ``ys`` read (floor and floor + 1 of
+    each, inside the image), and the samples' positions in that smaller image. Samples outside the image
+    are masked by the caller; those on its last row or column have a zero weight on the next one."""
+
+    def needed(positions: np.ndarray, extent: int):
+        low = np.floor(positions)
+        kept = np.unique(np.clip(np.concatenate([low.ravel(), low.ravel() + 1]), 0, extent - 1))
+        kept = kept.astype(np.int64)
+        index = np.searchsorted(kept, np.clip(low, 0, extent - 1))
+        return kept, (index + (positions - low)).astype(np.float32)
+
+    rows, ys = needed(ys, image.shape[0])
+    cols, xs = needed(xs, image.shape[1])
+    return np.ascontiguousarray(image[rows][:, cols]), xs, ys
 
 
 class _Network:
@@ -296,11 +382,28 @@ def pnet_in_tiles(network: _Network, level: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _bucket(count: int) -> int:
-    """The batch size ``count`` patches are padded to, so that R-/O-Net see few distinct shapes: a power of
-    two up to 16, then a multiple of 16."""
-    if count <= 16:
+    """The batch size ``count`` (at most ``BATCH_LIMIT``) patches are padded to, so that R-/O-Net see few
+    distinct shapes (20) and compute few padding patches (O-Net costs about 0.4 ms a patch): 1, 2, 4, then
+    multiples of 4 up to 32, of 8 up to 64 and of 32 up to ``BATCH_LIMIT``."""
+    if count <= 4:
         return 1 << max(count - 1, 0).bit_length()
-    return -(-count // 16) * 16
+    step = 4 if count <= 32 else 8 if count <= 64 else 32
+    return min(-(-count // step) * step, BATCH_LIMIT)
+
+
+class _Clock:
+    """Adds the seconds spent in each named stage to ``timings`` (nothing when it is None)."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        """Charge the time since the previous call to ``stage``."""
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now
 
 
 class MTCNN:
@@ -308,7 +411,7 @@ class MTCNN:
 
     Args:
         min_face: smallest face side searched, in pixels of the searched image (the package's
-            ``min_face_size``).
+            ``min_face_size``); values below ``MIN_SEARCHED_FACE`` (12, P-Net's window) search from 12.
         max_side: photos whose longer side exceeds this are searched on a copy downscaled to it (None: never).
         thresholds: P-, R-, O-Net face-probability thresholds.
         threads: LiteRT threads per network (None: min(4, CPU count)).
@@ -323,7 +426,7 @@ class MTCNN:
         threads: int | None = None,
         model_dir: str | Path | None = None,
     ):
-        if float(min_face) <= 0:
+        if not float(min_face) > 0:
             raise UsageError(f"min_face must be positive, got {min_face}.")
         self.min_face = float(min_face)
         self.max_side = None if max_side is None else int(max_side)
@@ -334,14 +437,22 @@ class MTCNN:
             _Network(folder / NETWORK_FILES[n], threads) for n in NETWORK_FILES
         )
 
-    def detect(self, image_bgr: np.ndarray) -> np.ndarray:
+    def detect(self, image_bgr: np.ndarray, timings: dict[str, float] | None = None) -> np.ndarray:
         """Faces of an (H, W, 3) uint8 BGR image as float64 rows (x1, y1, x2, y2, score, lx1..lx5, ly1..ly5),
-        in the image's pixels, most confident first (NMS order); (0, 15) when there is none."""
+        in the image's pixels, most confident first (NMS order); (0, 15) when there is none.
+
+        ``timings``, when given, gains the seconds of each stage: ``copy``, ``pyramid`` (waiting for the
+        background resampling), ``pnet``, ``pnet_glue``, ``rnet_crops``, ``rnet``, ``rnet_glue``,
+        ``onet_crops``, ``onet``, ``onet_glue``."""
+        clock = _Clock(timings)
         image, factor = self._working_copy(image_bgr)
+        clock("copy")
         # On a downscaled copy, faces of min_face photo pixels are smaller; the search still stops at
         # the package's 20 pixels (smaller faces would need the copy upscaled again).
-        min_face = max(self.min_face * factor, min(self.min_face, MIN_FACE))
-        rows = self._onet(image, self._rnet(image, self._pnet(image, min_face)))
+        min_face = max(self.min_face * factor, min(self.min_face, MIN_FACE), MIN_SEARCHED_FACE)
+        boxes = self._pnet(image, min_face, clock)
+        boxes = self._rnet(image, boxes, clock)
+        rows = self._onet(image, boxes, clock)
         if factor != 1.0 and len(rows):
             rows[:, :4] /= factor
             rows[:, 5:] /= factor
@@ -361,49 +472,57 @@ class MTCNN:
         return image_bgr.astype(np.float32), factor
 
     # ------------------------------------------------------------------------------------------ stages
-    def _pnet(self, image: np.ndarray, min_face: float) -> np.ndarray:
+    def _pnet(self, image: np.ndarray, min_face: float, clock: _Clock) -> np.ndarray:
         height, width = image.shape[:2]
-        levels = []
+        cells = []  # per level: rows, columns, offsets, scores (descending), scale
         for scale, level in pyramid(image, pyramid_scales(width, height, min_face)):
+            clock("pyramid")
             offsets, face = pnet_in_tiles(self.pnet, level)
-            ys, xs = np.where(face > self.thresholds[0])
-            if len(ys) == 0:
-                continue
-            offsets = offsets[ys, xs].astype(np.float64)
-            # The package's cell spans pixels 2x + 1 .. 2x + 12 (width 11) of the level.
-            x1, y1, x2, y2 = xs * STRIDE + 1, ys * STRIDE + 1, xs * STRIDE + CELL, ys * STRIDE + CELL
-            side = CELL - 1
-            boxes = np.stack(
-                [
-                    x1 + offsets[:, 0] * side,
-                    y1 + offsets[:, 1] * side,
-                    x2 + offsets[:, 2] * side,
-                    y2 + offsets[:, 3] * side,
-                    face[ys, xs].astype(np.float64),
-                ],
-                axis=1,
-            )
-            boxes = boxes[np.argsort(boxes[:, 4])[::-1]]
-            boxes[:, :4] /= scale
-            levels.append(nms(boxes, NMS_PNET_LEVEL, sort=False))
-        if not levels:
+            clock("pnet")
+            ys, xs = np.nonzero(face > self.thresholds[0])
+            order = np.argsort(face[ys, xs])[::-1]
+            ys, xs = ys[order], xs[order]
+            cells.append((ys, xs, offsets[ys, xs], face[ys, xs], np.full(len(ys), scale)))
+            clock("pnet_glue")
+        if not cells or not sum(len(level[0]) for level in cells):
             return np.empty((0, 5))
-        return to_square(nms(np.concatenate(levels), NMS_PNET_ALL))
+        ys, xs, offsets, scores, scales = (np.concatenate(parts) for parts in zip(*cells, strict=True))
+        offsets = offsets.astype(np.float64)
+        # The package's cell spans pixels 2x + 1 .. 2x + 12 (width 11) of the level.
+        boxes = np.empty((len(ys), 5))
+        side = CELL - 1
+        boxes[:, 0] = xs * STRIDE + 1 + offsets[:, 0] * side
+        boxes[:, 1] = ys * STRIDE + 1 + offsets[:, 1] * side
+        boxes[:, 2] = xs * STRIDE + CELL + offsets[:, 2] * side
+        boxes[:, 3] = ys * STRIDE + CELL + offsets[:, 3] * side
+        boxes[:, 4] = scores
+        boxes[:, :4] /= scales[:, None]
+        boxes = nms(boxes, NMS_PNET_LEVEL, sort=False, groups=scales)  # each level on its own
+        boxes = to_square(nms(boxes, NMS_PNET_ALL))
+        clock("pnet_glue")
+        return boxes
 
-    def _rnet(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    def _rnet(self, image: np.ndarray, boxes: np.ndarray, clock: _Clock) -> np.ndarray:
         if len(boxes) == 0:
             return boxes
-        out = self._run(self.rnet, crop_and_resize(image, boxes, 24))
+        patches = crop_and_resize(image, boxes, 24)
+        clock("rnet_crops")
+        out = self._run(self.rnet, patches)
+        clock("rnet")
         boxes = boxes.copy()
         boxes[:, 4] = out["probabilities"][:, 1]
         boxes = refine(boxes, out["offsets"].astype(np.float64))
-        boxes = boxes[boxes[:, 4] > self.thresholds[1]]
-        return to_square(nms(boxes, NMS_RNET))
+        boxes = to_square(nms(boxes[boxes[:, 4] > self.thresholds[1]], NMS_RNET))
+        clock("rnet_glue")
+        return boxes
 
-    def _onet(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    def _onet(self, image: np.ndarray, boxes: np.ndarray, clock: _Clock) -> np.ndarray:
         if len(boxes) == 0:
             return np.empty((0, 15))
-        out = self._run(self.onet, crop_and_resize(image, boxes, 48))
+        patches = crop_and_resize(image, boxes, 48)
+        clock("onet_crops")
+        out = self._run(self.onet, patches)
+        clock("onet")
         width = boxes[:, 2:3] - boxes[:, 0:1] + 1
         height = boxes[:, 3:4] - boxes[:, 1:2] + 1
         points = out["landmarks"].astype(np.float64)
@@ -412,12 +531,20 @@ class MTCNN:
         boxes = boxes.copy()
         boxes[:, 4] = out["probabilities"][:, 1]
         rows = np.concatenate([refine(boxes, out["offsets"].astype(np.float64)), xs, ys], axis=1)
-        rows = rows[rows[:, 4] > self.thresholds[2]]
-        return nms(rows, NMS_ONET, method="min")
+        rows = nms(rows[rows[:, 4] > self.thresholds[2]], NMS_ONET, method="min")
+        clock("onet_glue")
+        return rows
 
     @staticmethod
     def _run(network: _Network, patches: np.ndarray) -> dict[str, np.ndarray]:
-        count = len(patches)
-        padded = np.zeros((_bucket(count), *patches.shape[1:]), np.float32)
-        padded[:count] = patches
-        return {name: value[:count] for name, value in network(padded).items()}
+        """The network's outputs for every patch: ``BATCH_LIMIT`` patches per call, each call padded to
+        its bucket's size."""
+        outputs: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(patches), BATCH_LIMIT):
+            chunk = patches[start : start + BATCH_LIMIT]
+            count = len(chunk)
+            padded = np.zeros((_bucket(count), *patches.shape[1:]), np.float32)
+            padded[:count] = chunk
+            for name, value in network(padded).items():
+                outputs.setdefault(name, []).append(value[:count])
+        return {name: np.concatenate(values) for name, values in outputs.items()}
