@@ -62,10 +62,144 @@ def load_model(name_or_path: str | Path) -> keras.Model:
         path = bundled
     if path.suffix.lower() in (".h5", ".hdf5"):
         return _load_legacy(path)
+    config = check_keras_file(path)
     try:
-        return keras.saving.load_model(path, safe_mode=True, compile=False)
-    except (ValueError, OSError, KeyError) as error:
-        raise ModelNotFoundError(f"{path} is not a loadable Keras model: {error}") from error
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"{path} is not a loadable Keras model: {first}") from error
+    model.preprocessing = _trained_pipeline(name_or_path, path, config)
+    return model
+
+
+def _trained_pipeline(name_or_path, path: Path, config: dict) -> dict | None:
+    """The face pipeline a loaded ``.keras`` model was trained with: a bundled name's card's, else the file's
+    own (``preprocessing`` in its config), else the context window of the run folder's ``config.yaml``."""
+    card = WEIGHTS_DIR / f"{path.stem}.json"
+    if not Path(name_or_path).is_file() and card.is_file():
+        return card_preprocessing(model_card(path.stem))
+    if config.get("preprocessing"):
+        return dict(config["preprocessing"])
+    if (path.parent / "config.yaml").is_file():
+        return {"chip": {"context": trained_context(path)}}
+    return None
+
+
+def card_preprocessing(card: ModelCard) -> dict:
+    """A model card's face pipeline as its artifacts carry it (see ``c3ae.export.metadata``): its
+    ``preprocessing`` with ``flip``, the mirror averaging its metrics were measured with."""
+    from c3ae.export.metadata import trained_preprocessing
+
+    split = (card.split or {}).get("evaluated", "test")
+    evaluation = ((card.metrics or {}).get(split) or {}).get("evaluation") or {}
+    return trained_preprocessing({**(card.preprocessing or {}), "flip": bool(evaluation.get("flip", True))})
+
+
+# What a .keras file may ask its model to be built with: a file comes from anywhere, and Keras builds the
+# graph (allocating every weight) before it reads a single stored value. Keys not named here: integers from
+# 0 to 4096, numbers from -10,000 to 10,000.
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "input_size": (8, 512),
+    "filters": (1, 512),
+    "width": (1, 512),
+    "se_reduction": (1, 64),
+    "stage_num": (1, 64),
+    "num_bins": (1, 1000),
+    "num_classes": (1, 1000),
+    "dropout": (0.0, 1.0),
+}
+PRECISIONS = ("float32", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def check_keras_file(path: Path) -> dict:
+    """The config of a ``.keras`` file if it holds a c3ae model (``c3ae.models.base.FamilyModel`` of a
+    known family, every option within :data:`OPTION_RANGES`, a possible face pipeline); read before Keras
+    sees the file. Anything else (a foreign class such as ``subprocess.Popen``, a foreign graph, an absurd
+    size) is refused by a one-sentence :class:`ModelNotFoundError` naming the key and its allowed range."""
+    import zipfile
+
+    from c3ae.export.metadata import ForeignModelError, check_chip
+    from c3ae.models.spec import FAMILIES
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("config.json")
+            if info.file_size > MAX_CONFIG_BYTES:
+                raise ModelNotFoundError(
+                    f"{path} is not a c3ae model: its config has {info.file_size:,} bytes."
+                )
+            document = json.loads(archive.read(info).decode("utf-8"))
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, ValueError, OSError) as error:
+        if isinstance(error, ModelNotFoundError):
+            raise
+        raise ModelNotFoundError(
+            f"{path} is not a loadable Keras model: not a .keras archive with a readable config.json."
+        ) from None
+    top = document if isinstance(document, dict) else {}
+    kind = f"{top.get('module') or ''}.{top.get('class_name') or ''}".strip(".")
+    if (
+        top.get("class_name") != "FamilyModel"
+        or top.get("module") not in (None, "c3ae.models.base")
+        or top.get("registered_name") not in (None, "c3ae>FamilyModel")
+        or not isinstance(top.get("config"), dict)
+    ):
+        raise ModelNotFoundError(
+            f"{path} is not a c3ae model: it holds {kind or 'no model'!r:.80}, and c3ae loads only models "
+            "its own families built (c3ae.models.base.FamilyModel)."
+        )
+    config = top["config"]
+    if config.get("family") not in FAMILIES:
+        raise ModelNotFoundError(
+            f"{path} is not a c3ae model: family {config.get('family')!r:.40} is none of "
+            f"{', '.join(FAMILIES)}."
+        )
+    if config.get("precision") not in (None, *PRECISIONS):
+        raise ModelNotFoundError(
+            f"{path}: precision {config.get('precision')!r:.40} is none of {', '.join(PRECISIONS)}."
+        )
+    if not isinstance(config.get("name", ""), (str, type(None))) or len(str(config.get("name") or "")) > 100:
+        raise ModelNotFoundError(f"{path}: the model name must be text of at most 100 characters.")
+    options = config.get("options") or {}
+    if not isinstance(options, dict):
+        raise ModelNotFoundError(f"{path}: the model options are not a table of options.")
+    for key, value in options.items():
+        _check_option(path, str(key), value)
+    preprocessing = config.get("preprocessing")
+    if preprocessing is not None:
+        try:
+            if not isinstance(preprocessing, dict):
+                raise ForeignModelError(f"{path}: preprocessing is not a table of settings.")
+            check_chip(preprocessing.get("chip"), str(path))
+        except ForeignModelError as error:
+            raise ModelNotFoundError(str(error)) from None
+    return config
+
+
+def _check_option(path: Path, key: str, value, depth: int = 0) -> None:
+    """Refuse an option value outside its range (:data:`OPTION_RANGES`), or one too deep or too long."""
+    import math
+
+    if depth > 2 or (isinstance(value, (list, tuple, dict)) and len(value) > 16):
+        raise ModelNotFoundError(f"{path}: option {key} holds more than 16 items or is nested too deep.")
+    if isinstance(value, dict):
+        for inner, item in value.items():
+            _check_option(path, f"{key}.{inner}", item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_option(path, key, item, depth + 1)
+    elif isinstance(value, str):
+        if len(value) > 64:
+            raise ModelNotFoundError(f"{path}: option {key} is text of {len(value)} characters (at most 64).")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        name = key.rsplit(".", 1)[-1]
+        low, high = OPTION_RANGES.get(name, (0, 4096) if isinstance(value, int) else (-1e4, 1e4))
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ModelNotFoundError(
+                f"{path}: option {key} is {value!r:.40}; it must be from {low:g} to {high:g}."
+            )
+    elif value is not None and not isinstance(value, bool):
+        raise ModelNotFoundError(f"{path}: option {key} is a {type(value).__name__}, not a plain value.")
 
 
 def _load_legacy(path: Path) -> keras.Model:

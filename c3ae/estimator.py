@@ -297,24 +297,25 @@ def _paired_gender_model(model) -> str | None:
 
 
 def _chip_spec(model, backend) -> ChipSpec:
-    """The chip geometry the model was trained with: its model card's, its exported metadata's, or the
-    default (which every model so far was trained with)."""
-    chip = None
+    """The chip geometry the model was trained with, context window included: a bundled name's model card's,
+    else the model's own description (``preprocessing.chip`` in a ``.tflite`` / ``.onnx`` file's c3ae
+    metadata, a ``.keras`` model's ``preprocessing``), else the default. ``c3ae export`` writes the card's
+    into every artifact, so a bundled model by name and a copy of its file by path agree. Values outside
+    ``c3ae.export.metadata.CHIP_RANGES`` are refused in one sentence naming the key."""
+    from c3ae.export.metadata import check_chip
+
+    chip, origin = None, getattr(backend, "origin", "") or str(model)
     if isinstance(model, str) and not Path(model).is_file():
         from c3ae.bundled import ModelNotFoundError, model_card
 
         try:
-            chip = model_card(model).chip
+            chip, origin = model_card(model).chip, f"the model card of {model}"
         except ModelNotFoundError:
             chip = None
     if chip is None:
         chip = ((getattr(backend, "metadata", None) or {}).get("preprocessing") or {}).get("chip")
-    if not isinstance(chip, dict):
-        return DEFAULT_CHIP
-    try:
-        return ChipSpec(**{k: v for k, v in chip.items() if k in ChipSpec.__dataclass_fields__})
-    except (TypeError, ValueError):
-        return DEFAULT_CHIP
+    fields = {k: v for k, v in check_chip(chip, origin).items() if k in ChipSpec.__dataclass_fields__}
+    return ChipSpec(**fields) if fields else DEFAULT_CHIP
 
 
 # ------------------------------------------------------------------------------------------------- batches

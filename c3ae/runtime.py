@@ -101,6 +101,11 @@ class KerasBackend(Backend):
         from c3ae.models.base import model_info
 
         self.metadata = {"model_info": model_info(model).to_dict()} if hasattr(model, "family") else {}
+        trained = getattr(model, "preprocessing", None)
+        if self.metadata and trained:  # the face pipeline it was trained with (c3ae.bundled.load_model)
+            from c3ae.export.metadata import contract
+
+            self.metadata["preprocessing"] = contract(trained)
 
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = self._check(inputs)
@@ -155,7 +160,7 @@ class TFLiteBackend(Backend):
         del runner  # a live runner holds the interpreter and would forbid resize_tensor_input
         self.input_names = tuple(_ordered_inputs(self._inputs))
         self.output_names = tuple(sorted(self._outputs))
-        self.input_size = int(self._inputs[self.input_names[0]]["shape_signature"][1])
+        self.input_size = _crop_side([list(d["shape_signature"]) for d in self._inputs.values()])
         self.metadata = tflite_metadata(flatbuffer)
         self._shape: tuple | None = None
         self.size_bytes = len(flatbuffer)
@@ -248,6 +253,27 @@ def _dequantize(array: np.ndarray, details: dict) -> np.ndarray:
     return ((array.astype(np.float32) - zero) * scale).astype(np.float32)
 
 
+MAX_CROP_SIDE = 512  # pixels: the largest model input side a file may ask for
+
+
+def _crop_side(shapes: list[list]) -> int:
+    """The side S of inputs shaped (N, S, S, 3) (N free), all alike; else BackendError: a graph that takes
+    something other than square BGR crops is not a c3ae model."""
+    sides = set()
+    shapes = [[int(d) if isinstance(d, (int, np.integer)) else -1 for d in shape] for shape in shapes]
+    for dims in shapes:
+        if len(dims) != 4 or dims[3] != 3 or dims[1] != dims[2] or not 8 <= dims[1] <= MAX_CROP_SIDE:
+            sides.add(None)
+        else:
+            sides.add(int(dims[1]))
+    if len(sides) != 1 or None in sides:
+        raise BackendError(
+            f"it is not a c3ae model: its inputs {shapes} are not square BGR crops (N, S, S, 3) with S "
+            f"from 8 to {MAX_CROP_SIDE}."
+        )
+    return sides.pop()
+
+
 def _ordered_inputs(names) -> list[str]:
     """Input names in the conventional order: outer, middle, inner; then the rest sorted."""
     preferred = ("outer", "middle", "inner", "image")
@@ -281,7 +307,7 @@ class OnnxBackend(Backend):
             raise BackendError(f"Not a readable ONNX model: {error}") from error
         self.input_names = tuple(_ordered_inputs([i.name for i in self._session.get_inputs()]))
         self.output_names = tuple(sorted(o.name for o in self._session.get_outputs()))
-        self.input_size = int(self._session.get_inputs()[0].shape[1])
+        self.input_size = _crop_side([list(i.shape) for i in self._session.get_inputs()])
         props = self._session.get_modelmeta().custom_metadata_map
         try:
             self.metadata = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
@@ -430,11 +456,26 @@ def load_backend(
 
 
 def _from_bytes(kind: str, data: bytes, threads: int | None, origin: str) -> Backend:
+    """A TFLite / ONNX backend of ``data``, refused in one sentence unless it is a c3ae model: a c3ae
+    description (family, a face pipeline within range) whose inputs are the graph's."""
+    from c3ae.export.metadata import ForeignModelError, check_description
+
     try:
         backend = TFLiteBackend(data, threads) if kind == "tflite" else OnnxBackend(data, threads)
     except BackendError as error:
         raise BackendError(f"{origin}: {error}") from error
     backend.origin = origin
+    try:
+        check_description(backend.metadata, origin)
+    except ForeignModelError as error:
+        raise BackendError(str(error)) from None
+    described = set(backend.info.inputs)
+    if described != set(backend.input_names) or backend.info.input_size != backend.input_size:
+        raise BackendError(
+            f"{origin} is not the model its description says: the graph takes {list(backend.input_names)} "
+            f"{backend.input_size}x{backend.input_size}, the description {sorted(described)} "
+            f"{backend.info.input_size}x{backend.info.input_size}; export it again with 'c3ae export'."
+        )
     return backend
 
 

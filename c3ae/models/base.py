@@ -8,6 +8,7 @@ model loads with ``safe_mode=True``.
 from __future__ import annotations
 
 import inspect
+import json
 
 import keras
 
@@ -56,10 +57,13 @@ class FamilyModel(keras.Model):
         options: dict | None = None,
         name: str | None = None,
         precision: str | None = None,
+        preprocessing: dict | None = None,
         **kwargs,
     ):
         """``precision``: the Keras dtype policy the layers are built under (default: the global one, e.g.
-        ``"mixed_float16"`` while ``c3ae train`` runs with ``train.precision``)."""
+        ``"mixed_float16"`` while ``c3ae train`` runs with ``train.precision``). ``preprocessing``: the face
+        pipeline it was trained with (a model card's ``preprocessing``: chip, context window, ...), saved in
+        the ``.keras`` file and written into every export (``c3ae.export.metadata``)."""
         spec = family_spec(family)
         options = resolved_options(spec.build, **dict(options or {}))
         previous = keras.config.dtype_policy()
@@ -73,18 +77,22 @@ class FamilyModel(keras.Model):
         self.family = spec.name
         self.options = options
         self.precision = precision
+        self.preprocessing = dict(preprocessing) if preprocessing else None
 
     def get_config(self) -> dict:
-        return {
+        config = {
             "family": self.family,
             "options": dict(self.options),
             "name": self.name,
             "precision": self.precision,
         }
+        if getattr(self, "preprocessing", None):
+            config["preprocessing"] = json.loads(json.dumps(dict(self.preprocessing)))
+        return config
 
     @classmethod
     def from_config(cls, config: dict, custom_objects=None):
-        keys = ("family", "options", "name", "precision", "trainable")
+        keys = ("family", "options", "name", "precision", "preprocessing", "trainable")
         return cls(**{k: v for k, v in config.items() if k in keys})
 
     @property
