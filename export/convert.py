@@ -7,7 +7,8 @@ not survive, nor multiprocessing, which re-runs a caller's script that lacks an 
 "__main__"`` guard), waits at most ``timeout`` seconds, and turns a crash or a timeout into a
 :class:`~c3ae.export.checks.ConverterError`: one sentence naming the format. The child only converts and
 writes the artifact; the parent verifies it. Its output (TensorFlow's and the converters' logs) goes to a
-log file whose last line the error quotes, not to the user's terminal.
+log file whose last line the error quotes, not to the user's terminal; there, a spinner with the
+elapsed seconds (:func:`c3ae.progress.stage`) shows that the child still works.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from c3ae.export.checks import ConverterError, ExportError
+from c3ae.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,8 @@ def convert(
         job_file = work / "job.json"
         job_file.write_text(json.dumps(job))
         log_file = work / "converter.log"
-        with open(log_file, "wb") as handle:
+        doing = f"converting to {what} in a child process (stopped after {timeout:g} s)"
+        with open(log_file, "wb") as handle, stage(doing, then="checking the artifact against Keras"):
             try:
                 done = subprocess.run(
                     [sys.executable, "-c", _BOOTSTRAP, str(job_file)],

@@ -111,6 +111,8 @@ def test_cli_evaluates_a_saved_model(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["count"] == 6 and metrics["gender_accuracy"] is not None
+    assert "MAE (years)" in result.stdout and "MAE per true age band" in result.stdout  # tables, not JSON
+    assert not result.stdout.lstrip().startswith("{")
     assert (tmp_path / "r.png").is_file()
 
 
@@ -128,3 +130,26 @@ def test_load_model_rejects_an_unknown_h5(tmp_path):
         handle.create_group("dense_1")
     with pytest.raises(ModelNotFoundError, match="neither an SSR-Net nor a C3AE legacy file"):
         load_model(path)
+
+
+def test_evaluation_tables_for_people():
+    """``c3ae evaluate`` prints tables (per source, per age band, per gender), the JSON goes to --json."""
+    from c3ae.evaluate import format_metrics, mean_over_sources
+
+    predictions = {
+        "age_true": np.array([5.0, 15.0, 30.0, 45.0, 70.0, 80.0]),
+        "age_pred": np.array([7.0, 15.0, 36.0, 41.0, 70.5, 60.0]),
+        "gender_true": np.array([1, 0, -1, 1, 0, 1]),
+        "gender_prob": np.array([0.9, 0.2, 0.7, 0.4, 0.6, 0.5]),
+    }
+    one = metrics_from_predictions(predictions)
+    text = format_metrics(one, "m on the val split")
+    lines = text.splitlines()
+    assert lines[0] == "m on the val split"
+    assert lines[1].split() == ["faces", "MAE", "(years)", "CA(3)", "CA(5)", "gender", "acc."]
+    assert lines[2].split() == ["all", "6", "5.42", "0.500", "0.667", "0.600"]
+    assert "60+    10.25 (2)" in text and "20-39      - (0)" in text  # no known gender in that band
+    assert "female  0.500 (2)" in text and "male    0.667 (3)" in text
+    both = format_metrics({"sources": {"utk": one, "aaf": one}, "mean": mean_over_sources({"a": one})})
+    assert "mean of sources" in both and both.splitlines()[0].split()[:2] == ["source", "faces"]
+    assert "e-" not in text and "0.41666" not in both  # no 15-digit floats

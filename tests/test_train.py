@@ -261,3 +261,33 @@ def test_init_from_refuses_an_unrelated_or_missing_model(tiny_manifest, tmp_path
         train_module.init_weights_from(train_module.build_model(config), str(first / "best.keras"))
     with pytest.raises(ConfigError, match="cannot load"):
         train_module.init_weights_from(train_module.build_model(config), str(tmp_path / "missing.keras"))
+
+
+def test_cli_training_is_quiet_logs_one_line_per_epoch_and_a_rerun_ends_at_once(tiny_manifest, tmp_path):
+    """No framework start-up lines, no Keras "ran out of data" or "shuffle ... ignored" warnings, one line
+    per epoch when the output is a file, val_age_loss equal to val_age_mae (it read half on a one-batch
+    split), and rerunning the finished run says so without training (issue 20, point 4)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "c3ae.cli", "train", "c3ae", "--out", str(out)]
+    command += [f"data.manifest={tiny_manifest}", "data.batch_size=8", "data.augment=false"]
+    command += ["train.epochs=2", "train.early_stopping=0", "model.options={se: true, gender: true}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for noise in ("absl", "oneDNN", "ran out of data", "shuffle", "Warning", "cpu_feature_guard"):
+        assert noise not in done.stderr, done.stderr
+    epochs = [line for line in done.stdout.splitlines() if " - val_age_mae: " in line]
+    assert len(epochs) == 2 and "Epoch 1/2" in done.stdout and "\r" not in done.stdout, done.stdout
+    with open(out / "log.csv") as handle:
+        for row in csv.DictReader(handle):
+            assert float(row["val_age_loss"]) == pytest.approx(float(row["val_age_mae"]), rel=1e-4)
+    started = time.monotonic()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "holds a finished run of this config" in again.stderr, again.stderr
+    assert time.monotonic() - started < 30  # it trained for minutes: no TensorFlow is even loaded
+    assert "best val_age_mae" in again.stdout
