@@ -647,7 +647,9 @@ class FacePipeline:
         detections = self.detector.detect(image)
         if detections or self.pad_retry <= 0:
             return detections
-        pad = int(round(self.pad_retry * max(image.shape[:2])))
+        # The pad is a fraction of the longer side, but at most 4 times the shorter one: the padded photo is
+        # then at most (1 + 8 pad_retry)^2 times the photo's pixels, whatever its shape (a 10 x 100000 strip).
+        pad = int(round(self.pad_retry * min(max(image.shape[:2]), 4 * min(image.shape[:2]))))
         padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
         return [_shift(d, -pad) for d in self.detector.detect(padded, min_score=self.retry_min_score)]
 
