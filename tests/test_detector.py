@@ -195,3 +195,15 @@ def test_the_cli_reports_a_broken_detector_in_one_line(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "onet.tflite" in result.stderr and "pip install --force-reinstall c3ae" in result.stderr
+
+
+def test_bench_mtcnn_speed_times_each_stage(tmp_path):
+    import json
+
+    from c3ae.cli import main
+
+    out = tmp_path / "speed.json"
+    assert main(["bench", "mtcnn", str(ASSETS[0]), "--speed", "--runs", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["size"] == [640, 360] and result["median_ms"] > 0
+    assert {"pyramid", "pnet", "rnet", "onet"} <= set(result["stages_median_ms"])
