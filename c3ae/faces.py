@@ -20,6 +20,7 @@ All boxes are (x1, y1, x2, y2) in pixels; all images are BGR uint8; crops fed to
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -445,14 +446,27 @@ class AlignedFace:
     transform: np.ndarray = field(repr=False)  # (2, 3) photo -> chip
 
 
+_TEMPLATES: dict[ChipSpec, np.ndarray] = {}
+
+
+def _template(spec: ChipSpec) -> np.ndarray:
+    """``spec.template()``, computed once per geometry (read-only)."""
+    template = _TEMPLATES.get(spec)
+    if template is None:
+        template = _TEMPLATES[spec] = spec.template()
+        template.setflags(write=False)
+    return template
+
+
 def similarity_transform(detection: Detection, spec: ChipSpec) -> np.ndarray:
     """2x3 matrix mapping photo pixels to chip pixels: 5-point similarity fit, or from the box alone."""
-    template = spec.template()
     if detection.landmarks is not None:
         source = np.asarray(detection.landmarks, dtype=np.float64)
-        matrix, _ = cv2.estimateAffinePartial2D(source, template, method=cv2.LMEDS)
-        if matrix is not None and np.all(np.isfinite(matrix)) and abs(np.linalg.det(matrix[:, :2])) > 1e-9:
-            return matrix
+        matrix, _ = cv2.estimateAffinePartial2D(source, _template(spec), method=cv2.LMEDS)
+        if matrix is not None and np.all(np.isfinite(matrix)):
+            (a, b, _), (c, d, _) = matrix.tolist()
+            if abs(a * d - b * c) > 1e-9:
+                return matrix
     x1, y1, x2, y2 = detection.box
     scale = spec.size * spec.face_width / max(x2 - x1, 1e-6)
     centre = np.array([(x1 + x2) / 2, (y1 + y2) / 2])
@@ -483,16 +497,26 @@ def jpeg_round_trip(image: np.ndarray, quality: int) -> tuple[np.ndarray, bytes]
     return cv2.imdecode(encoded, cv2.IMREAD_COLOR), data
 
 
-def align_face(image: np.ndarray, detection: Detection, spec: ChipSpec = DEFAULT_CHIP) -> AlignedFace:
-    """Warp one detected face of a BGR photo onto the canonical chip and compute its boxes there."""
+def align_face(
+    image: np.ndarray, detection: Detection, spec: ChipSpec = DEFAULT_CHIP, round_trip: bool = True
+) -> AlignedFace:
+    """Warp one detected face of a BGR photo onto the canonical chip and compute its boxes there.
+
+    ``round_trip`` False skips the JPEG round trip (``chip_jpeg`` is then empty): the chip is the warp's
+    own pixels. Training shards store the round-tripped chip, which inference reproduces by default.
+    """
     matrix = similarity_transform(detection, spec)
     chip = warp(image, matrix, (spec.size, spec.size))
-    chip, chip_jpeg = jpeg_round_trip(chip, spec.jpeg_quality)
-    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
-    x1, y1, x2, y2 = detection.box
-    centre = _apply(matrix, [((x1 + x2) / 2, (y1 + y2) / 2)])[0]
-    half = np.array([(x2 - x1), (y2 - y1)]) * scale / 2
-    box = np.concatenate([centre - half, centre + half])
+    chip_jpeg = b""
+    if round_trip:
+        chip, chip_jpeg = jpeg_round_trip(chip, spec.jpeg_quality)
+    (a, b, tx), (c, d, ty) = matrix.tolist()
+    scale = math.sqrt(abs(a * d - b * c))
+    x1, y1, x2, y2 = (float(v) for v in detection.box)
+    mx, my = (x1 + x2) / 2, (y1 + y2) / 2
+    cx, cy = a * mx + b * my + tx, c * mx + d * my + ty
+    hw, hh = (x2 - x1) * scale / 2, (y2 - y1) * scale / 2
+    box = np.array([cx - hw, cy - hh, cx + hw, cy + hh])
     if detection.landmarks is not None:
         landmarks = _apply(matrix, detection.landmarks)
     else:
@@ -514,13 +538,23 @@ def align_face(image: np.ndarray, detection: Detection, spec: ChipSpec = DEFAULT
 MIN_BOX_SIDE = 1.0
 
 
-def _valid_box(box: np.ndarray) -> np.ndarray:
-    """Finite, at least MIN_BOX_SIDE wide and high, float32."""
-    box = np.nan_to_num(np.asarray(box, dtype=np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
-    x1, y1, x2, y2 = np.clip(box, -1e6, 1e6)
+def _finite(value: float) -> float:
+    """NaN as 0, anything else clipped to +-1e6 (infinities included)."""
+    return 0.0 if value != value else min(max(value, -1e6), 1e6)
+
+
+def _valid_corners(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float, float, float]:
+    """Finite corners of a box at least MIN_BOX_SIDE wide and high, about the same centre."""
+    x1, y1, x2, y2 = _finite(x1), _finite(y1), _finite(x2), _finite(y2)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     half_w, half_h = max(abs(x2 - x1), MIN_BOX_SIDE) / 2, max(abs(y2 - y1), MIN_BOX_SIDE) / 2
-    return np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dtype=np.float32)
+    return (cx - half_w, cy - half_h, cx + half_w, cy + half_h)
+
+
+def _valid_box(box: np.ndarray) -> np.ndarray:
+    """Finite, at least MIN_BOX_SIDE wide and high, float32."""
+    corners = np.asarray(box, dtype=np.float64).reshape(4).tolist()
+    return np.array(_valid_corners(*corners), dtype=np.float32)
 
 
 def triple_boxes(box, nose) -> np.ndarray:
@@ -541,7 +575,7 @@ def triple_boxes(box, nose) -> np.ndarray:
         (nx - half_middle, ny - half_middle, nx + half_middle, ny + half_middle),
         (nx - half_inner, ny - half_inner, nx + half_inner, ny + half_inner),
     ]
-    return np.stack([_valid_box(b) for b in boxes])
+    return np.array([_valid_corners(*b) for b in boxes], dtype=np.float32)
 
 
 def single_box(box, margin: float = 0.4) -> np.ndarray:
@@ -551,16 +585,20 @@ def single_box(box, margin: float = 0.4) -> np.ndarray:
     return _valid_box((x1 - dx, y1 - dy, x2 + dx, y2 + dy))
 
 
+def _crop_matrix(box, size: int) -> np.ndarray:
+    """2x3 matrix mapping image pixels into the (size, size) crop of ``box`` (x1, y1, x2, y2)."""
+    x1, y1, x2, y2 = _valid_box(box).tolist()
+    sx, sy = size / (x2 - x1), size / (y2 - y1)
+    # Pixel centres: output pixel u samples x = x1 + (u + 0.5) / sx - 0.5, as cv2.resize does.
+    return np.array([[sx, 0.0, (0.5 - x1) * sx - 0.5], [0.0, sy, (0.5 - y1) * sy - 0.5]])
+
+
 def crop(image: np.ndarray, box, size: int = 64) -> np.ndarray:
     """Cut ``box`` (x1, y1, x2, y2) out of a BGR uint8 image and resize it to (size, size, 3) uint8.
 
     Bilinear sampling; parts of the box outside the image are zero (black), as the reference's padding.
     """
-    x1, y1, x2, y2 = (float(v) for v in _valid_box(box))
-    sx, sy = size / (x2 - x1), size / (y2 - y1)
-    # Pixel centres: output pixel u samples x = x1 + (u + 0.5) / sx - 0.5, as cv2.resize does.
-    matrix = np.array([[sx, 0.0, (0.5 - x1) * sx - 0.5], [0.0, sy, (0.5 - y1) * sy - 0.5]])
-    return warp(image, matrix, (size, size))
+    return warp(image, _crop_matrix(box, size), (size, size))
 
 
 def mask_context(chip: np.ndarray, inner_box, context: float) -> np.ndarray:
@@ -582,6 +620,42 @@ def mask_context(chip: np.ndarray, inner_box, context: float) -> np.ndarray:
     return masked
 
 
+def crop_names(layout: str) -> tuple[str, ...]:
+    """The names of a crop layout's crops, in the order :func:`crop_stack` stacks them."""
+    if layout not in CROP_LAYOUTS:
+        raise UsageError(f"Unknown crop layout {layout!r}; expected one of {', '.join(CROP_LAYOUTS)}.")
+    return CROP_NAMES if layout == "triple" else ("image",)
+
+
+def crop_stack(
+    chip: np.ndarray,
+    boxes: np.ndarray,
+    single: np.ndarray,
+    layout: str = "triple",
+    size: int = 64,
+    context: float = 0.0,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`model_crops` as one (K, size, size, 3) uint8 array, in :func:`crop_names` order; written
+    into ``out`` when given (each crop warped straight into it: no copies)."""
+    names = crop_names(layout)
+    boxes = np.asarray(boxes).reshape(3, 4)
+    chip = mask_context(chip, boxes[2], context)
+    if out is None:
+        out = np.empty((len(names), size, size, 3), np.uint8)
+    for index, box in enumerate(boxes if layout == "triple" else (single,)):
+        cv2.warpAffine(
+            chip,
+            _crop_matrix(box, size),
+            (size, size),
+            dst=out[index],
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=(0, 0, 0),
+        )
+    return out
+
+
 def model_crops(
     chip: np.ndarray,
     boxes: np.ndarray,
@@ -595,12 +669,8 @@ def model_crops(
 
     ``context`` > 0 first zeroes the chip outside the window of that many inner-box widths (``mask_context``).
     """
-    if layout not in CROP_LAYOUTS:
-        raise UsageError(f"Unknown crop layout {layout!r}; expected one of {', '.join(CROP_LAYOUTS)}.")
-    chip = mask_context(chip, np.asarray(boxes).reshape(3, 4)[2], context)
-    if layout == "triple":
-        return {name: crop(chip, b, size) for name, b in zip(CROP_NAMES, boxes, strict=True)}
-    return {"image": crop(chip, single, size)}
+    stack = crop_stack(chip, boxes, single, layout, size, context)
+    return dict(zip(crop_names(layout), stack, strict=True))
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -615,8 +685,14 @@ class FacePipeline:
         pad_retry: float = 0.25,
         retry_min_score: float = 0.8,
         max_side: int | None = DEFAULT_MAX_SIDE,
+        min_score: float | None = None,
+        detector_threads: int | None = None,
     ):
         self.detector_name = detector
+        self.detector_threads = detector_threads  # MTCNN's LiteRT threads (None: its default)
+        # The lowest detector score kept, on the first search and the padded retry (None: the detector's
+        # own threshold, then retry_min_score).
+        self.min_score = None if min_score is None else float(min_score)
         self.spec = spec
         self.min_face = int(min_face)
         self.pad_retry = float(pad_retry)
@@ -635,23 +711,39 @@ class FacePipeline:
         if self._detector is None:  # built lazily: the detector's interpreters load on first use
             with self._lock:  # once, however many threads ask first
                 if self._detector is None:
-                    options = {"max_side": self.max_side} if self.detector_name == "mtcnn" else {}
+                    options = {}
+                    if self.detector_name == "mtcnn":
+                        options = {"max_side": self.max_side, "threads": self.detector_threads}
                     self._detector = make_detector(self.detector_name, min_face=self.min_face, **options)
         return self._detector
+
+    def copy(self, detector_threads: int | None = None) -> FacePipeline:
+        """The same pipeline with a detector of its own (built on first use), for another thread."""
+        return FacePipeline(
+            self.detector_name,
+            self.spec,
+            self.min_face,
+            self.pad_retry,
+            self.retry_min_score,
+            self.max_side,
+            self.min_score,
+            detector_threads,
+        )
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Faces in a BGR photo, most confident first. When none is found and ``pad_retry`` > 0, detect again
         on the photo padded with black by that fraction of its longer side, accepting scores down to
         ``retry_min_score``: faces cropped tightly or cut by the border (UTKFace's chips, say) are found
         that way."""
-        detections = self.detector.detect(image)
+        detections = self.detector.detect(image, min_score=self.min_score)
         if detections or self.pad_retry <= 0:
             return detections
         # The pad is a fraction of the longer side, but at most 4 times the shorter one: the padded photo is
         # then at most (1 + 8 pad_retry)^2 times the photo's pixels, whatever its shape (a 10 x 100000 strip).
         pad = int(round(self.pad_retry * min(max(image.shape[:2]), 4 * min(image.shape[:2]))))
         padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        return [_shift(d, -pad) for d in self.detector.detect(padded, min_score=self.retry_min_score)]
+        retry = self.retry_min_score if self.min_score is None else self.min_score
+        return [_shift(d, -pad) for d in self.detector.detect(padded, min_score=retry)]
 
     def process(
         self,

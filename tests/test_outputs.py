@@ -106,16 +106,16 @@ def test_interrupted_predict_keeps_the_finished_images(album, tmp_path, capsys, 
     """Ctrl-C after the first image: its JSON and CSV rows are written, and the command says so."""
     from c3ae import estimator as estimator_module
 
-    original = estimator_module.AgeGenderEstimator.predict_many
+    original = estimator_module.AgeGenderEstimator.estimate_aligned  # one call per batch of photos
     calls = []
 
-    def interrupt_second_call(self, images):
+    def interrupt_second_call(self, faces):
         calls.append(1)
         if len(calls) > 1:
             raise KeyboardInterrupt
-        return original(self, images)
+        return original(self, faces)
 
-    monkeypatch.setattr(estimator_module.AgeGenderEstimator, "predict_many", interrupt_second_call)
+    monkeypatch.setattr(estimator_module.AgeGenderEstimator, "estimate_aligned", interrupt_second_call)
     photos = tmp_path / "many"
     photos.mkdir()
     for index in range(10):

@@ -15,7 +15,7 @@ from c3ae.cli import main
 
 OBAMA = REPO / "assets" / "obama.jpg"
 ASTRONAUT = REPO / "assets" / "astronaut.jpg"
-FACE_KEYS = {"box", "landmarks", "detector_score", "age", "age_std", "gender", "gender_prob"}
+FACE_KEYS = {"box", "box_xywh", "landmarks", "detector_score", "age", "age_std", "gender", "gender_prob"}
 
 
 @pytest.fixture(scope="module")
