@@ -102,7 +102,7 @@ def convert(
         job_file = work / "job.json"
         job_file.write_text(json.dumps(job))
         log_file = work / "converter.log"
-        doing = f"converting to {what} in a child process (stopped after {timeout:g} s)"
+        doing = f"converting to {what} in a child process (at most {timeout:g} s)"
         with open(log_file, "wb") as handle, stage(doing, then="checking the artifact against Keras"):
             try:
                 done = subprocess.run(
