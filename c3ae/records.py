@@ -66,9 +66,9 @@ def _json_object(data: str | Path | Mapping[str, Any], file_name: str | None) ->
             path = path / file_name
         where = str(path)
         try:
-            text = path.read_text()
-        except UnicodeDecodeError as error:
-            raise DataError(f"{where} is not a JSON text ({error}).") from error
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{where} is not a JSON text: it is not UTF-8 (a binary file?).") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -377,6 +377,15 @@ class Shard(Record):
     rows: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        file = self.file
+        if not isinstance(file, str) or not file.strip() or "\x00" in file:
+            raise DataError(
+                f"The manifest shard file {file!r:.80} is not a file name; run 'c3ae preprocess' again."
+            )
+        if not isinstance(self.split, str) or not self.split or len(self.split) > 40:
+            raise DataError(f"The manifest shard {file} has the split {self.split!r:.40}; a split is a name.")
+
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class Manifest(Record):
@@ -404,6 +413,25 @@ class Manifest(Record):
     shards: list[Shard]
     timing: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Refuse (DataError, one sentence naming the key) columns that are not names and a face pipeline
+        whose chip is outside ``c3ae.export.metadata.CHIP_RANGES``: the crops are cut with it."""
+        if self.columns is not None and not (
+            isinstance(self.columns, list) and all(isinstance(c, str) for c in self.columns)
+        ):
+            raise DataError(
+                f"The manifest's columns must be a list of column names, not {self.columns!r:.60}."
+            )
+        if self.face_pipeline is not None:
+            from c3ae.export.metadata import ForeignModelError, check_chip
+
+            if not isinstance(self.face_pipeline, Mapping):
+                raise DataError("The manifest's face_pipeline must be a table of settings.")
+            try:
+                check_chip(self.face_pipeline.get("chip"), "the manifest's face_pipeline")
+            except ForeignModelError as error:
+                raise DataError(str(error)) from None
 
     def __str__(self) -> str:
         """What ``c3ae preprocess`` prints: kept and rejected photos per split, and the speed."""

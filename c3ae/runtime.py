@@ -146,8 +146,9 @@ class TFLiteBackend(Backend):
             )
             self.delegate = not degenerate_int8_tensors(probe) if xnnpack is None else bool(xnnpack)
             self._interpreter = probe if not self.delegate else self._build()
-        except ValueError as error:
-            raise BackendError(f"Not a readable TFLite model: {error}") from error
+        except (ValueError, RuntimeError) as error:  # RuntimeError: a graph XNNPACK cannot prepare
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise BackendError(f"Not a readable TFLite model: {reason}") from error
         signatures = self._interpreter.get_signature_list()
         if not signatures:
             raise BackendError("The TFLite model has no signature; export it with 'c3ae export'.")
@@ -460,6 +461,11 @@ def _from_bytes(kind: str, data: bytes, threads: int | None, origin: str) -> Bac
     description (family, a face pipeline within range) whose inputs are the graph's."""
     from c3ae.export.metadata import ForeignModelError, check_description
 
+    if kind == "tflite" and data[4:8] == b"TFL3":  # checked before LiteRT prepares a graph of anyone's
+        try:
+            check_description(tflite_metadata(data), origin)
+        except ForeignModelError as error:
+            raise BackendError(str(error)) from None
     try:
         backend = TFLiteBackend(data, threads) if kind == "tflite" else OnnxBackend(data, threads)
     except BackendError as error:

@@ -21,6 +21,124 @@ from ai_edge_litert.interpreter import Interpreter
 HERE = Path(__file__).resolve().parent
 
 
+# ------------------------------------------------------------------------------------------ bundle.json
+class BundleError(ValueError):
+    """A bundle.json that cannot be this bundle's: a value outside its range, a file outside the folder."""
+
+
+# (key path, low, high, integer?): every number the reference reads, with the range it may take. A
+# tampered bundle.json must not divide by zero (a pyramid factor of 1), run for minutes (0.9999) or
+# allocate without bound (a chip of 10**9 pixels). The chip's ranges are c3ae.export.metadata.CHIP_RANGES.
+RANGES = [
+    ("detector.min_face", 4, 10000, False),
+    ("detector.min_score", 0, 1, False),
+    ("detector.retry_min_score", 0, 1, False),
+    ("detector.pad_retry", 0, 1, False),
+    ("detector.outside_pixel", 0, 255, False),
+    ("detector.pyramid.factor", 0.1, 0.9, False),
+    ("detector.pyramid.cell", 12, 12, True),
+    ("detector.thresholds.pnet", 0, 1, False),
+    ("detector.thresholds.rnet", 0, 1, False),
+    ("detector.thresholds.onet", 0, 1, False),
+    ("alignment.box_aspect", 0.5, 2, False),
+    ("alignment.chip.size", 16, 1024, True),
+    ("alignment.chip.face_width", 0.05, 1, False),
+    ("alignment.chip.jpeg_quality", 1, 100, True),
+    ("alignment.chip.single_margin", 0, 2, False),
+    ("alignment.chip.context", 0, 10, False),
+]
+MAX_SIDE = (32, 10000)  # detector.max_side: 0 (no limit) or this many pixels
+INPUTS = ("outer", "middle", "inner", "image")
+
+
+def _at(spec: dict, key: str):
+    value = spec
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise BundleError(
+                f"bundle.json has no {key}; export the bundle again with 'c3ae export --bundle'."
+            )
+        value = value[part]
+    return value
+
+
+def _number(key: str, value, low: float, high: float, integer: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not low <= value <= high or (integer and float(value) != int(value)):
+        what = "an integer" if integer else "a number"
+        allowed = f"{low:g}" if low == high else f"from {low:g} to {high:g}"
+        raise BundleError(f"bundle.json: {key} is {value!r:.40}; it must be {what} {allowed}.")
+    return value
+
+
+def _inside(folder: Path, key: str, name) -> Path:
+    """``folder / name`` if ``name`` is a relative path to a file inside the bundle folder."""
+    root = folder.resolve()
+    path = (root / str(name)).resolve() if isinstance(name, str) and name else None
+    if path is None or Path(name).is_absolute() or ".." in Path(name).parts or not path.is_relative_to(root):
+        raise BundleError(f"bundle.json: {key} is {name!r:.60}; it must name a file inside the bundle.")
+    if not path.is_file():
+        raise BundleError(f"bundle.json: {key} names {name}, which is not in the bundle folder.")
+    return path
+
+
+def check_spec(spec, folder: Path = HERE) -> dict:
+    """``spec`` (bundle.json) if every value the reference reads is within its range and every file it
+    names lies inside ``folder``; else :class:`BundleError`, one sentence naming the key and its range."""
+    if not isinstance(spec, dict) or spec.get("format") != "c3ae-bundle":
+        raise BundleError("bundle.json is not a c3ae bundle description (format 'c3ae-bundle').")
+    for key, low, high, integer in RANGES:
+        _number(key, _at(spec, key), low, high, integer)
+    max_side = _at(spec, "detector.max_side")
+    if max_side:
+        _number("detector.max_side", max_side, *MAX_SIDE, integer=True)
+    for stage in ("pnet_level", "pnet_all", "rnet", "onet"):
+        pair = _at(spec, f"detector.nms.{stage}")
+        if not isinstance(pair, list) or len(pair) != 2 or pair[1] not in ("union", "min"):
+            raise BundleError(f"bundle.json: detector.nms.{stage} must be [threshold, 'union' or 'min'].")
+        _number(f"detector.nms.{stage}[0]", pair[0], 0, 1)
+    files = _at(spec, "detector.files")
+    if not isinstance(files, dict) or set(files) != {"pnet", "rnet", "onet"}:
+        raise BundleError("bundle.json: detector.files must name the pnet, rnet and onet files.")
+    for name, file in files.items():
+        _inside(folder, f"detector.files.{name}", file)
+    template = _at(spec, "alignment.template_in_box")
+    if not isinstance(template, list) or len(template) != 5:
+        raise BundleError("bundle.json: alignment.template_in_box must hold 5 points.")
+    for index, point in enumerate(template):
+        if not isinstance(point, list) or len(point) != 2:
+            raise BundleError(f"bundle.json: alignment.template_in_box[{index}] must be a point [x, y].")
+        for value in point:
+            _number(f"alignment.template_in_box[{index}]", value, 0, 1)
+    models = spec.get("models")
+    if not isinstance(models, list) or not 1 <= len(models) <= 4:
+        raise BundleError("bundle.json: models must list from 1 to 4 models.")
+    for index, model in enumerate(models):
+        key = f"models[{index}]"
+        if not isinstance(model, dict):
+            raise BundleError(f"bundle.json: {key} is not a model description.")
+        _inside(folder, f"{key}.file", model.get("file"))
+        inputs = model.get("inputs")
+        if not isinstance(inputs, dict) or not inputs or not set(inputs) <= set(INPUTS):
+            raise BundleError(f"bundle.json: {key}.inputs must name crops among {', '.join(INPUTS)}.")
+        for name, shape in inputs.items():
+            if not isinstance(shape, list) or len(shape) != 4:
+                raise BundleError(f"bundle.json: {key}.inputs.{name} must be a shape [N, S, S, 3].")
+            _number(f"{key}.inputs.{name}[1]", shape[1], 8, 512, integer=True)
+    if not isinstance(spec.get("flip", False), bool):
+        raise BundleError("bundle.json: flip must be true or false.")
+    return spec
+
+
+def read_spec(folder: Path = HERE) -> dict:
+    """The checked bundle.json of ``folder`` (:func:`check_spec`)."""
+    try:
+        spec = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise BundleError(f"bundle.json cannot be read as JSON ({type(error).__name__}).") from None
+    return check_spec(spec, folder)
+
+
 class Network:
     """A TFLite file run through its serving_default signature, inputs and outputs by name."""
 
@@ -217,7 +335,7 @@ def keep_context(chip: np.ndarray, inner, context: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ estimate
 def estimate(photo: np.ndarray, folder: Path = HERE) -> list[dict]:
     """Every face of a uint8 BGR photo: box (x, y, w, h), landmarks, score, age, age_std, gender."""
-    spec = json.loads((folder / "bundle.json").read_text())
+    spec = read_spec(folder)
     d, a = spec["detector"], spec["alignment"]
     nets = {name: Network(folder / file) for name, file in d["files"].items()}
     models = [(Network(folder / m["file"]), m) for m in spec["models"]]
@@ -273,4 +391,7 @@ if __name__ == "__main__":
     image = cv2.imread(sys.argv[1], cv2.IMREAD_COLOR)
     if image is None:
         sys.exit(f"{sys.argv[1]} is not a readable image")
-    print(json.dumps(estimate(image), indent=1))
+    try:
+        print(json.dumps(estimate(image), indent=1))
+    except BundleError as error:
+        sys.exit(f"reference.py: {error}")

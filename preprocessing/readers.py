@@ -154,23 +154,41 @@ def _require_file(path: Path) -> str:
     return str(path)
 
 
+def _not_text(path: Path, reason: str) -> DataError:
+    return DataError(
+        f"{path} is not a UTF-8 text file ({reason}); give the dataset's label file, saved as UTF-8."
+    )
+
+
 def _read_lines(path: Path) -> list[str]:
-    """Stripped lines, trailing empty lines dropped."""
-    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    """Stripped lines, trailing empty lines dropped; DataError for a file that is not UTF-8 text."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _not_text(path, "it is binary or in another encoding") from None
+    if "\x00" in text:
+        raise _not_text(path, "it holds NUL bytes")
+    lines = [line.strip() for line in text.splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     return lines
 
 
 def _read_csv(path: Path) -> tuple[dict[str, str], list[tuple[int, dict[str, str]]]]:
-    """``({lower-case column: column as written}, [(line number, row), ...])`` of a CSV file."""
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = {name.strip().lower(): name for name in (reader.fieldnames or []) if name is not None}
-        rows = []
-        for row in reader:
-            if any((value or "").strip() for key, value in row.items() if key is not None):
-                rows.append((reader.line_num, row))
+    """``({lower-case column: column as written}, [(line number, row), ...])`` of a CSV file; DataError
+    (one sentence) for a file that is not UTF-8 CSV text (a binary file, NUL bytes, a runaway field)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = {name.strip().lower(): name for name in (reader.fieldnames or []) if name is not None}
+            rows = []
+            for row in reader:
+                if any((value or "").strip() for key, value in row.items() if key is not None):
+                    rows.append((reader.line_num, row))
+    except UnicodeDecodeError:
+        raise _not_text(path, "it is binary or in another encoding") from None
+    except csv.Error as error:
+        raise _not_text(path, f"line {reader.line_num}: {error}") from None
     return columns, rows
 
 
@@ -491,6 +509,11 @@ class CsvReader(DatasetReader):
         if any(has_box) and not all(has_box):
             missing = [c for c, present in zip(box_columns, has_box, strict=True) if not present]
             raise DataError(f"{csv_path}: box columns need all of box1..box4; missing {', '.join(missing)}")
+        if "age" not in columns and "gender" not in columns:
+            raise DataError(
+                f"{csv_path}: needs an 'age' column (years) or, for a gender-only dataset, a 'gender' "
+                f"column; found {list(columns)}"
+            )
         base = csv_path.parent
         samples, rejects = [], []
         for line, row in rows:
