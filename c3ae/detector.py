@@ -233,8 +233,9 @@ def crop_and_resize(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarr
         stop = min(start + chunk, len(boxes))
         patches[start:stop] = _remap_patches(image, xs[start:stop], ys[start:stop])
     # tf.image.crop_and_resize fills a whole sample row or column that leaves the image.
-    inside = ((ys >= 0) & (ys <= height - 1))[:, :, None] & ((xs >= 0) & (xs <= width - 1))[:, None, :]
-    patches[~inside] = OUTSIDE_PIXEL
+    rows, columns = (ys >= 0) & (ys <= height - 1), (xs >= 0) & (xs <= width - 1)
+    if not (rows.all() and columns.all()):  # most boxes lie inside the photo
+        patches[~(rows[:, :, None] & columns[:, None, :])] = OUTSIDE_PIXEL
     return patches
 
 

@@ -142,6 +142,10 @@ from c3ae.faces import FacePipeline
 results = {}
 image, boxes = crowd(200, 40)
 results["crowd"] = int((MTCNN().detect(image)[:, 4] >= 0.9).sum())
+# 1000 faces (tiny once the photo is searched at 1280 pixels): thousands of R-Net proposals, which one
+# remap call refused.
+image, boxes = crowd(1000, 40)
+results["crowd_1000"] = MTCNN().detect(image).shape[1]
 # A strip wider than remap's limit, searched at full size: 180 faces in a row.
 strip = np.full((48, 36000, 3), 128, np.uint8)
 for x in range(0, 36000 - 44, 200):
@@ -164,5 +168,5 @@ def test_crowds_strips_and_thin_photos_under_a_memory_limit():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
-    assert results["crowd"] >= 200 and results["strip"] == 180
+    assert results["crowd"] >= 200 and results["strip"] == 180 and results["crowd_1000"] == 15
     assert all(results[shape] == 0 for shape in ("10x100000", "100000x10", "1x1", "12x12", "30x20000"))
