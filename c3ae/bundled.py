@@ -487,6 +487,7 @@ def publish(
         teacher=teacher,
     )
     card = ModelCard.from_json(without_machine_paths(card.to_dict()))
+    model.preprocessing = card_preprocessing(card)  # the .keras file carries its card's face pipeline
     WEIGHTS_DIR.mkdir(exist_ok=True)
     for suffix, write in (
         # The model alone (loaded without its optimizer): a third of the checkpoint's size.
