@@ -686,10 +686,8 @@ class FacePipeline:
         retry_min_score: float = 0.8,
         max_side: int | None = DEFAULT_MAX_SIDE,
         min_score: float | None = None,
-        detector_threads: int | None = None,
     ):
         self.detector_name = detector
-        self.detector_threads = detector_threads  # MTCNN's LiteRT threads (None: its default)
         # The lowest detector score kept, on the first search and the padded retry (None: the detector's
         # own threshold, then retry_min_score).
         self.min_score = None if min_score is None else float(min_score)
@@ -711,24 +709,9 @@ class FacePipeline:
         if self._detector is None:  # built lazily: the detector's interpreters load on first use
             with self._lock:  # once, however many threads ask first
                 if self._detector is None:
-                    options = {}
-                    if self.detector_name == "mtcnn":
-                        options = {"max_side": self.max_side, "threads": self.detector_threads}
+                    options = {"max_side": self.max_side} if self.detector_name == "mtcnn" else {}
                     self._detector = make_detector(self.detector_name, min_face=self.min_face, **options)
         return self._detector
-
-    def copy(self, detector_threads: int | None = None) -> FacePipeline:
-        """The same pipeline with a detector of its own (built on first use), for another thread."""
-        return FacePipeline(
-            self.detector_name,
-            self.spec,
-            self.min_face,
-            self.pad_retry,
-            self.retry_min_score,
-            self.max_side,
-            self.min_score,
-            detector_threads,
-        )
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         """Faces in a BGR photo, most confident first. When none is found and ``pad_retry`` > 0, detect again
