@@ -234,14 +234,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run (checkpoints, logs, config).")
     summaries = _finished_stages(stages, out)
-    if summaries is None:  # TensorFlow only now: a finished run answers at once
-        _quiet_tensorflow(load=True)
-        from c3ae.train import TrainingError, train_stages
-
-        try:
-            summaries = train_stages(stages, out)
-        except (ConfigError, TrainingError, FileNotFoundError) as error:
-            raise UserError(str(error)) from error
+    if summaries is None:  # TensorFlow only now: a finished or busy run folder answers at once
+        summaries = _train_holding(stages, out)
     else:
         print(
             f"{out} holds a finished run of this config; nothing to train (rerun with more train.epochs "
@@ -257,6 +251,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"model: {folder / 'best.keras'}"
         )
     return 0
+
+
+def _train_holding(stages: list, out: Path) -> list[dict]:
+    """Train the stages into ``out``, holding it (``c3ae.run_folder.RunLock``) from before TensorFlow loads,
+    so a second training on one folder is refused at once; multi-worker runs share theirs."""
+    import contextlib
+
+    from c3ae.config import ConfigError
+    from c3ae.run_folder import RunLock
+
+    shared = any(config.train.strategy == "multiworker" for _, config in stages)
+    with contextlib.nullcontext() if shared else RunLock(out):
+        _quiet_tensorflow(load=True)
+        from c3ae.train import TrainingError, train_stages
+
+        try:
+            return train_stages(stages, out)
+        except (ConfigError, TrainingError, FileNotFoundError) as error:
+            raise UserError(str(error)) from error
 
 
 def _finished_stages(stages: list, out: Path) -> list[dict] | None:

@@ -19,7 +19,8 @@ class RunFolderBusyError(C3AEError, RuntimeError):
     """Another training holds the run folder."""
 
 
-_held: dict[Path, list] = {}  # folder -> [open file descriptor, depth]: re-entrant within one process
+# folder -> [open file descriptor, depth, whether the lock created the folder]: re-entrant in one process
+_held: dict[Path, list] = {}
 
 
 def _alive(pid: int) -> bool:
@@ -59,9 +60,22 @@ class RunLock:
         if key in _held:
             _held[key][1] += 1
             return self
+        created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        _held[key] = [self._acquire(), 1]
+        try:
+            _held[key] = [self._acquire(), 1, created]
+        except BaseException:
+            self._remove_if_empty(created)
+            raise
         return self
+
+    def _remove_if_empty(self, created: bool) -> None:
+        """Remove the folder this lock created when nothing was written to it (a run that failed at once)."""
+        if created:
+            try:
+                self.folder.rmdir()
+            except OSError:  # not empty: a run's files
+                pass
 
     def __exit__(self, *exc) -> None:
         key = self.folder.resolve()
@@ -79,6 +93,7 @@ class RunLock:
             pass
         if fd is not None:
             os.close(fd)
+        self._remove_if_empty(entry[2])
 
     def _busy(self) -> RunFolderBusyError:
         pid, host = _holder(self.path)

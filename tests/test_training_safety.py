@@ -58,30 +58,29 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
         assert (folder / LOCK_FILE).read_text().split()[0] == str(os.getpid())
 
 
-def test_the_cli_refuses_a_busy_run_folder(tmp_path, capsys):
-    from test_data import build_tiny_manifest
+def test_the_cli_refuses_a_busy_run_folder_before_loading_tensorflow(tmp_path, monkeypatch, capsys):
+    import c3ae.cli as cli
 
-    from c3ae.cli import main
-
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    manifest = build_tiny_manifest(shards)["manifest"]
+    loaded = []
+    monkeypatch.setattr(cli, "_quiet_tensorflow", lambda load=False: loaded.append(load))
     child = _hold_in_child(tmp_path / "run")
     try:
-        argv = [
-            "train",
-            "c3ae",
-            "--out",
-            str(tmp_path / "run"),
-            f"data.manifest={manifest}",
-            "train.epochs=1",
-        ]
-        assert main(argv) == 2
+        assert cli.main(["train", "c3ae", "--out", str(tmp_path / "run"), "data.manifest=m.json"]) == 2
     finally:
         child.kill()
         child.wait()
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is in use by another c3ae train" in err and "give another --out" in err
+    assert True not in loaded  # at once: it took 30 s to say so when it loaded TensorFlow first
+
+
+def test_a_run_that_fails_at_once_leaves_no_folder_behind(tmp_path, capsys):
+    from c3ae.cli import main
+
+    missing = f"data.manifest={tmp_path / 'none' / 'manifest.json'}"
+    assert main(["train", "c3ae", "--out", str(tmp_path / "new"), missing]) == 2
+    assert "data.manifest: No manifest at" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 # ------------------------------------------------------------------------------- atomic resume backups
