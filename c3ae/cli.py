@@ -15,7 +15,8 @@ from pathlib import Path
 from c3ae._version import __version__
 from c3ae.bundled import DEFAULT_MODEL
 from c3ae.errors import C3AEError
-from c3ae.files import atomic_write_text
+from c3ae.files import atomic_write_text, stdout_gone
+from c3ae.signals import catch_sigterm, interrupted_code, release_sigterm, terminated
 
 
 class UserError(C3AEError):
@@ -233,6 +234,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run (checkpoints, logs, config).")
+    for index, (name, _) in enumerate(stages):  # never a config.yaml or log.csv of the user's
+        _check_ours(out / f"{index + 1}-{name}" if name else out, "--out", _run_files())
     summaries = _finished_stages(stages, out)
     if summaries is None:  # TensorFlow only now: a finished or busy run folder answers at once
         summaries = _train_holding(stages, out)
@@ -484,6 +487,25 @@ def _check_output(path, option: str, inputs=(), replaceable=(), folder: bool = F
         raise UserError(str(error)) from error
 
 
+def _run_files() -> dict:
+    """A training run folder's files that a rerun replaces or appends to, with the test that c3ae wrote
+    them (``config.yaml`` from ``dump_config``, Keras' ``log.csv``)."""
+    from c3ae.files import text_starting
+
+    return {"config.yaml": text_starting("model:"), "log.csv": text_starting("epoch,")}
+
+
+def _check_ours(folder, option: str, ours) -> None:
+    """Refuse, as a one-line user error, a folder holding files of the user's where this command writes
+    its own (``c3ae.files.check_ours``)."""
+    from c3ae.files import OutputError, check_ours
+
+    try:
+        check_ours(folder, option, ours)
+    except OutputError as error:
+        raise UserError(str(error)) from error
+
+
 def _distinct_outputs(*outputs: tuple[str, object]) -> None:
     """Two outputs of one command on one path, refused as a one-line user error."""
     from c3ae.files import OutputError, distinct_outputs
@@ -548,7 +570,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             bar.update(1)
             if stdout_free:
                 labels = ", ".join(face.label for face in result["faces"]) or "no face"
-                tqdm.write(f"{result['path']}: {labels}", file=sys.stdout)
+                try:
+                    tqdm.write(f"{result['path']}: {labels}", file=sys.stdout)
+                except BrokenPipeError:  # the reader left (`| head -1`): the files still get every image
+                    stdout_gone()
+                    stdout_free = False
+                    if not (args.json or args.csv or args.output_dir):
+                        raise
     except KeyboardInterrupt:  # the images finished so far are results too: written below
         interrupted = True
     finally:
@@ -556,19 +584,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     records = [{"path": r["path"], "faces": [face.to_dict() for face in r["faces"]]} for r in results]
     text = "[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]\n" if records else "[]\n"
-    if args.json == "-":
-        sys.stdout.write(text)
-    elif args.json:
-        atomic_write_text(args.json, text)
+    buffer = io.StringIO()
     if args.csv:
-        buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(csv_rows(results))
-        if args.csv == "-":
-            sys.stdout.write(buffer.getvalue())
-        else:
-            atomic_write_text(args.csv, buffer.getvalue())
+    texts = [(args.json, text), (args.csv, buffer.getvalue())]
+    for target, content in texts:  # the files first: a reader of stdout that left cannot lose them
+        if target and target != "-":
+            atomic_write_text(target, content)
+    for target, content in texts:
+        if target == "-":
+            try:
+                sys.stdout.write(content)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                stdout_gone()
     faces = sum(len(r["faces"]) for r in results)
     reasons = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in sorted(skipped.items()))
     print(
@@ -583,7 +614,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             + (f"; their results are in {written}" if written else ""),
             file=sys.stderr,
         )
-        return 130
+        return interrupted_code()
     return 0 if results or not skipped else 1
 
 
@@ -599,6 +630,11 @@ def cmd_video(args: argparse.Namespace) -> int:
         raise UserError(f"--output {args.output}: use a file name ending in {', '.join(FOURCC)}.")
     _distinct_outputs(("--output", args.output), ("--jsonl", args.jsonl))
     open_capture(source).release()  # fail before loading the model
+    if not (args.output or args.jsonl or args.show):
+        raise UserError(
+            "Nothing would be written: give --output FILE.mp4 for the annotated video, --jsonl FILE (or -) "
+            "for the faces of each frame, or --show to watch."
+        )
     estimator = _make_estimator(args, pad_retry=0.0)
     summary = process_video(
         source,
@@ -614,7 +650,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     print(summary, file=sys.stderr)
     if args.verbose:
         print(summary.stage_table(), file=sys.stderr)
-    return 130 if summary.interrupted else 0
+    return interrupted_code() if summary.interrupted else 0
 
 
 def _non_negative(unit: str):
@@ -695,11 +731,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     inputs = [args.model] if Path(args.model).exists() else []
     if args.bundle:
+        from c3ae.export.bundle import bundle_files
+
         _check_output(args.bundle, "--bundle", inputs, folder=True)
+        _check_ours(args.bundle, "--bundle", bundle_files(args.bundle))  # never a README.md of the user's
         return _export_bundle(args)
     if not args.output:
         raise UserError("Give -o/--output for the artifact, or --bundle DIR for a deployable folder.")
     _check_output(args.output, "-o", inputs, ("tflite", "binary", "folder"))
+    _check_report(args.output)
     from c3ae.export.verify import ConverterError, ExportError, export_model
     from c3ae.progress import spinner
 
@@ -723,11 +763,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_report(output) -> None:
+    """Refuse an ``<output>.report.json`` that is not an export report of c3ae: export replaces it."""
+    from c3ae.files import foreign_files, json_holding
+    from c3ae.records import report_path
+
+    report = report_path(output)
+    is_report = json_holding(status=..., artifact=..., format=..., quantisation=...)
+    if foreign_files(report.parent, {report.name: is_report}):
+        raise UserError(
+            f"-o {output}: its report {report} exists and is not one c3ae wrote; move it away or choose "
+            "another output name."
+        )
+
+
 def _export_bundle(args: argparse.Namespace) -> int:
     from c3ae.export.bundle import write_bundle
+    from c3ae.files import OutputError
 
     try:
-        spec = write_bundle(args.model, args.bundle)
+        spec = write_bundle(args.model, args.bundle, option="--bundle")
+    except OutputError as error:
+        raise UserError(str(error)) from error
     except (C3AEError, FileNotFoundError) as error:
         raise UserError(
             f"{error} (--bundle takes a bundled model's name or a .tflite/.keras file)"
@@ -1298,10 +1355,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.verbose:
         os.environ["C3AE_VERBOSE"] = "1"
+    previous = catch_sigterm()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left shows here, not as "Exception ignored" at exit
+        return code
     except BrokenPipeError:  # the reader of our output went away (`c3ae models | head`): not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stdout_gone()
         return 0
     except KeyboardInterrupt:
         resumable = (
@@ -1309,8 +1369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command in ("preprocess", "label", "train")
             else ""
         )
-        print(f"c3ae {args.command}: interrupted.{resumable}", file=sys.stderr)
-        return 130
+        how = "stopped by SIGTERM" if terminated() else "interrupted"
+        print(f"c3ae {args.command}: {how}.{resumable}", file=sys.stderr)
+        return interrupted_code()
     except Exception as error:
         known = _known_error(error)
         if known is None:
@@ -1326,6 +1387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message, code = known
         print(f"c3ae {args.command}: error: {message}", file=sys.stderr)
         return code
+    finally:
+        release_sigterm(previous)
 
 
 def _known_error(error: Exception) -> tuple[str, int] | None:

@@ -615,10 +615,15 @@ def predict_files(
 
 
 def _annotated_name(target: Path, used: set[Path]) -> Path:
+    """The name of an annotated copy: ``target`` (``.png`` for a suffix OpenCV cannot write), else
+    ``<stem>-2``, ``-3``, ...: never a name this run used (``used``, updated) nor an existing file that no
+    c3ae run wrote (a user's ``party.png`` beside ``party.gif``; :func:`c3ae.files.replaceable_output`)."""
+    from c3ae.files import replaceable_output
+
     if target.suffix.lower() not in WRITABLE_SUFFIXES:
         target = target.with_suffix(".png")
     candidate, n = target, 2
-    while candidate.resolve() in used:
+    while candidate.resolve() in used or not replaceable_output(candidate):
         candidate = target.with_name(f"{target.stem}-{n}{target.suffix}")
         n += 1
     used.add(candidate.resolve())
@@ -626,16 +631,19 @@ def _annotated_name(target: Path, used: set[Path]) -> Path:
 
 
 def _write_image(target: Path, image: np.ndarray, faces: Sequence[Face]) -> None:
-    """The annotated copy, written to a temporary name and renamed. Draws on ``image`` itself (the caller
-    is done with it): no second full-size copy of a large photo."""
+    """The annotated copy, written to a temporary name and renamed, and recorded in its folder's
+    :data:`c3ae.files.OUTPUTS_MARKER`. Draws on ``image`` itself (the caller is done with it): no second
+    full-size copy of a large photo."""
     import cv2
 
     from c3ae.annotate import draw_faces
-    from c3ae.files import atomic_write_bytes
+    from c3ae.files import atomic_write_bytes, record_output
 
     ok, encoded = cv2.imencode(target.suffix.lower(), draw_faces(image, faces, copy=False))
     if not ok:
         raise OSError(f"OpenCV could not encode {target}.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    record_output(target)  # a later run may replace it: it is ours
     atomic_write_bytes(target, encoded.data)
 
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from c3ae.errors import C3AEError
@@ -146,6 +146,20 @@ def probe_writable(target: str | Path, size: int = 1 << 16) -> None:
         raise
     finally:
         probe.unlink(missing_ok=True)
+
+
+def stdout_gone() -> None:
+    """The reader of stdout went away (``| head``): send what is still to come to /dev/null, so that
+    neither later prints nor Python's flush at exit fail ("Exception ignored ... BrokenPipeError")."""
+    import sys
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a test's capture: nothing to redirect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -286,3 +300,114 @@ def distinct_outputs(outputs: Iterable[tuple[str, str | Path | None]]) -> None:
             if same:
                 raise OutputError(f"{other} and {option} both name {path}; give each output its own file.")
         seen[target] = option
+
+
+# ----------------------------------------------------------------------- names a command owns in a folder
+OUTPUTS_MARKER = ".c3ae-outputs"  # in an --output-dir folder: the names c3ae wrote there, one a line
+_recorded: dict[Path, tuple[tuple[int, int], frozenset[str]]] = {}
+
+
+def recorded_outputs(folder: str | Path) -> frozenset[str]:
+    """The file names c3ae recorded writing in ``folder`` (:func:`record_output`); empty without a marker."""
+    marker = Path(folder) / OUTPUTS_MARKER
+    try:
+        info = marker.stat()
+    except OSError:
+        return frozenset()
+    key = (info.st_mtime_ns, info.st_size)
+    cached = _recorded.get(marker)
+    if cached is None or cached[0] != key:
+        try:
+            names = frozenset(line for line in marker.read_text(errors="replace").splitlines() if line)
+        except OSError:
+            names = frozenset()
+        cached = _recorded[marker] = (key, names)
+    return cached[1]
+
+
+def record_output(target: str | Path) -> None:
+    """Note in the marker of ``target``'s folder that c3ae writes ``target`` (before it is written, so a
+    killed run's file is still known as ours); a later run may replace it, and nothing else."""
+    target = Path(target)
+    if target.name in recorded_outputs(target.parent):
+        return
+    with open(target.parent / OUTPUTS_MARKER, "a", encoding="utf-8") as handle:
+        handle.write(target.name + "\n")
+
+
+def replaceable_output(target: str | Path, kind: str = "image") -> bool:
+    """Whether ``target`` may be written: it does not exist, or it is a regular file of ``kind`` that a c3ae
+    run recorded writing there (:func:`record_output`). A user's file, a link, a device or a FIFO is not."""
+    target = Path(target)
+    if not (target.exists() or target.is_symlink()):
+        return True
+    if target.is_symlink() or not target.is_file() or written_in_place(target):
+        return False
+    return target.name in recorded_outputs(target.parent) and file_kind(target) == kind
+
+
+def json_holding(**values: object) -> Callable[[Path], bool]:
+    """A test of an existing file: a JSON object (under 64 MB) holding ``values`` (key: value; a value of
+    ``...`` only needs the key), as the JSON c3ae writes is recognised."""
+
+    def test(path: Path) -> bool:
+        import json
+
+        try:
+            if path.stat().st_size > 64 << 20:
+                return False
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return False
+        return isinstance(data, dict) and all(
+            key in data and (value is ... or data[key] == value) for key, value in values.items()
+        )
+
+    return test
+
+
+def text_starting(*prefixes: str) -> Callable[[Path], bool]:
+    """A test of an existing file: UTF-8 text that starts with one of ``prefixes``."""
+
+    def test(path: Path) -> bool:
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(max(len(p.encode()) for p in prefixes))
+        except OSError:
+            return False
+        return any(head.startswith(prefix.encode()) for prefix in prefixes)
+
+    return test
+
+
+def foreign_files(folder: str | Path, ours: Mapping[str, Callable[[Path], bool]]) -> list[str]:
+    """The names of ``ours`` (paths relative to ``folder``, each with the test that recognises the file a
+    c3ae run writes there) that exist in ``folder`` but are not ours: a user's file, a link, a device (an
+    empty file is not foreign: it holds nothing to lose)."""
+    folder = Path(folder)
+    foreign = []
+    for name, test in ours.items():
+        path = folder / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if path.is_symlink() or not path.is_file() or written_in_place(path):
+            foreign.append(name)
+        elif path.stat().st_size and not test(path):  # an empty file holds nothing to lose
+            foreign.append(name)
+    return foreign
+
+
+def check_ours(folder: str | Path, option: str, ours: Mapping[str, Callable[[Path], bool]]) -> None:
+    """Refuse (``OutputError``) to write into ``folder`` when any file it would replace is not one a c3ae
+    run wrote (:func:`foreign_files`); the message names them. ``option`` as in :func:`check_output`."""
+    foreign = foreign_files(folder, ours)
+    if not foreign:
+        return
+    names = ", ".join(foreign)
+    these = "it" if len(foreign) == 1 else "them"
+    error = OutputError(
+        f"{option} {folder} holds {names} that c3ae did not write; move {these} away or choose "
+        "another folder (c3ae never replaces files it did not write)."
+    )
+    error.parameter = None if option.startswith("-") else option
+    raise error

@@ -28,8 +28,9 @@ import numpy as np
 
 from c3ae.annotate import COLORS, draw_box, face_label
 from c3ae.errors import C3AEError, UsageError
-from c3ae.files import AtomicOutput, OutputError, check_output, probe_writable
+from c3ae.files import AtomicOutput, OutputError, check_output, probe_writable, stdout_gone
 from c3ae.records import VideoSummary
+from c3ae.signals import stop_requests
 from c3ae.tracking import IoUTracker
 
 STAGES = ("decode", "detect", "align", "estimate", "track", "draw", "encode")
@@ -402,7 +403,15 @@ class _Sinks:
         """Send one frame on; True when the window asks to stop (q or Esc)."""
         if self.lines is not None:
             tracks = [_track_record(t) for t in visible]
-            self.lines.write({"frame": index, "time": round(now, 4), "detected": detected, "tracks": tracks})
+            try:
+                self.lines.write(
+                    {"frame": index, "time": round(now, 4), "detected": detected, "tracks": tracks}
+                )
+            except BrokenPipeError:  # the reader of --jsonl - left (`| head`): the video still gets it all
+                if self.writer is None and not self.show:
+                    raise
+                stdout_gone()
+                self.lines = None
         if self.writer is not None or self.show:
             with self.timer("draw"):
                 for track in visible:
@@ -495,7 +504,8 @@ def process_video(
     ``frames`` (written), ``faces`` (distinct tracks), ``face_boxes`` (boxes over all
     frames), ``fps`` (processing only, not start-up), ``stages`` (seconds and ms per frame), and
     ``broken_frames``, ``missing_frames``, ``interrupted``. The end of the stream and Ctrl-C (or q in the
-    window) both finalise the output files.
+    window, or SIGTERM under the ``c3ae`` command) all finalise the output files; a signal is honoured
+    between two frames (:func:`c3ae.signals.stop_requests`), never inside one.
     """
     if int(detect_every) < 1:
         raise UsageError(f"detect_every must be at least 1, got {detect_every}.")
@@ -508,57 +518,62 @@ def process_video(
     annotator = _Annotator(estimator, tracker, timer, int(detect_every), scene_cut)
     sinks = bar = frames = source_frames = start = None
     written, interrupted = 0, False
-    try:
-        _open_window(show)
-        # Start-up, not timed: the first frame, the outputs, and one warm-up pass of detector and model.
-        ok, first = capture.read()
-        if not ok or first is None:
-            raise VideoError(f"{source}: not a single frame could be decoded.")
-        sinks = _Sinks(output, jsonl, show, fps_in, (first.shape[1], first.shape[0]), timer)
-        estimator.estimate_aligned(estimator.align(first, estimator.detect(first)))
-        bar = _progress_bar(total) if progress else None
-        start = time.perf_counter()
-        frames = _Prefetch(capture)
-        source_frames = _FrameSource(frames, first, total, max_frames, timer)
-        for index, frame in source_frames:
-            # Stream time: from the frame rate for files, the wall clock for cameras.
-            now = time.perf_counter() - start if is_camera else index / fps_in
-            visible, detected = annotator.step(index, frame, now)
-            stop = sinks.emit(index, now, detected, visible, frame)
-            written += 1
-            _tick(bar, written, start)
-            if stop:
-                interrupted = True
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        elapsed = time.perf_counter() - start if start is not None else 0.0
-        if frames is not None:
-            frames.close()
-        capture.release()
-        if bar is not None:
-            bar.close()
-        if show:
-            try:
-                cv2.destroyAllWindows()
-            except cv2.error:
-                pass
-        summary_of = partial(
-            _video_summary,
-            output=output,
-            written=written,
-            total=total,
-            frames=source_frames,
-            interrupted=interrupted,
-            annotator=annotator,
-            elapsed=elapsed,
-            fps_in=fps_in,
-            timer=timer,
-        )
-        summary = summary_of(output is not None and written > 0)
-        if sinks is not None:
-            sinks.close(written, summary_of)
+    with stop_requests() as asked:
+        try:
+            _open_window(show)
+            # Start-up, not timed: the first frame, the outputs, one warm-up pass of detector and model.
+            ok, first = capture.read()
+            if not ok or first is None:
+                raise VideoError(f"{source}: not a single frame could be decoded.")
+            sinks = _Sinks(output, jsonl, show, fps_in, (first.shape[1], first.shape[0]), timer)
+            estimator.estimate_aligned(estimator.align(first, estimator.detect(first)))
+            bar = _progress_bar(total) if progress else None
+            start = time.perf_counter()
+            frames = _Prefetch(capture)
+            source_frames = _FrameSource(frames, first, total, max_frames, timer)
+            for index, frame in source_frames:
+                if asked:  # Ctrl-C or SIGTERM: stop between two frames, every thread and queue intact
+                    interrupted = True
+                    break
+                # Stream time: from the frame rate for files, the wall clock for cameras.
+                now = time.perf_counter() - start if is_camera else index / fps_in
+                visible, detected = annotator.step(index, frame, now)
+                stop = sinks.emit(index, now, detected, visible, frame)
+                written += 1
+                _tick(bar, written, start)
+                if stop:
+                    interrupted = True
+                    break
+        except KeyboardInterrupt:  # outside the main thread's stop_requests
+            interrupted = True
+        finally:
+            interrupted = interrupted or bool(asked)
+            elapsed = time.perf_counter() - start if start is not None else 0.0
+            if frames is not None:
+                frames.close()
+            capture.release()
+            if bar is not None:
+                bar.close()
+            if show:
+                try:
+                    cv2.destroyAllWindows()
+                except cv2.error:
+                    pass
+            summary_of = partial(
+                _video_summary,
+                output=output,
+                written=written,
+                total=total,
+                frames=source_frames,
+                interrupted=interrupted,
+                annotator=annotator,
+                elapsed=elapsed,
+                fps_in=fps_in,
+                timer=timer,
+            )
+            summary = summary_of(output is not None and written > 0)
+            if sinks is not None:
+                sinks.close(written, summary_of)
     return summary
 
 

@@ -18,7 +18,7 @@ Bundling a shipped model needs only the runtime install; a ``.keras`` file is co
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from c3ae.errors import C3AEError
@@ -26,6 +26,7 @@ from c3ae.errors import C3AEError
 BUNDLE_FORMAT = "c3ae-bundle"
 BUNDLE_VERSION = 2  # 2: crop layouts named "triple" / "single", each model's family and options
 REFERENCE = Path(__file__).with_name("reference.py")
+README_TITLE = "# c3ae bundle"
 
 
 class BundleError(C3AEError, ValueError):
@@ -182,25 +183,46 @@ def _model_bytes(estimator) -> list[tuple[str, bytes]]:
     return files
 
 
-def write_bundle(model: str | Path, out_dir: str | Path) -> dict:
+def bundle_files(out_dir: str | Path, model_files: Sequence[str] = ()) -> dict:
+    """The files a bundle in ``out_dir`` consists of (``model_files`` beside the fixed ones), each with the
+    test that an existing one was written by c3ae: ``bundle.json``, ``README.md`` and ``reference.py`` by
+    their content, the networks by the folder's ``bundle.json`` being ours (it is written first)."""
+    from c3ae.detector import NETWORK_FILES
+    from c3ae.files import json_holding, text_starting
+
+    is_spec = json_holding(format=BUNDLE_FORMAT)
+    ours = is_spec(Path(out_dir) / "bundle.json")
+    networks = [*model_files, *(f"detector/{file}" for file in [*NETWORK_FILES.values(), "LICENSE"])]
+    return {
+        "bundle.json": is_spec,
+        "README.md": text_starting(README_TITLE),
+        "reference.py": text_starting(REFERENCE.read_text().splitlines()[0]),
+        **{file: lambda _, ours=ours: ours for file in networks},
+    }
+
+
+def write_bundle(model: str | Path, out_dir: str | Path, option: str = "out_dir") -> dict:
     """Write the bundle of ``model`` (a bundled name, a ``.tflite`` or a ``.keras`` file) into ``out_dir``
-    (created; an existing bundle there is replaced file by file). Returns the spec written."""
+    (created; an existing bundle there is replaced file by file). Returns the spec written. A file of the
+    user's where the bundle has one (a ``README.md``, say) is refused (``OutputError`` naming ``option``)."""
     from c3ae.detector import DETECTOR_DIR, NETWORK_FILES
     from c3ae.estimator import AgeGenderEstimator
-    from c3ae.files import atomic_write_bytes, atomic_write_text
+    from c3ae.files import atomic_write_bytes, atomic_write_text, check_ours
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BundleError(f"{out_dir} exists and is not a folder; give a folder for the bundle.")
+    check_ours(out_dir, option, bundle_files(out_dir))
     estimator = AgeGenderEstimator(model, backend="tflite")
     models = _model_bytes(estimator)
+    check_ours(out_dir, option, bundle_files(out_dir, [file for file, _ in models]))
+    spec = bundle_spec(estimator, [file for file, _ in models])
+    atomic_write_text(out_dir / "bundle.json", json.dumps(spec, indent=2) + "\n")  # first: marks it ours
     for file, data in models:
         atomic_write_bytes(out_dir / file, data)
     for file in [*NETWORK_FILES.values(), "LICENSE"]:
         atomic_write_bytes(out_dir / "detector" / file, (DETECTOR_DIR / file).read_bytes())
-    spec = bundle_spec(estimator, [file for file, _ in models])
-    atomic_write_text(out_dir / "bundle.json", json.dumps(spec, indent=2) + "\n")
-    shutil.copyfile(REFERENCE, out_dir / "reference.py")
+    atomic_write_bytes(out_dir / "reference.py", REFERENCE.read_bytes())
     atomic_write_text(out_dir / "README.md", _readme(spec))
     return spec
 
@@ -208,7 +230,7 @@ def write_bundle(model: str | Path, out_dir: str | Path) -> dict:
 def _readme(spec: dict) -> str:
     models = "\n".join(f"- `{m['file']}`: outputs {', '.join(m['outputs'])}" for m in spec["models"])
     return (
-        f"# c3ae bundle: {spec['model']}\n\n"
+        f"{README_TITLE}: {spec['model']}\n\n"
         "Everything a phone or edge app needs to find faces and estimate their age and gender.\n\n"
         "- `detector/`: MTCNN's P-, R- and O-Net as TFLite (and their licence).\n"
         f"{models}\n"

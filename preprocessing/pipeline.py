@@ -27,7 +27,14 @@ from pathlib import Path
 from c3ae._version import __version__
 from c3ae.errors import C3AEError, UsageError
 from c3ae.faces import DEFAULT_CHIP, ChipSpec, FacePipeline, ImageReadError, read_image
-from c3ae.files import atomic_path, atomic_write_text, remove_stale_temporaries
+from c3ae.files import (
+    atomic_path,
+    atomic_write_text,
+    check_ours,
+    json_holding,
+    remove_stale_temporaries,
+    text_starting,
+)
 from c3ae.preprocessing.readers import Reject, Sample, get_reader, scan_dataset
 from c3ae.preprocessing.shards import COLUMNS, MAX_ROWS_PER_SHARD, write_shard
 from c3ae.records import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, Manifest, Shard
@@ -35,6 +42,12 @@ from c3ae.records import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, Manif
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+REJECTS_HEADER = ("path", "reason", "detail")
+# The files of an ``out`` folder that a rerun replaces, each with the test that it is one c3ae wrote.
+OWN_FILES = {
+    MANIFEST_NAME: json_holding(format=MANIFEST_FORMAT),
+    "rejects.csv": text_starting(",".join(REJECTS_HEADER) + "\r\n", ",".join(REJECTS_HEADER) + "\n"),
+}
 
 
 class PreprocessError(C3AEError, RuntimeError):
@@ -238,6 +251,7 @@ def preprocess(
         raise PreprocessError(
             f"out {out} is a file; give a folder (it is created if missing).", parameter="out"
         )
+    check_ours(out, "out", OWN_FILES)  # never a manifest.json or rejects.csv of the user's
     out.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temporaries(out):  # a killed run's half-written shard or summary
         log.info("removed %s, left by an interrupted run", stale.name)
@@ -453,7 +467,7 @@ def _manifest(
 def _write_rejects_csv(out: Path, scan_rejects: Iterable[Reject], summaries: Iterable[ShardSummary]) -> None:
     with atomic_path(out / "rejects.csv") as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "reason", "detail"])
+        writer.writerow(REJECTS_HEADER)
         for reject in scan_rejects:
             writer.writerow([reject.path, reject.reason, getattr(reject, "detail", "")])
         for summary in summaries:

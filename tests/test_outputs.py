@@ -256,3 +256,159 @@ def test_bench_data_never_writes_over_its_manifest(tmp_path, capsys):
     err = refused(capsys, "bench", "data", "--data", str(data), "--json", str(manifest))
     assert "inside the input folder" in err
     assert digests(data) == before
+
+
+# ------------------------------------------------------------- files no c3ae run wrote are never replaced
+def user_file(path, data: bytes) -> bytes:
+    """A file of the user's, read-only: as root, permissions protect nothing, so the rule must."""
+    path.write_bytes(data)
+    path.chmod(0o444)
+    return data
+
+
+def test_output_dir_never_replaces_a_photo_of_the_users(tmp_path, monkeypatch, capsys):
+    """`predict party.gif --output-dir .`: the annotated copy would be party.png, the user's own photo."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    Image.open(OBAMA).save(tmp_path / "party.gif")
+    mine = user_file(tmp_path / "party.png", (REPO / "assets" / "astronaut.jpg").read_bytes())
+    assert main(["predict", "party.gif", "--output-dir", "."]) == 0
+    assert (tmp_path / "party.png").read_bytes() == mine
+    assert file_kind(tmp_path / "party-2.png") == "image"
+    # A rerun replaces its own copy, and still not the user's photo.
+    assert main(["predict", "party.gif", "--output-dir", "."]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "party-2.png",
+        "party.gif",
+        "party.png",
+    ]
+    assert (tmp_path / "party.png").read_bytes() == mine
+
+
+def test_two_inputs_of_one_name_never_replace_the_users_file(tmp_path, capsys):
+    """a/face.jpg and b/face.jpg: the second copy would be face-2.jpg, which the user already has."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(OBAMA, tmp_path / folder / "face.jpg")
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = user_file(out / "face-2.jpg", b"the user's notes, not a photo\n")
+    inputs = [str(tmp_path / "a" / "face.jpg"), str(tmp_path / "b" / "face.jpg")]
+    for _ in range(2):  # a rerun replaces only what the first run wrote
+        assert main(["predict", *inputs, "--output-dir", str(out)]) == 0
+        assert (out / "face-2.jpg").read_bytes() == mine
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+            "face-2.jpg",
+            "face-3.jpg",
+            "face.jpg",
+        ]
+    assert file_kind(out / "face.jpg") == file_kind(out / "face-3.jpg") == "image"
+
+
+def test_output_dir_never_writes_through_a_link_or_into_a_fifo(tmp_path, capsys):
+    from c3ae.files import record_output, replaceable_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "elsewhere.jpg"
+    data = user_file(target, b"not ours")
+    os.symlink(target, out / "obama.jpg")
+    os.mkfifo(out / "obama-2.jpg")
+    record_output(out / "obama.jpg")  # even a recorded name: a link or a FIFO is never ours
+    assert not replaceable_output(out / "obama.jpg") and not replaceable_output(out / "obama-2.jpg")
+    assert main(["predict", str(OBAMA), "--output-dir", str(out)]) == 0
+    assert target.read_bytes() == data
+    assert (out / "obama.jpg").is_symlink() and (out / "obama-2.jpg").is_fifo()
+    assert file_kind(out / "obama-3.jpg") == "image"
+
+
+def test_preprocess_never_replaces_a_manifest_or_rejects_it_did_not_write(tmp_path, capsys):
+    from conftest import utk_faces
+
+    root = utk_faces(tmp_path / "utk")
+    out = tmp_path / "prep"
+    out.mkdir()
+    manifest = user_file(out / "manifest.json", b'{"my": "inventory"}\n')
+    rejects = user_file(out / "rejects.csv", b"name,reason\nx,y\n")
+    err = refused(
+        capsys, "preprocess", "--dataset", "utkface", "--root", str(root), "--out", str(out), "--workers", "1"
+    )
+    assert f"--out {out} holds manifest.json, rejects.csv that c3ae did not write" in err
+    assert (out / "manifest.json").read_bytes() == manifest and (out / "rejects.csv").read_bytes() == rejects
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "rejects.csv"]
+    # Its own folder is resumed: the second run replaces the manifest and rejects.csv the first wrote.
+    (out / "manifest.json").unlink()
+    (out / "rejects.csv").unlink()
+    args = ["preprocess", "--dataset", "utkface", "--root", str(root), "--out", str(out), "--workers", "1"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert json.loads((out / "manifest.json").read_text())["format"] == "c3ae-manifest"
+
+
+def test_train_never_replaces_a_config_or_log_it_did_not_write(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  name: c3ae\ndata:\n  manifest: nowhere/manifest.json\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = user_file(out / "config.yaml", b"# my deployment settings\nreplicas: 3\n")
+    log = user_file(out / "log.csv", b"time,event\n1,start\n")
+    err = refused(capsys, "train", str(config), "--out", str(out))
+    assert f"--out {out} holds config.yaml, log.csv that c3ae did not write" in err
+    assert (out / "config.yaml").read_bytes() == mine and (out / "log.csv").read_bytes() == log
+
+
+def test_train_resumes_its_own_run_folder(tmp_path):
+    """What train writes is recognised as its own: a config.yaml from dump_config, Keras' log.csv, an empty
+    log of a run killed before its first epoch."""
+    from c3ae.cli import _run_files
+    from c3ae.config import Config, dump_config
+    from c3ae.files import foreign_files
+
+    dump_config(Config(), tmp_path / "config.yaml")
+    (tmp_path / "log.csv").write_text("epoch,age_mae,loss\n0,9.1,3.2\n")
+    assert foreign_files(tmp_path, _run_files()) == []
+    (tmp_path / "log.csv").write_text("")
+    assert foreign_files(tmp_path, _run_files()) == []
+
+
+def test_export_bundle_never_replaces_the_users_readme_or_reference(tmp_path, capsys):
+    out = tmp_path / "app"
+    out.mkdir()
+    readme = user_file(out / "README.md", b"# My app\n")
+    reference = user_file(out / "reference.py", b"print('mine')\n")
+    user_file(out / "notes.txt", b"kept, and not in the way\n")
+    err = refused(capsys, "export", "c3ae-utk", "--bundle", str(out))
+    assert f"--bundle {out} holds README.md, reference.py that c3ae did not write" in err
+    assert (out / "README.md").read_bytes() == readme and (out / "reference.py").read_bytes() == reference
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "notes.txt", "reference.py"]
+
+
+def test_export_bundle_replaces_its_own_bundle(tmp_path, capsys):
+    out = tmp_path / "app"
+    assert main(["export", "c3ae-utk", "--bundle", str(out)]) == 0
+    (out / "notes.txt").write_text("the user's, beside the bundle\n")
+    assert main(["export", "c3ae-utk", "--bundle", str(out)]) == 0
+    assert (out / "notes.txt").read_text() == "the user's, beside the bundle\n"
+    (out / "c3ae-utk.tflite").unlink()
+    (out / "bundle.json").write_text('{"format": "their-own"}\n')  # no longer ours: nor are its networks
+    err = refused(capsys, "export", "c3ae-utk", "--bundle", str(out))
+    assert "holds bundle.json, detector/pnet.tflite" in err
+
+
+def test_export_never_replaces_an_unrelated_report(tmp_path, capsys):
+    model = tmp_path / "m.keras"
+    shutil.copy(REPO / "c3ae" / "weights" / "c3ae-utk.keras", model)
+    report = tmp_path / "m.tflite.report.json"
+    data = user_file(report, b'{"quarterly": "report"}\n')
+    err = refused(capsys, "export", str(model), "--format", "tflite", "-o", str(tmp_path / "m.tflite"))
+    assert f"its report {report} exists and is not one c3ae wrote" in err
+    assert report.read_bytes() == data and not (tmp_path / "m.tflite").exists()
+
+
+def test_video_without_an_output_refuses_before_computing(clip, capsys, monkeypatch):
+    import c3ae.cli
+
+    monkeypatch.setattr(c3ae.cli, "_make_estimator", lambda *a, **k: pytest.fail("the model was loaded"))
+    err = refused(capsys, "video", str(clip))
+    assert "Nothing would be written: give --output" in err and "--jsonl" in err and "--show" in err
