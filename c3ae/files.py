@@ -331,8 +331,17 @@ def record_output(target: str | Path) -> None:
     target = Path(target)
     if target.name in recorded_outputs(target.parent):
         return
-    with open(target.parent / OUTPUTS_MARKER, "a", encoding="utf-8") as handle:
-        handle.write(target.name + "\n")
+    marker = target.parent / OUTPUTS_MARKER
+    try:
+        with open(marker, "a", encoding="utf-8") as handle:
+            handle.write(target.name + "\n")
+    except OSError as error:  # a full disk: name the file being written, not the marker or nothing
+        with contextlib.suppress(OSError):
+            if marker.stat().st_size == 0:
+                marker.unlink()  # no empty marker left behind
+        if error.filename in (None, str(marker)):
+            error.filename = str(target)
+        raise
 
 
 def replaceable_output(target: str | Path, kind: str = "image") -> bool:
