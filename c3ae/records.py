@@ -443,6 +443,9 @@ class Manifest(Record):
             + ", ".join(f"{split} {n}" for split, n in counts.get("by_split", {}).items()),
             f"rejected: {rejects}",
         ]
+        processed = (self.split or {}).get("processed")
+        if processed and len(processed) < 3:
+            lines[0] += f" (only the {' and '.join(processed)} split was processed)"
         if timing.get("faces_per_s"):
             lines.append(
                 f"processed {timing['processed_samples']} photos in {timing['processing_s']} s "

@@ -235,6 +235,7 @@ def preprocess(
     progress: bool = True,
     reader_options: dict | None = None,
     fallback: str = "auto",
+    splits: Sequence[str] = SPLITS,
 ) -> Manifest:
     """Run the whole preprocessing; returns the manifest (also written to ``out/manifest.json``; its
     ``str`` is the summary ``c3ae preprocess`` prints).
@@ -242,7 +243,17 @@ def preprocess(
     ``fallback``: what to do when the detector finds no face. ``"auto"``: use the sample's own box where
     the dataset gives one, and the whole image for datasets of face crops (UTKFace, AFAD, All-Age-Faces,
     MegaAge); ``"none"``: reject the photo as ``no_face``.
+
+    ``splits``: the splits to process (all three by default). The split of every photo is assigned over
+    the whole dataset first, so ``splits=("test",)`` gives exactly the test faces of a full run, in minutes
+    (how CI reproduces the model cards); a later run with all splits in the same ``out`` adds the rest.
     """
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown or not splits:
+        raise PreprocessError(
+            f"splits must be a non-empty selection of {', '.join(SPLITS)}, got {list(splits)!r}.",
+            parameter="splits",
+        )
     if fallback not in ("auto", "none"):
         raise PreprocessError(f"fallback must be 'auto' or 'none', got {fallback!r}.", parameter="fallback")
     started = time.monotonic()
@@ -263,8 +274,8 @@ def preprocess(
         raise PreprocessError(
             f"No usable {dataset} samples under {root} ({len(scan_rejects)} files rejected while scanning)."
         )
-    splits = assign_splits(samples, fractions, seed)
-    plans = plan_shards(samples, splits, rows_per_shard)
+    assigned = assign_splits(samples, fractions, seed)
+    plans = [p for p in plan_shards(samples, assigned, rows_per_shard) if p.split in splits]
     pipeline = FacePipeline(detector, spec, min_face)
     fallback_full_image = fallback == "auto" and get_reader(dataset).face_crops
     if fallback == "none":
@@ -310,6 +321,7 @@ def preprocess(
         len(samples),
         limit,
         timing,
+        splits,
     )
     _write_rejects_csv(out, scan_rejects, summaries.values())
     atomic_write_text(out / MANIFEST_NAME, manifest.to_json())
@@ -417,7 +429,7 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _manifest(
-    dataset, root, plans, summaries, scan_rejects, pipeline, seed, fractions, total, limit, timing
+    dataset, root, plans, summaries, scan_rejects, pipeline, seed, fractions, total, limit, timing, splits
 ) -> Manifest:
     """The manifest of the finished shards: what was kept and rejected, per split, and how."""
     rejects = Counter(r.reason for r in scan_rejects)
@@ -446,6 +458,7 @@ def _manifest(
             "fractions": dict(zip(SPLITS, fractions, strict=True)),
             "by": "identity where known, else image",
             "limit": limit,
+            "processed": [split for split in SPLITS if split in splits],
         },
         counts={
             "files_scanned": total + len(scan_rejects),

@@ -65,6 +65,25 @@ def test_without_fallback_faceless_photos_are_rejected(utk_layout, tmp_path):
     assert manifest["counts"]["fallback_faces"] == 0
 
 
+def test_one_split_alone_gives_the_same_faces_as_a_full_run_and_resumes_to_it(utk_layout, tmp_path):
+    """``splits=("test",)`` processes exactly the test faces of a full run (how CI rebuilds the cards' test
+    sets); a later full run in the same folder adds the rest."""
+    options = {"rows_per_shard": 2, "progress": False, "fractions": (0.4, 0.2, 0.4)}
+    full = preprocess("utkface", utk_layout, tmp_path / "full", **options)
+    alone = preprocess("utkface", utk_layout, tmp_path / "alone", splits=("test",), **options)
+    assert full["counts"]["by_split"]["test"] > 0
+    assert alone["counts"]["by_split"] == {"train": 0, "val": 0, "test": full["counts"]["by_split"]["test"]}
+    assert alone["split"]["processed"] == ["test"] and {s["split"] for s in alone["shards"]} == {"test"}
+    for shard in alone["shards"]:
+        assert read_shard(tmp_path / "alone" / shard["file"]).equals(
+            read_shard(tmp_path / "full" / shard["file"])
+        )
+    resumed = preprocess("utkface", utk_layout, tmp_path / "alone", **options)
+    assert resumed["counts"] == full["counts"] and resumed["timing"]["processed_samples"] < 8
+    with pytest.raises(PreprocessError, match="splits must be"):
+        preprocess("utkface", utk_layout, tmp_path, progress=False, splits=("tset",))
+
+
 def test_changed_pipeline_invalidates_finished_shards(prepared, utk_layout, tmp_path):
     out = tmp_path / "prep"
     shutil.copytree(prepared[0], out)
@@ -197,6 +216,7 @@ def run_cli(*args):
             "--root /no/such/dir is not a folder",
         ),
         (["--dataset", "utkface", "--root", ".", "--out", "x", "--split", "0.5,0.5"], "three fractions"),
+        (["--dataset", "utkface", "--root", ".", "--out", "x", "--splits", "tset"], "--splits 'tset'"),
     ],
 )
 def test_cli_user_errors(args, message):
