@@ -224,3 +224,45 @@ def test_multiprocessing_pool_matches_one_process(method, tflite_estimator, imag
         pool.join()
         _POOL_ESTIMATOR = None
     assert got == expected
+
+
+# ---------------------------------------------------------------------------------------------- web server
+def web_server_example() -> str:
+    """The FastAPI app of docs/reliability.md: the python block after ``<!-- web-server-example -->``."""
+    text = (REPO / "docs" / "reliability.md").read_text()
+    block = text.split("<!-- web-server-example -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_the_documented_fastapi_app_answers_8_threads_at_once_as_one(tmp_path):
+    """The docs' web-server example, run as printed under FastAPI's test client: 8 threads post photos at
+    once, each gets the answer a single request gets, and a file that is not a photo is a 422 with c3ae's
+    sentence."""
+    pytest.importorskip("fastapi", reason="the [test] extra installs fastapi for the web-server example")
+    pytest.importorskip("httpx", reason="FastAPI's test client needs httpx (the [test] extra)")
+    import warnings
+
+    namespace: dict = {}
+    exec(compile(web_server_example(), "docs/reliability.md", "exec"), namespace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # starlette's note on httpx's successor
+        from fastapi.testclient import TestClient
+
+    bodies = [OBAMA.read_bytes(), ASTRONAUT.read_bytes()]
+    _, png = cv2.imencode(".png", cv2.flip(cv2.imread(str(OBAMA)), 1))
+    bodies.append(png.tobytes())
+    with TestClient(namespace["app"]) as client:
+
+        def post(body: bytes):
+            response = client.post("/faces", content=body, headers={"content-type": "image/jpeg"})
+            return response.status_code, response.json()
+
+        single = [post(body) for body in bodies]
+        assert [status for status, _ in single] == [200] * len(bodies)
+        assert all(len(faces) == 1 for _, faces in single)
+        order = [n % len(bodies) for n in range(24)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, [bodies[i] for i in order]))
+        assert answers == [single[i] for i in order]
+        status, detail = post(b"not a photo")
+        assert status == 422 and "not an image" in detail["detail"]

@@ -310,3 +310,19 @@ def test_the_printed_example_is_what_the_api_returns_now():
         )
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert f"# {example['long']}" in readme and f"`{example['short']}`" in readme
+
+
+def test_every_test_the_reliability_table_names_exists():
+    """docs/reliability.md's table of guarantees names tests as ``file.py::name``: each must exist."""
+    import ast
+
+    text = (REPO / "docs" / "reliability.md").read_text()
+    table = text.split("## Guarantees and their tests", 1)[1]
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", table)
+    assert len(named) >= 20
+    defined: dict[str, set] = {}
+    for file, test in named:
+        if file not in defined:
+            tree = ast.parse((REPO / "tests" / file).read_text())
+            defined[file] = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+        assert test in defined[file], f"docs/reliability.md names {file}::{test}, which does not exist"
