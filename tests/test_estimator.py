@@ -119,7 +119,7 @@ def test_flip_averages_each_face_with_its_mirror_image(model):
     finally:
         del backend.predict
     assert len(feeds) == 1  # the face and its mirror image in one call
-    for name, crops in feeds[0].items():
+    for crops in feeds[0].values():
         assert len(crops) == 2
         np.testing.assert_array_equal(crops[1], crops[0][:, ::-1])
     expected = (float(outputs[0]["age"][0, 0]) + float(outputs[0]["age"][1, 0])) / 2
