@@ -177,6 +177,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         min_face=args.min_face,
         fallback=args.fallback,
         splits=splits,
+        split_key_root=args.split_key_root,
     )
     print(manifest)
     print(f"manifest: {Path(args.out) / 'manifest.json'}")
@@ -1033,6 +1034,13 @@ def _add_preprocess(commands) -> None:
         default="train,val,test",
         help="which splits to process, comma-separated (default all three); e.g. 'test' to evaluate a "
         "model on exactly the test faces of a full run, in a tenth of the time",
+    )
+    prep.add_argument(
+        "--split-key-root",
+        metavar="PATH",
+        help="split as if the dataset lay at this absolute path (photos without an identity are keyed by "
+        "their path; by default relative to --root, so the split is the same wherever the data lies). "
+        "The bundled models were split with each dataset at /work/shared/data/<folder>",
     )
     prep.add_argument(
         "--detector",

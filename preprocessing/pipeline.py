@@ -74,6 +74,7 @@ class ShardSummary:
     multi_face: int = 0
     fallback: int = 0  # faces taken from the dataset's box or the whole image: the detector found none
     pipeline: dict = field(default_factory=dict)  # the face pipeline that made the shard
+    split_key: str = "absolute path"  # how photos without an identity were keyed (:func:`split_key`)
     rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (path, reason, detail)
     elapsed_s: float = 0.0
 
@@ -82,8 +83,19 @@ class ShardSummary:
 
 
 # ------------------------------------------------------------------------------------------------ planning
-def _group_key(sample: Sample) -> str:
-    return f"id:{sample.identity}" if sample.identity not in (None, "") else f"path:{sample.path}"
+def split_key(key_root: str | None) -> str:
+    """How :func:`assign_splits` keys photos without an identity, as recorded in the manifest."""
+    return "path relative to the root" if key_root is None else f"path under {key_root}"
+
+
+def _group_key(sample: Sample, root: Path | None, key_root: str | None) -> str:
+    if sample.identity not in (None, ""):
+        return f"id:{sample.identity}"
+    path = Path(sample.path)
+    if root is not None and path.is_relative_to(root):
+        relative = path.relative_to(root).as_posix()
+        return f"path:{relative}" if key_root is None else f"path:{key_root.rstrip('/')}/{relative}"
+    return f"path:{sample.path}"
 
 
 def _stable_hash(seed: int, key: str) -> str:
@@ -91,15 +103,26 @@ def _stable_hash(seed: int, key: str) -> str:
 
 
 def assign_splits(
-    samples: Sequence[Sample], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+    samples: Sequence[Sample],
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    root: str | Path | None = None,
+    key_root: str | None = None,
 ) -> list[str]:
     """A split name per sample. Groups (identities, else single images) are ordered by a seeded hash and
-    cut at the cumulative fractions, so every identity lands in exactly one split."""
+    cut at the cumulative fractions, so every identity lands in exactly one split.
+
+    ``root``: the dataset's folder. A photo without an identity is keyed by its path relative to it, so the
+    split is the same wherever the dataset lies. ``key_root``: key such photos as if the dataset lay at
+    this absolute path instead; versions up to 0.1.0-dev keyed by the absolute path, and the bundled models
+    were split with the datasets at ``/work/shared/data/<folder>`` (how their cards' test sets are rebuilt).
+    """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise UsageError(f"Split fractions must be three non-negative numbers summing to 1, got {fractions}.")
     groups: dict[str, list[int]] = {}
+    base = Path(os.path.abspath(root)) if root is not None else None
     for i, sample in enumerate(samples):
-        groups.setdefault(_group_key(sample), []).append(i)
+        groups.setdefault(_group_key(sample, base, key_root), []).append(i)
     ordered = sorted(groups, key=lambda key: _stable_hash(seed, key))
     total = len(samples)
     bounds = (fractions[0] * total, (fractions[0] + fractions[1]) * total)
@@ -194,7 +217,7 @@ def _summary_path(out: Path, plan: ShardPlan) -> Path:
     return out / f".{plan.file}.json"
 
 
-def _load_summary(out: Path, plan: ShardPlan, expected_pipeline: dict) -> ShardSummary | None:
+def _load_summary(out: Path, plan: ShardPlan, expected_pipeline: dict, key: str) -> ShardSummary | None:
     path = _summary_path(out, plan)
     if not path.is_file():
         return None
@@ -205,6 +228,7 @@ def _load_summary(out: Path, plan: ShardPlan, expected_pipeline: dict) -> ShardS
     if (
         data.get("samples") != len(plan.samples)
         or data.get("pipeline") != expected_pipeline
+        or data.get("split_key", "absolute path") != key  # the same shard name may hold other photos
         or (data.get("rows") and not (out / plan.file).is_file())
     ):
         return None  # the plan or the face pipeline changed, or the shard vanished: redo it
@@ -236,6 +260,7 @@ def preprocess(
     reader_options: dict | None = None,
     fallback: str = "auto",
     splits: Sequence[str] = SPLITS,
+    split_key_root: str | None = None,
 ) -> Manifest:
     """Run the whole preprocessing; returns the manifest (also written to ``out/manifest.json``; its
     ``str`` is the summary ``c3ae preprocess`` prints).
@@ -247,6 +272,7 @@ def preprocess(
     ``splits``: the splits to process (all three by default). The split of every photo is assigned over
     the whole dataset first, so ``splits=("test",)`` gives exactly the test faces of a full run, in minutes
     (how CI reproduces the model cards); a later run with all splits in the same ``out`` adds the rest.
+    ``split_key_root``: see :func:`assign_splits` (``key_root``).
     """
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown or not splits:
@@ -274,18 +300,19 @@ def preprocess(
         raise PreprocessError(
             f"No usable {dataset} samples under {root} ({len(scan_rejects)} files rejected while scanning)."
         )
-    assigned = assign_splits(samples, fractions, seed)
+    assigned = assign_splits(samples, fractions, seed, root=root, key_root=split_key_root)
     plans = [p for p in plan_shards(samples, assigned, rows_per_shard) if p.split in splits]
     pipeline = FacePipeline(detector, spec, min_face)
     fallback_full_image = fallback == "auto" and get_reader(dataset).face_crops
     if fallback == "none":
         samples = [replace(s, box=None) for s in samples]
     pipeline_record = {**pipeline.to_dict(), "fallback": fallback, "fallback_full_image": fallback_full_image}
+    key = split_key(split_key_root)
 
     summaries: dict[str, ShardSummary] = {}
     pending = []
     for plan in plans:
-        summary = _load_summary(out, plan, pipeline_record)
+        summary = _load_summary(out, plan, pipeline_record, key)
         if summary is None:
             pending.append(plan)
         else:
@@ -298,7 +325,7 @@ def preprocess(
     if pending:
         run_started = time.monotonic()
         _process_shards(
-            out, pending, pipeline, pipeline_record, workers, fallback_full_image, progress, summaries
+            out, pending, pipeline, pipeline_record, workers, fallback_full_image, progress, summaries, key
         )
         processed_seconds = time.monotonic() - run_started
 
@@ -322,6 +349,7 @@ def preprocess(
         limit,
         timing,
         splits,
+        key,
     )
     _write_rejects_csv(out, scan_rejects, summaries.values())
     atomic_write_text(out / MANIFEST_NAME, manifest.to_json())
@@ -342,6 +370,7 @@ def _process_shards(
     fallback_full_image: bool,
     progress,
     summaries,
+    key: str,
 ) -> None:
     """Detect, align and write each pending shard (``summaries`` gets each one's summary as it finishes, so
     an interrupted run keeps the shards it wrote)."""
@@ -352,6 +381,7 @@ def _process_shards(
         for plan in pending:
             shard_started = time.monotonic()
             summary = ShardSummary(plan.file, plan.split, len(plan.samples), pipeline=pipeline_record)
+            summary.split_key = key
             rows = []
             for _ in plan.samples:
                 row, reject = next(results)
@@ -429,7 +459,19 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _manifest(
-    dataset, root, plans, summaries, scan_rejects, pipeline, seed, fractions, total, limit, timing, splits
+    dataset,
+    root,
+    plans,
+    summaries,
+    scan_rejects,
+    pipeline,
+    seed,
+    fractions,
+    total,
+    limit,
+    timing,
+    splits,
+    key,
 ) -> Manifest:
     """The manifest of the finished shards: what was kept and rejected, per split, and how."""
     rejects = Counter(r.reason for r in scan_rejects)
@@ -459,6 +501,7 @@ def _manifest(
             "by": "identity where known, else image",
             "limit": limit,
             "processed": [split for split in SPLITS if split in splits],
+            "key": key,
         },
         counts={
             "files_scanned": total + len(scan_rejects),

@@ -32,6 +32,8 @@ MULTI_SOURCE = [
     "ssrnet-utk-aaf-gender",
 ]
 PREP = REPO / "prep"  # where the README's preprocess commands write the manifests
+# The bundled models' splits keyed photos without an identity by their absolute path, with the datasets here
+CARD_SPLIT_ROOT = "/work/shared/data/{}"
 CARD_KEYS = {
     "name",
     "family",
@@ -116,9 +118,9 @@ def test_c3ae_utk_on_real_utkface_photos():
     from c3ae.preprocessing.readers import get_reader
 
     everything, _ = get_reader("utkface").scan(SHARED / "data" / "utkface")
-    samples = [
-        s for s, split in zip(everything, assign_splits(everything, seed=0), strict=True) if split == "test"
-    ]
+    root, key_root = SHARED / "data" / "utkface", CARD_SPLIT_ROOT.format("utkface")
+    splits = assign_splits(everything, seed=0, root=root, key_root=key_root)
+    samples = [s for s, split in zip(everything, splits, strict=True) if split == "test"]
     random.Random(0).shuffle(samples)
     estimator = AgeGenderEstimator("c3ae-utk")
     errors, hits = [], []
@@ -149,8 +151,15 @@ def card_test_manifests(tmp_path_factory):
             manifests[name] = PREP / name / "manifest.json"
         elif (SHARED / "data" / name).is_dir():
             out = tmp_path_factory.mktemp(f"prep-{name}")
+            root = SHARED / "data" / name
             preprocess(
-                source["dataset"], SHARED / "data" / name, out, splits=("test",), workers=2, progress=False
+                source["dataset"],
+                root,
+                out,
+                splits=("test",),
+                split_key_root=CARD_SPLIT_ROOT.format(name),
+                workers=2,
+                progress=False,
             )
             manifests[name] = out / "manifest.json"
     return manifests

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -110,6 +111,29 @@ def test_shards_hold_at_most_the_limit_and_round_trip(prepared):
         total += table.num_rows
     assert total == manifest["counts"]["kept"]
     assert not list(out.glob(".*partial*"))
+
+
+def test_the_split_is_the_same_wherever_the_dataset_lies(utk_layout, tmp_path):
+    """Photos without an identity are keyed by their path relative to the root: the same dataset in two
+    folders (here a copy and a symbolic link) gets the same split; ``key_root`` keys them as if the dataset
+    lay at that absolute path (how splits of earlier versions, which keyed the absolute path, are rebuilt)."""
+    from c3ae.preprocessing.readers import get_reader
+
+    copy = tmp_path / "elsewhere" / "utk"
+    shutil.copytree(utk_layout, copy)
+    link = tmp_path / "link"
+    link.symlink_to(utk_layout)
+    fractions = (0.4, 0.2, 0.4)
+    splits = []
+    for root in (utk_layout, copy, link):
+        samples, _ = get_reader("utkface").scan(root)
+        samples.sort(key=lambda sample: Path(sample.path).name)
+        splits.append(assign_splits(samples, fractions, seed=3, root=root))
+        absolute = assign_splits(samples, fractions, seed=3)  # keyed by where the files are
+        assert assign_splits(samples, fractions, seed=3, root=root, key_root=str(root)) == absolute
+    assert splits[0] == splits[1] == splits[2] and len(set(splits[0])) > 1
+    manifest = preprocess("utkface", copy, tmp_path / "prep", progress=False, fractions=fractions, seed=3)
+    assert manifest["split"]["key"] == "path relative to the root"
 
 
 def test_split_is_deterministic_and_by_identity():
