@@ -27,8 +27,10 @@ def _quiet_tensorflow(load: bool = False) -> None:
     """Keep TensorFlow's start-up lines (absl's and oneDNN's, written by C++ straight to file descriptor 2,
     whatever TF_CPP_MIN_LOG_LEVEL says) off the terminal: ``load`` imports TensorFlow now, with fd 2
     silenced, for the commands that need it. ``c3ae --verbose`` shows them."""
+    if os.environ.get("C3AE_VERBOSE"):
+        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if not load or os.environ.get("C3AE_VERBOSE") or "tensorflow" in sys.modules:
+    if not load or "tensorflow" in sys.modules:
         return
     from c3ae.litert import _native_stderr_silenced
 
