@@ -230,7 +230,7 @@ def test_bad_sources_fail_before_training_naming_them(two_sources, tmp_path):
     )
     with pytest.raises(TrainingError, match="face_pipeline.chip"):
         train(_config([(young, 1), (other, 1)]), tmp_path / "c")
-    with pytest.raises(ConfigError, match="positive"):
+    with pytest.raises(ConfigError, match=r"weight must be a number > 0"):
         _config([(young, 1), (old, -2)])
     assert not any((tmp_path / name).exists() for name in "abc")  # nothing was started
 
