@@ -42,6 +42,7 @@ from c3ae.records import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, Manif
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+LEGACY_SPLIT_KEY = "absolute path"  # what shards of versions that keyed photos by their absolute path hold
 REJECTS_HEADER = ("path", "reason", "detail")
 # The files of an ``out`` folder that a rerun replaces, each with the test that it is one c3ae wrote.
 OWN_FILES = {
@@ -74,7 +75,7 @@ class ShardSummary:
     multi_face: int = 0
     fallback: int = 0  # faces taken from the dataset's box or the whole image: the detector found none
     pipeline: dict = field(default_factory=dict)  # the face pipeline that made the shard
-    split_key: str = "absolute path"  # how photos without an identity were keyed (:func:`split_key`)
+    split_key: str = LEGACY_SPLIT_KEY  # how photos without an identity were keyed (:func:`split_key`)
     rejects: list[tuple[str, str, str]] = field(default_factory=list)  # (path, reason, detail)
     elapsed_s: float = 0.0
 
@@ -228,7 +229,7 @@ def _load_summary(out: Path, plan: ShardPlan, expected_pipeline: dict, key: str)
     if (
         data.get("samples") != len(plan.samples)
         or data.get("pipeline") != expected_pipeline
-        or data.get("split_key", "absolute path") != key  # the same shard name may hold other photos
+        or data.get("split_key", LEGACY_SPLIT_KEY) != key  # the same shard name may hold other photos
         or (data.get("rows") and not (out / plan.file).is_file())
     ):
         return None  # the plan or the face pipeline changed, or the shard vanished: redo it
