@@ -480,20 +480,23 @@ class _Later:
 
 
 def _header_pixels(source) -> int:
-    """Pixels of a photo, from its header (a file or encoded bytes) or its shape (an array); 0 unknown."""
+    """Pixels of a photo, from its header (a file or encoded bytes) or its shape (an array), at least 1.
+
+    A size the header does not tell counts as the whole bound (:data:`CHUNK_PIXELS`): such a photo is read
+    alone, since it may be of any size."""
     if isinstance(source, np.ndarray):
-        return int(np.prod(source.shape[:2]))
+        return max(int(np.prod(source.shape[:2])), 1)
     if not isinstance(source, (str, Path, bytes)):
-        return 0
+        return CHUNK_PIXELS
     try:
         import io
 
         from PIL import Image
 
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            return int(image.width) * int(image.height)
-    except Exception:  # unreadable: the worker says why
-        return 0
+            return max(int(image.width) * int(image.height), 1)
+    except Exception:  # unreadable here: the worker reads it (or says why) alone
+        return CHUNK_PIXELS
 
 
 def _paired_gender_model(model) -> str | None:
