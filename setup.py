@@ -29,8 +29,10 @@ def read_requirements() -> dict[str, list[str]]:
 REQUIREMENTS = read_requirements()
 # build and twine: tests/test_package.py builds the sdist and wheel and checks them as PyPI would
 # docs: tests/test_docs.py builds the site with mkdocs build --strict
+# pytest-xdist: CI runs the suite on both cores (`pytest -n 2`, one test file per worker);
 # fastapi and httpx: the web-server example of docs/reliability.md runs under a test client
-TEST = ["pytest>=8", "hypothesis>=6", "ruff", "build>=1", "twine>=5", "fastapi>=0.110", "httpx>=0.27"]
+TEST = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "ruff", "build>=1", "twine>=5"]
+TEST += ["fastapi>=0.110", "httpx>=0.27"]
 TEST += REQUIREMENTS["train"]
 TEST += REQUIREMENTS["docs"]
 

@@ -1380,6 +1380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # for this command and its children only: main() called in a program leaves its environment as it was
+    verbose_before = os.environ.get("C3AE_VERBOSE")
     if args.verbose:
         os.environ["C3AE_VERBOSE"] = "1"
     previous = catch_sigterm()
@@ -1416,6 +1418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     finally:
         release_sigterm(previous)
+        if verbose_before is None:
+            os.environ.pop("C3AE_VERBOSE", None)
+        else:
+            os.environ["C3AE_VERBOSE"] = verbose_before
 
 
 def _known_error(error: Exception) -> tuple[str, int] | None:

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests that need ../shared (real data, legacy weights) skip with that reason."""
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -98,11 +99,36 @@ def clean_environment() -> dict:
     return env
 
 
+def once_per_session(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` into a folder of this test session, once however many pytest-xdist workers ask:
+    the first builds it under a file lock, the others wait and reuse it."""
+    import fcntl
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent  # this session's folder, above each worker's own
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def runtime_venv(tmp_path_factory) -> Path:
     """A fresh venv with the built wheel installed as `pip install c3ae` would (runtime dependencies only);
-    one per session, shared by tests/test_runtime_install.py and the runtime blocks of tests/test_docs.py."""
-    import shutil
+    one per session, shared by tests/test_runtime_install.py and the runtime blocks of tests/test_docs.py
+    (built once for all pytest-xdist workers)."""
+    return once_per_session(tmp_path_factory, "runtime", _build_runtime_venv) / "venv"
+
+
+def _build_runtime_venv(root: Path) -> None:
     import subprocess
     import sys
 
@@ -111,7 +137,6 @@ def runtime_venv(tmp_path_factory) -> Path:
             command, cwd=root, capture_output=True, text=True, timeout=timeout, env=clean_environment()
         )
 
-    root = tmp_path_factory.mktemp("runtime")
     source = root / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
     wheel = build_wheel(source, root)
@@ -119,7 +144,6 @@ def runtime_venv(tmp_path_factory) -> Path:
     assert run([sys.executable, "-m", "venv", str(venv)]).returncode == 0
     installed = run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], timeout=900)
     assert installed.returncode == 0, installed.stderr[-3000:]
-    return venv
 
 
 @pytest.fixture(scope="session")

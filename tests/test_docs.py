@@ -71,7 +71,7 @@ def test_the_readme_is_a_front_door():
     assert len(text.splitlines()) < 250
     # .ci/run executes the one bash block right after the marker
     command = re.search(r"<!-- test-command -->\n```bash\n(.*?)\n```", text, re.DOTALL)
-    assert command and command.group(1).count("\n") == 0 and command.group(1).endswith("&& pytest")
+    assert command and command.group(1).count("\n") == 0 and command.group(1).endswith("&& pytest -n 2")
     assert "(assets/example_annotated.jpg)" in text
     for link in re.findall(r"\]\((docs/[^)#]+)", text):
         assert (REPO / link).is_file(), link

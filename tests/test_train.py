@@ -69,6 +69,14 @@ def tiny_manifest(tmp_path_factory):
     return out / "manifest.json"
 
 
+@pytest.fixture(scope="module")
+def ssrnet_run(tiny_manifest, tmp_path_factory):
+    """One epoch of SSR-Net on the tiny set, shared by the tests that only read it (copy it to change it)."""
+    out = tmp_path_factory.mktemp("ssrnet") / "run"
+    run(tiny_manifest, out, [*FAMILIES["ssrnet"], "train.epochs=1"])
+    return out
+
+
 def run(manifest, out, overrides):
     config = load_config(
         None,
@@ -128,13 +136,11 @@ def test_killed_run_resumes_from_its_saved_epoch(tiny_manifest, tmp_path, monkey
     assert [e for e, _ in epoch_losses(out)] == [0, 1, 2, 3]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_manifest, tmp_path):
-    out = tmp_path / "nan"
-    run(tiny_manifest, out, [*FAMILIES["ssrnet"], "train.epochs=1"])
-    best = (out / "best.keras").read_bytes()
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_manifest, ssrnet_run, tmp_path):
+    best = (ssrnet_run / "best.keras").read_bytes()
     with pytest.raises(TrainingError):  # lr 1e12 blows the weights up: TerminateOnNaN, nothing better saved
         run(tiny_manifest, tmp_path / "nan2", [*FAMILIES["ssrnet"], "train.lr=1e12", "train.epochs=3"])
-    assert (out / "best.keras").read_bytes() == best
+    assert (ssrnet_run / "best.keras").read_bytes() == best
 
 
 def test_manifest_without_training_rows(tmp_path, tiny_manifest):
@@ -191,12 +197,14 @@ def test_publish_bundles_the_best_model_with_its_card(tiny_manifest, tmp_path, m
     assert model.count_params() == 55_530
 
 
-def test_publish_refuses_nan_weights(tiny_manifest, tmp_path, monkeypatch):
+def test_publish_refuses_nan_weights(tiny_manifest, ssrnet_run, tmp_path, monkeypatch):
+    import shutil
+
     import c3ae.bundled as bundled
 
     monkeypatch.setattr(bundled, "WEIGHTS_DIR", tmp_path / "weights")
     out = tmp_path / "run"
-    run(tiny_manifest, out, [*FAMILIES["ssrnet"], "train.epochs=1"])
+    shutil.copytree(ssrnet_run, out)
     model = keras.saving.load_model(out / "best.keras")
     kernel = model.get_layer("stage2_feat").kernel
     kernel.assign(np.full(kernel.shape, np.nan, "float32"))
@@ -206,9 +214,8 @@ def test_publish_refuses_nan_weights(tiny_manifest, tmp_path, monkeypatch):
     assert bundled.available_models() == []
 
 
-def test_init_from_starts_from_the_given_weights(tiny_manifest, tmp_path):
-    first = tmp_path / "first"
-    run(tiny_manifest, first, [*FAMILIES["ssrnet"], "train.epochs=1"])
+def test_init_from_starts_from_the_given_weights(tiny_manifest, ssrnet_run, tmp_path):
+    first = ssrnet_run
     donor = keras.saving.load_model(first / "best.keras", safe_mode=True)
     config = load_config(None, [f"data.manifest={tiny_manifest}", *FAMILIES["ssrnet"]])
     fresh = train_module.build_model(config)
@@ -228,9 +235,8 @@ def test_init_from_starts_from_the_given_weights(tiny_manifest, tmp_path):
         np.testing.assert_allclose(mine.numpy(), theirs.numpy(), atol=1e-6)
 
 
-def test_init_skip_leaves_matching_layers_fresh(tiny_manifest, tmp_path):
-    first = tmp_path / "first"
-    run(tiny_manifest, first, [*FAMILIES["ssrnet"], "train.epochs=1"])
+def test_init_skip_leaves_matching_layers_fresh(tiny_manifest, ssrnet_run):
+    first = ssrnet_run
     donor = keras.saving.load_model(first / "best.keras", safe_mode=True)
     config = load_config(None, [f"data.manifest={tiny_manifest}", *FAMILIES["ssrnet"]])
     keras.utils.set_random_seed(123)
@@ -251,11 +257,10 @@ def test_init_skip_leaves_matching_layers_fresh(tiny_manifest, tmp_path):
         np.testing.assert_array_equal(weight.numpy(), expected)
 
 
-def test_init_from_refuses_an_unrelated_or_missing_model(tiny_manifest, tmp_path):
+def test_init_from_refuses_an_unrelated_or_missing_model(tiny_manifest, ssrnet_run, tmp_path):
     from c3ae.config import ConfigError
 
-    first = tmp_path / "first"
-    run(tiny_manifest, first, [*FAMILIES["ssrnet"], "train.epochs=1"])
+    first = ssrnet_run
     config = load_config(None, [f"data.manifest={tiny_manifest}", *FAMILIES["c3ae"]])
     with pytest.raises(ConfigError, match="shares no weights"):
         train_module.init_weights_from(train_module.build_model(config), str(first / "best.keras"))

@@ -3,6 +3,7 @@ input (videos that cannot be opened, truncated files, broken frames, Ctrl-C)."""
 
 import json
 import math
+import os
 
 import cv2
 import numpy as np
@@ -296,6 +297,7 @@ def test_cli_video_with_verbose_stage_timings(clip, model, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 0, err
+    assert "C3AE_VERBOSE" not in os.environ  # verbose for that command only, not for the program that ran it
     assert "24 frames at" in err and "fps" in err
     for stage in ("decode", "detect", "align", "estimate", "draw", "encode"):
         assert f"\n{stage} " in err
