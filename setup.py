@@ -1,5 +1,8 @@
 """Install c3ae; preprocessing/ and export/ install as c3ae.preprocessing and c3ae.export."""
 
+import re
+import sysconfig
+from importlib import metadata
 from pathlib import Path
 
 from setuptools import setup
@@ -24,6 +27,32 @@ def read_requirements() -> dict[str, list[str]]:
         elif line and not line.startswith("#") and current is not None:
             current.append(line)
     return sections
+
+
+def installed_numpy_version() -> str | None:
+    """The NumPy version already installed in the environment this is being installed into, or None.
+
+    pip builds in an isolated environment but with the target's interpreter, whose install paths are the
+    target's; ``python -m build`` builds in a fresh venv, which holds no NumPy."""
+    paths = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    for dist in metadata.distributions(path=paths):
+        if (dist.metadata["Name"] or "").lower() == "numpy":
+            return dist.version
+    return None
+
+
+def runtime_requirements(sections: dict[str, list[str]], numpy_version: str | None) -> list[str]:
+    """[runtime], with [numpy1]'s lines in place of those of the same names when NumPy 1.x is installed, so
+    that pip keeps that NumPy instead of upgrading it for a newer OpenCV or LiteRT."""
+    runtime = sections["runtime"]
+    if numpy_version is None or not numpy_version.startswith("1."):
+        return runtime
+
+    def name(requirement: str) -> str:
+        return re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0).lower()
+
+    replacements = {name(line): line for line in sections["numpy1"]}
+    return [replacements.get(name(line), line) for line in runtime]
 
 
 REQUIREMENTS = read_requirements()
@@ -60,7 +89,7 @@ setup(
     },
     # `pip install c3ae` is the runtime: detection and inference on the shipped .tflite models, no
     # TensorFlow. The extras add ONNX Runtime, the training and export stack, CoreML, the CUDA build.
-    install_requires=REQUIREMENTS["runtime"],
+    install_requires=runtime_requirements(REQUIREMENTS, installed_numpy_version()),
     extras_require={
         "onnx": REQUIREMENTS["onnx"],
         "train": REQUIREMENTS["train"],

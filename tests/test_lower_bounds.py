@@ -1,5 +1,7 @@
 """The runtime at the lowest versions requirements.txt claims: installed together with the wheel into a fresh
-virtual environment, `c3ae predict` and `c3ae video` work, and the ONNX extra's lowest ONNX Runtime too.
+virtual environment, `c3ae predict` and `c3ae video` work, and the ONNX extra's lowest ONNX Runtime too. And
+`pip install .` into an environment that already holds NumPy 1.x, or an older OpenCV and Pillow, replaces
+none of them (requirements.txt's [numpy1]).
 
 The bounds are read from requirements.txt (``>=`` of each line of ``[runtime]`` and ``[onnx]``), so raising
 one there raises it here. Each runs twice: with the lowest NumPy, and with the NumPy of constraints.txt (pip
@@ -99,3 +101,37 @@ def test_the_lowest_runtime_annotates_a_video(lowest_venv, tmp_path):
     summary = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[-1])["summary"]
     assert summary["frames"] == 24 and summary["faces"] == 1
     assert (tmp_path / "out.mp4").stat().st_size > 10_000
+
+
+def _installed(venv: Path, cwd: Path) -> dict[str, str]:
+    listed = _run([str(venv / "bin" / "pip"), "list", "--format", "json"], cwd=cwd)
+    return {row["name"].lower(): row["version"] for row in json.loads(listed.stdout)}
+
+
+@pytest.mark.parametrize(
+    "installed",
+    [["numpy==1.26.4"], ["opencv-python-headless==4.10.0.84", "pillow==10.0.0"]],
+    ids=["numpy-1.26.4", "older-opencv-and-pillow"],
+)
+def test_pip_install_from_source_replaces_nothing_installed(installed, tmp_path, expected):
+    """The README's `pip install .`, as printed (no constraints), into a venv that already holds NumPy 1.26.4,
+    or an OpenCV and a Pillow older than the newest in our ranges: every package that was there keeps its
+    version, and `c3ae predict` gives the tested answer."""
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
+    venv = tmp_path / "venv"
+    assert _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path).returncode == 0
+    pip = str(venv / "bin" / "pip")
+    assert _run([pip, "install", "-q", *installed], cwd=tmp_path, timeout=900).returncode == 0
+    before = _installed(venv, tmp_path)
+    result = _run([pip, "install", "-q", str(source)], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = _installed(venv, tmp_path)
+    assert {name: after.get(name) for name in before} == before
+    photo = shutil.copy(OBAMA, tmp_path / "photo.jpg")
+    command = [str(venv / "bin" / "c3ae"), "predict", str(photo), "--json", "faces.json"]
+    predicted = _run(command, cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    ((face,),) = [record["faces"] for record in json.loads((tmp_path / "faces.json").read_text())]
+    assert face["gender"] == expected["tflite"]["gender"], face
+    assert abs(face["age"] - expected["tflite"]["age"]) < 1.0, (face, expected["tflite"])

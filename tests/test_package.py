@@ -126,6 +126,7 @@ def test_build_makes_an_sdist_and_a_wheel_that_twine_passes(tmp_path):
     (wheel,) = dist.glob(f"c3ae-{c3ae.__version__}-py3-none-any.whl")
     names = {name.split("/", 1)[-1] for name in tarfile.open(sdist).getnames()}
     assert {"requirements.txt", "constraints.txt", "CHANGELOG.md", "c3ae/_version.py"} <= names
+    assert _runtime_requirements(wheel) == _requirements_section("runtime")  # not [numpy1]: built on NumPy 2
     checked = subprocess.run(
         [sys.executable, "-m", "twine", "check", "--strict", str(sdist), str(wheel)],
         capture_output=True,
@@ -134,3 +135,23 @@ def test_build_makes_an_sdist_and_a_wheel_that_twine_passes(tmp_path):
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.count("PASSED") == 2, checked.stdout
+
+
+def _requirements_section(section: str) -> set:
+    """The requirements of ``section`` of requirements.txt, as (name, specifier set) pairs."""
+    from packaging.requirements import Requirement
+
+    lines = (REPO / "requirements.txt").read_text().split(f"# [{section}]\n", 1)[1].split("\n# [", 1)[0]
+    requirements = [Requirement(line) for line in lines.splitlines() if line and not line.startswith("#")]
+    return {(requirement.name.lower(), requirement.specifier) for requirement in requirements}
+
+
+def _runtime_requirements(wheel) -> set:
+    """The wheel's requirements that no extra guards, as (name, specifier set) pairs."""
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [name for name in archive.namelist() if name.endswith(".dist-info/METADATA")]
+        lines = archive.read(name).decode().splitlines()
+    requirements = [Requirement(line.split(":", 1)[1]) for line in lines if line.startswith("Requires-Dist:")]
+    return {(r.name.lower(), r.specifier) for r in requirements if r.marker is None}
