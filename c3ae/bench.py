@@ -902,12 +902,11 @@ def bench_pipeline(
     if not paths:
         raise UsageError("No photos to benchmark.")
     model = model or DEFAULT_MODEL
-    default = AgeGenderEstimator(model, workers=1)
-    stages = bench_stages(default, list(paths)[:stage_photos], repeat=repeat, progress=progress)
+    every = AgeGenderEstimator(model, workers=workers)  # the stages use no workers: only its LiteRT threads
+    stages = bench_stages(every, list(paths)[:stage_photos], repeat=repeat, progress=progress)
     single = AgeGenderEstimator(model, threads=1, workers=1)
     result: dict = {"model": model, "cpus": _cpu_count(), "stages": stages}
     result["one_worker"] = bench_folder(single, paths)
-    every = AgeGenderEstimator(model, workers=workers)
     result["all_workers"] = {**bench_folder(every, paths), "workers": every._worker_count()}
     result["speedup"] = result["all_workers"]["photos_per_s"] / result["one_worker"]["photos_per_s"]
     if peer:

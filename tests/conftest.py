@@ -63,6 +63,18 @@ def slow_except(values, fast) -> list:
     return [value if value in fast else pytest.param(value, marks=pytest.mark.slow) for value in values]
 
 
+def requirement_lines(*sections: str) -> list[str]:
+    """The requirement lines of ``sections`` of requirements.txt (its ``# [section]`` headings, as setup.py
+    reads them)."""
+    lines, current = [], None
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        if line.startswith("# [") and line.endswith("]"):
+            current = line[3:-1]
+        elif current in sections and line.strip() and not line.startswith("#"):
+            lines.append(line.strip())
+    return lines
+
+
 def build_wheel(source: Path, out_dir: Path) -> Path:
     """``pip wheel`` of the project at ``source`` into ``out_dir`` (no dependencies, no build isolation)."""
     import subprocess

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, build_wheel
+from conftest import REPO, build_wheel, requirement_lines
 from test_runtime_install import OBAMA, SOURCE_IGNORE, STARTUP_NOISE, _run, make_clip
 
 pytestmark = pytest.mark.slow  # installs: `pytest -m 'not slow'` skips it
@@ -25,14 +25,10 @@ pytestmark = pytest.mark.slow  # installs: `pytest -m 'not slow'` skips it
 def lower_bounds(*sections: str) -> dict[str, str]:
     """``{distribution: lowest version}`` of the requirements in ``sections`` of requirements.txt."""
     bounds = {}
-    current = None
-    for line in (REPO / "requirements.txt").read_text().splitlines():
-        if line.startswith("# [") and line.endswith("]"):
-            current = line[3:-1]
-        elif current in sections and line.strip() and not line.startswith("#"):
-            match = re.match(r"^([A-Za-z0-9_.\-]+)\s*>=\s*([^,;\s]+)", line)
-            assert match, f"requirements.txt: {line!r} states no lower bound (>=)"
-            bounds[match.group(1).lower()] = match.group(2)
+    for line in requirement_lines(*sections):
+        match = re.match(r"^([A-Za-z0-9_.\-]+)\s*>=\s*([^,;\s]+)", line)
+        assert match, f"requirements.txt: {line!r} states no lower bound (>=)"
+        bounds[match.group(1).lower()] = match.group(2)
     return bounds
 
 
@@ -61,9 +57,13 @@ def lowest_venv(tmp_path_factory, request) -> Path:
     return venv
 
 
+def _installed(venv: Path, cwd: Path) -> dict[str, str]:
+    listed = _run([str(venv / "bin" / "pip"), "list", "--format", "json"], cwd=cwd)
+    return {row["name"].lower(): row["version"] for row in json.loads(listed.stdout)}
+
+
 def test_the_lowest_versions_are_what_got_installed(lowest_venv, tmp_path):
-    listed = _run([str(lowest_venv / "bin" / "pip"), "list", "--format", "json"], cwd=tmp_path)
-    versions = {row["name"].lower(): row["version"] for row in json.loads(listed.stdout)}
+    versions = _installed(lowest_venv, tmp_path)
     for name, version in lower_bounds("runtime", "onnx").items():
         assert versions.get(name) == version or name == "numpy", (name, versions.get(name))
     assert versions["numpy"] in (lower_bounds("runtime")["numpy"], pinned_version("numpy"))
@@ -101,11 +101,6 @@ def test_the_lowest_runtime_annotates_a_video(lowest_venv, tmp_path):
     summary = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[-1])["summary"]
     assert summary["frames"] == 24 and summary["faces"] == 1
     assert (tmp_path / "out.mp4").stat().st_size > 10_000
-
-
-def _installed(venv: Path, cwd: Path) -> dict[str, str]:
-    listed = _run([str(venv / "bin" / "pip"), "list", "--format", "json"], cwd=cwd)
-    return {row["name"].lower(): row["version"] for row in json.loads(listed.stdout)}
 
 
 @pytest.mark.parametrize(

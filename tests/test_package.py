@@ -6,7 +6,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, build_wheel
+from conftest import REPO, build_wheel, requirement_lines
 
 import c3ae
 from c3ae.cli import main
@@ -141,8 +141,7 @@ def _requirements_section(section: str) -> set:
     """The requirements of ``section`` of requirements.txt, as (name, specifier set) pairs."""
     from packaging.requirements import Requirement
 
-    lines = (REPO / "requirements.txt").read_text().split(f"# [{section}]\n", 1)[1].split("\n# [", 1)[0]
-    requirements = [Requirement(line) for line in lines.splitlines() if line and not line.startswith("#")]
+    requirements = [Requirement(line) for line in requirement_lines(section)]
     return {(requirement.name.lower(), requirement.specifier) for requirement in requirements}
 
 
